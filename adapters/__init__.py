@@ -1,0 +1,1 @@
+"""Checkpoint conversions and model preparation. Stands alone: imports neither server nor shadow."""

@@ -1,0 +1,128 @@
+"""The FastAPI app: a thin router over the handlers, plus readiness, auth and /metrics.
+
+The engine loads in the background after the server starts listening, so /health can
+answer 503 while weights load (Kubernetes readiness), then 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+
+from server.errors import AuthenticationError, ModelNotFoundError, ServiceUnavailableError, install_error_handlers
+from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.serving.chat import ChatHandler
+from server.serving.completion import CompletionHandler
+from server.serving.context import ServingContext
+from server.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+ContextLoader = Callable[[ServeSettings], ServingContext]
+
+
+class ServerState:
+    """Readiness: `ctx` appears once the engine is up; `error` if loading failed."""
+
+    def __init__(self) -> None:
+        self.ctx: ServingContext | None = None
+        self.error: str | None = None
+        self.chat: ChatHandler | None = None
+        self.completion: CompletionHandler | None = None
+
+    def ready(self, ctx: ServingContext) -> None:
+        self.ctx, self.chat, self.completion = ctx, ChatHandler(ctx), CompletionHandler(ctx)
+
+    def require(self) -> ServingContext:
+        if self.ctx is None:
+            raise ServiceUnavailableError(self.error or "the model is still loading")
+        return self.ctx
+
+
+def create_app(
+    settings: ServeSettings,
+    load_context: ContextLoader,
+    registry: CollectorRegistry,
+    extra_registries: tuple[CollectorRegistry, ...] = (),
+    on_load_failure: Callable[[], None] | None = None,
+) -> FastAPI:
+    state = ServerState()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        async def load() -> None:
+            try:
+                state.ready(await asyncio.to_thread(load_context, settings))
+                log.info("model %s ready (%s engine)", settings.model_name, settings.engine)
+            except Exception as exc:
+                log.exception("engine failed to load")
+                state.error = f"engine failed to load: {exc}"
+                if on_load_failure:
+                    on_load_failure()
+
+        loader = asyncio.create_task(load())
+        yield
+        loader.cancel()
+        if state.ctx is not None:
+            await state.ctx.engine.shutdown()
+
+    app = FastAPI(title="shadowserve", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        """Bearer keys guard /v1/*, checked before the body is read; probes and
+        Prometheus stay open."""
+        if settings.api_keys and request.url.path.startswith("/v1/"):
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not any(
+                hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys
+            ):
+                error = AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')")
+                return JSONResponse(error.body(), status_code=error.status_code)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.ctx is None:
+            message = state.error or "loading"
+            return JSONResponse({"status": message}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(exposition((registry, *extra_registries)), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        ctx = state.require()
+        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)])
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> ModelCard:
+        ctx = state.require()
+        if model != ctx.model_name:
+            raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
+        return ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest):
+        state.require()
+        return await state.chat.create(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        state.require()
+        return await state.completion.create(request)
+
+    return app

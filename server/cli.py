@@ -1,0 +1,81 @@
+"""`shadowserve` command line: subcommands defined as pydantic-settings models, so every
+flag is also a `SHADOWSERVE_*` environment variable."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, CliSubCommand
+
+from server.settings import ServeSettings
+
+
+class Serve(ServeSettings):
+    """Run the OpenAI-compatible server on a candidate model."""
+
+    def cli_cmd(self) -> None:
+        run_server(self)
+
+
+class DemoModel(BaseModel):
+    """Build (once) the fp32 SmolLM2-135M-Instruct demo model and print its directory."""
+
+    cache_dir: Path | None = Field(
+        default=None, description="cache root (default: $SHADOWSERVE_CACHE_DIR or ~/.cache/shadowserve)"
+    )
+
+    def cli_cmd(self) -> None:
+        from adapters.demo_model import DemoModelError, ensure_demo_model
+
+        try:
+            print(ensure_demo_model(self.cache_dir))
+        except DemoModelError as exc:
+            sys.exit(f"shadowserve demo-model: {exc}")
+
+
+class Shadowserve(BaseSettings, cli_prog_name="shadowserve", cli_kebab_case=True):
+    """OpenAI-compatible vLLM server with an fp32 shadow path for converted models."""
+
+    serve: CliSubCommand[Serve]
+    demo_model: CliSubCommand[DemoModel]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def run_server(settings: ServeSettings) -> None:
+    import uvicorn
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    from server.app import create_app
+    from server.serving.context import ServingContext
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # vLLM registers its `vllm:*` metrics on the process-wide default registry.
+    extra = (REGISTRY,) if settings.engine == "vllm" else ()
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:  # a failed engine load ends the process with a non-zero status
+        server.should_exit = True
+
+    app = create_app(settings, ServingContext.load, CollectorRegistry(), extra, on_load_failure=stop)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(config)
+    server.run()
+    if app.state.server.error:
+        sys.exit(f"shadowserve serve: {app.state.server.error}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        CliApp.run(Shadowserve, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"shadowserve: invalid settings: {problems}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The engine protocol: prompt token ids in, a stream of token chunks out.
+
+Engines know nothing of HTTP or shadow. Log-probs are the model's *raw* distribution
+(before temperature, top-p and penalties), so a shadow comparison sees what the model
+computed, not what the sampler did with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+class EngineInputError(ValueError):
+    """The engine refused a request's parameters (a client error, not a server fault)."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Raw top-k log-probs per generated token: None = none, 0 = the emitted token only.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineChunk:
+    """Tokens generated since the previous chunk of one sequence."""
+
+    token_ids: list[int]
+    text: str
+    # One {token_id: raw logprob} per entry of token_ids: the top-k plus the emitted token.
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Engine(Protocol):
+    name: str
+    max_model_len: int
+
+    def generate(
+        self, prompt_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[EngineChunk]:
+        """Stream one sequence. Closing the iterator early aborts the request."""
+        ...
+
+    async def shutdown(self) -> None: ...

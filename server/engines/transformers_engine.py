@@ -1,0 +1,176 @@
+"""Fallback engine: a plain Hugging Face generate loop with a KV cache, one request at a time.
+
+Used where vLLM cannot run, and as the fp32 ground truth in tests. Requests run
+serially on one worker thread; each step checks for cancellation, so a closed stream
+stops generating at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from server.engines.base import EngineChunk, SamplingOptions
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, max_model_len: int):
+        self._model = model.eval()
+        self._tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._stop_ids = _eos_ids(model, tokenizer)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: str = "auto", max_model_len: int | None = None) -> TransformersEngine:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch_dtype = _DTYPES.get(dtype, "auto")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        limit = max_model_len or model.config.max_position_embeddings
+        return cls(model, tokenizer, limit)
+
+    async def generate(
+        self, prompt_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[EngineChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        job = loop.run_in_executor(self._worker, self._run, prompt_ids, options, emit, cancelled)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await asyncio.shield(asyncio.wrap_future(job)) if not job.done() else None
+
+    async def shutdown(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    # --- the worker thread ------------------------------------------------------
+
+    def _run(self, prompt_ids, options: SamplingOptions, emit, cancelled: threading.Event) -> None:
+        try:
+            with torch.inference_mode():
+                for chunk in self._steps(prompt_ids, options, cancelled):
+                    emit(chunk)
+        except BaseException as exc:  # delivered to the awaiting coroutine
+            emit(exc)
+        finally:
+            emit(None)
+
+    def _steps(self, prompt_ids, options: SamplingOptions, cancelled: threading.Event):
+        generator = torch.Generator().manual_seed(
+            options.seed if options.seed is not None else random.getrandbits(63)
+        )
+        detok = _StopAwareText(self._tokenizer, options.stop)
+        output: list[int] = []
+        cache = None
+        step_input = torch.tensor([prompt_ids])
+        budget = min(options.max_tokens, self.max_model_len - len(prompt_ids))
+        while not cancelled.is_set():
+            out = self._model(input_ids=step_input, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[0, -1].float()
+            raw = torch.log_softmax(logits, dim=-1)
+            token = _sample(logits, output, options, generator)
+            output.append(token)
+            top = _top_logprobs(raw, token, options.logprobs)
+            if token in self._stop_ids:
+                yield EngineChunk([token], detok.finish(), top, "stop")
+                return
+            text, hit_stop = detok.add(output)
+            if hit_stop:
+                yield EngineChunk([token], text, top, "stop")
+                return
+            if len(output) >= budget:
+                yield EngineChunk([token], text + detok.finish(), top, "length")
+                return
+            yield EngineChunk([token], text, top)
+            step_input = torch.tensor([[token]])
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _sample(logits: torch.Tensor, output: list[int], options: SamplingOptions, generator) -> int:
+    """Penalties, temperature and top-p as OpenAI/vLLM define them; greedy at temperature 0."""
+    logits = logits.clone()
+    if output and (options.presence_penalty or options.frequency_penalty):
+        ids, counts = torch.unique(torch.tensor(output), return_counts=True)
+        logits[ids] -= options.frequency_penalty * counts + options.presence_penalty
+    if options.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / options.temperature, dim=-1)
+    if options.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > options.top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _top_logprobs(raw: torch.Tensor, token: int, k: int | None) -> list[dict[int, float]] | None:
+    if k is None:
+        return None
+    entry = {token: float(raw[token])}
+    if k > 0:
+        values, ids = torch.topk(raw, k)
+        entry.update(zip(ids.tolist(), values.tolist()))
+    return [entry]
+
+
+class _StopAwareText:
+    """Incremental detokenization that truncates at stop strings and holds back text that
+    could still become one (and incomplete UTF-8), so a stream never shows a stop string."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self._tokenizer = tokenizer
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._text = ""
+        self._sent = 0
+
+    def add(self, output_ids: list[int]) -> tuple[str, bool]:
+        self._text = self._tokenizer.decode(output_ids, skip_special_tokens=True)
+        for stop in self._stops:
+            at = self._text.find(stop, max(0, self._sent - len(stop)))
+            if at != -1:
+                self._text = self._text[:at]
+                return self.finish(), True
+        safe = len(self._text) - self._hold
+        while safe > self._sent and self._text[safe - 1] == "\ufffd":
+            safe -= 1
+        return self._take(max(safe, self._sent)), False
+
+    def finish(self) -> str:
+        return self._take(len(self._text))
+
+    def _take(self, end: int) -> str:
+        piece, self._sent = self._text[self._sent:end], max(end, self._sent)
+        return piece

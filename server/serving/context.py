@@ -1,0 +1,63 @@
+"""What every handler needs: the engine, the tokenizer, the served name and limits."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+
+from server.engines import Engine, load_engine
+from server.errors import APIError, ModelNotFoundError
+from server.serving.prompts import PromptRenderer
+from server.settings import ServeSettings
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    engine: Engine
+    renderer: PromptRenderer
+    model_name: str
+    max_n: int
+    max_logprobs: int
+
+    @classmethod
+    def load(cls, settings: ServeSettings) -> ServingContext:
+        """Blocking: tokenizer and engine (weights, and vLLM's engine-core process)."""
+        return cls(
+            engine=load_engine(settings),
+            renderer=PromptRenderer.load(settings.model),
+            model_name=settings.model_name,
+            max_n=settings.max_n,
+            max_logprobs=settings.max_logprobs,
+        )
+
+    def check_model(self, requested: str) -> None:
+        if requested != self.model_name:
+            raise ModelNotFoundError(
+                f"The model '{requested}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+            )
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse_response(events: AsyncIterator[BaseModel]) -> EventSourceResponse:
+    """Server-sent events as OpenAI streams them: one JSON object per `data:` line and a
+    final `data: [DONE]`. An error after the stream started is sent as an error event
+    (the status line is already out), then the stream ends normally."""
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event.model_dump_json()
+        except APIError as exc:
+            yield json.dumps(exc.body())
+        yield "[DONE]"
+
+    return EventSourceResponse(lines(), ping=15, sep="\n")

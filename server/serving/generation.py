@@ -1,0 +1,151 @@
+"""What chat and completions share: turning a request into engine jobs, running the
+n choices of each prompt concurrently, and collecting finished choices."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from server.engines import Engine, EngineChunk, EngineInputError, SamplingOptions
+from server.errors import ContextLengthError, InvalidRequestError
+from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
+
+_DONE = object()
+
+
+@dataclass
+class Job:
+    """One sequence to generate: choice `index` of the response."""
+
+    index: int
+    prompt_ids: list[int]
+    options: SamplingOptions
+
+
+@dataclass
+class Choice:
+    """A choice being accumulated from its chunks."""
+
+    index: int
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, chunk: EngineChunk) -> None:
+        self.token_ids += chunk.token_ids
+        self.text += chunk.text
+        self.logprobs += chunk.logprobs or []
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+
+def plan_jobs(
+    request: ChatCompletionRequest | CompletionRequest,
+    prompts: Sequence[list[int]],
+    engine: Engine,
+    *,
+    max_n: int,
+    max_logprobs: int,
+) -> list[Job]:
+    """Check the request against the engine's limits and make one job per choice.
+
+    Choices are numbered prompt-major (prompt p, sample i -> p * n + i), as OpenAI does.
+    Seeds follow vLLM: choice i of a seeded request uses seed + i.
+    """
+    if request.n > max_n:
+        raise InvalidRequestError(f"n must be at most {max_n}", param="n")
+    k = request.logprobs_k
+    if k is not None and k > max_logprobs:
+        param = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
+        raise InvalidRequestError(f"{param} must be at most {max_logprobs}", param=param)
+    prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    jobs = []
+    for p, prompt_ids in enumerate(prompts):
+        max_tokens = _completion_budget(
+            len(prompt_ids), request.completion_limit, engine.max_model_len, prompt_param
+        )
+        for i in range(request.n):
+            options = SamplingOptions(
+                max_tokens=max_tokens,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                seed=None if request.seed is None else (request.seed + i) % 2**63,
+                stop=tuple(request.stop),
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                logprobs=k,
+            )
+            jobs.append(Job(p * request.n + i, prompt_ids, options))
+    return jobs
+
+
+def _completion_budget(prompt_len: int, asked: int | None, max_model_len: int, prompt_param: str) -> int:
+    if prompt_len >= max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"has {prompt_len} tokens, which leaves no room for a completion. Please shorten it.",
+            param=prompt_param,
+        )
+    room = max_model_len - prompt_len
+    if asked is not None and asked > room:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
+            "Please reduce the prompt or the completion length.",
+            param="max_tokens",
+        )
+    return asked if asked is not None else room
+
+
+async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIterator[tuple[int, EngineChunk]]:
+    """Run all jobs concurrently and yield (choice index, chunk) as they arrive.
+
+    Closing this iterator (client gone, error) cancels every job; each engine stream's
+    own cleanup aborts its engine request.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(job: Job) -> None:
+        try:
+            async for chunk in engine.generate(job.prompt_ids, job.options, f"{request_id}-{job.index}"):
+                await queue.put((job.index, chunk))
+        except Exception as exc:
+            await queue.put((job.index, exc))
+        finally:
+            await queue.put((job.index, _DONE))
+
+    tasks = [asyncio.create_task(pump(job)) for job in jobs]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, EngineInputError):
+                raise InvalidRequestError(str(item)) from item
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(engine: Engine, jobs: list[Job], request_id: str) -> list[Choice]:
+    choices = {job.index: Choice(job.index, job.prompt_ids) for job in jobs}
+    async for index, chunk in run_jobs(engine, jobs, request_id):
+        choices[index].add(chunk)
+    return [choices[i] for i in sorted(choices)]
+
+
+def usage(prompts: Sequence[list[int]], completion_tokens: int) -> Usage:
+    prompt_tokens = sum(len(p) for p in prompts)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )

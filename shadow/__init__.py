@@ -1,0 +1,1 @@
+"""The shadow path: sampling, replay queue, reference scoring, comparison, metrics."""
