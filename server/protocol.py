@@ -41,7 +41,7 @@ class _Request(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
+    stop: list[str] = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -49,10 +49,14 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else [] if value is None else value
+
     @field_validator("stop")
     @classmethod
-    def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
+    def _stop_strings(cls, stops: list[str]) -> list[str]:
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         if len(stops) > 16:
