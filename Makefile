@@ -30,7 +30,7 @@ demo-model: install
 # The main job: the OpenAI-compatible server on the demo model (vLLM engine, bf16).
 serve: install
 	$(BIN)/shadowserve serve --model "$$($(BIN)/shadowserve demo-model)" \
-		--dtype bfloat16 --host $(HOST) --port $(PORT)
+		--dtype bfloat16 --kv-cache-gib 2 --host $(HOST) --port $(PORT)
 
 # The test suite (unit + integration with real vLLM servers). pytest's exit code 5
 # ("no tests collected") is reported and treated as success, any other failure fails.

@@ -65,16 +65,30 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+_TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "function-", "tagged-union", "json-or-python")
+
+
+def _param(loc: tuple) -> str | None:
+    """`body.messages.0.content.list[TextPart].0` -> `messages.0.content.0`: drop the body
+    prefix and the union-branch tags pydantic adds to locations."""
+    parts = [
+        str(part) for part in loc
+        if part != "body" and not (isinstance(part, str) and part.startswith(_TYPE_TAGS))
+    ]
+    return ".".join(parts) or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
+    if any(e.get("type") == "json_invalid" for e in errors):
         return "request body is not valid JSON", None
-    message = first.get("msg", "invalid value")
+    # An explicit check of ours says more than "input should be a valid string" from
+    # the other branch of a union.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    param = _param(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param
 
 

@@ -31,11 +31,14 @@ def _is_default(name: str, value: Any, n: int) -> bool:
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: JSON carries exact types, so `"n": true` or `"temperature": "0.5"` are errors.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -74,6 +77,8 @@ class _Request(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: str
     text: str | None = None
 
@@ -85,6 +90,8 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None

@@ -37,6 +37,9 @@ class ServeSettings(BaseSettings):
     max_logprobs: int = Field(default=20, ge=0, description="largest top_logprobs/logprobs a client may ask for")
     max_n: int = Field(default=16, ge=1, description="largest `n` (choices per request)")
     enforce_eager: bool = Field(default=False, description="vLLM: skip graph compilation (faster start, slower decode)")
+    kv_cache_gib: float | None = Field(
+        default=None, gt=0, description="vLLM: KV-cache size in GiB (default: vLLM's share of memory; set it on CPU)"
+    )
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM on GPU: memory share")
     seed: int = Field(default=0, description="engine seed (requests without `seed` still vary)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")

@@ -33,6 +33,7 @@ class VllmEngine:
             logprobs_mode="raw_logprobs",  # the model's distribution, before the sampler
             enforce_eager=settings.enforce_eager,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            kv_cache_memory_bytes=None if settings.kv_cache_gib is None else int(settings.kv_cache_gib * 2**30),
             seed=settings.seed,
             disable_log_stats=False,  # keeps vLLM's Prometheus metrics on
         )

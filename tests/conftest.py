@@ -1,0 +1,48 @@
+"""Session-wide fixtures: the demo model and one real server per engine (started once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapters.demo_model import ensure_demo_model
+from tests.servers import RunningServer, start_server
+
+API_KEY = "test-key"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(demo_model: Path, tmp_path_factory) -> RunningServer:
+    """The default engine, in fp32 so it can be checked against transformers."""
+    server = start_server(
+        ["--model", str(demo_model), "--engine", "vllm", "--dtype", "float32", "--enforce-eager", "true",
+         "--max-model-len", "2048", "--kv-cache-gib", "1"],
+        tmp_path_factory.mktemp("vllm") / "server.log",
+        api_key=API_KEY,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_server(demo_model: Path, tmp_path_factory) -> RunningServer:
+    server = start_server(
+        ["--model", str(demo_model), "--engine", "transformers", "--dtype", "float32", "--max-model-len", "2048"],
+        tmp_path_factory.mktemp("hf") / "server.log",
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(demo_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model)

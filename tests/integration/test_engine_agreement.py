@@ -1,0 +1,52 @@
+"""vLLM fp32 and transformers fp32 on the same prompts: same greedy tokens and the same
+raw top-5 log-probs. Independent evidence that both engines get the same prompt ids
+and return the raw distribution (not one reshaped by the sampler)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL_NAME
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "Describe the city of Paris.",
+    "Write a haiku about the sea.",
+    "Explain what a CPU does in one sentence.",
+    "List three fruits.",
+    "How many legs does a spider have?",
+    "Give me some tips for learning to cook.",
+]
+
+
+def greedy(server, prompt: str) -> tuple[dict, list]:
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16,
+        "temperature": 0,
+        # Sampler settings that must not change raw log-probs at temperature 0.
+        "presence_penalty": 0.0,
+        "logprobs": True,
+        "top_logprobs": 5,
+    }
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=server.headers, timeout=120).json()
+    return reply["usage"], reply["choices"][0]["logprobs"]["content"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_vllm_and_transformers_agree(vllm_server, hf_server, prompt):
+    vllm_usage, vllm_tokens = greedy(vllm_server, prompt)
+    hf_usage, hf_tokens = greedy(hf_server, prompt)
+    assert vllm_usage["prompt_tokens"] == hf_usage["prompt_tokens"]
+    assert len(vllm_tokens) == len(hf_tokens) == 16
+    assert [t["token"] for t in vllm_tokens] == [t["token"] for t in hf_tokens]
+    worst = 0.0
+    for v, h in zip(vllm_tokens, hf_tokens):
+        v_top = {a["token"]: a["logprob"] for a in v["top_logprobs"]}
+        h_top = {a["token"]: a["logprob"] for a in h["top_logprobs"]}
+        assert v_top.keys() == h_top.keys()
+        worst = max(worst, *(abs(v_top[t] - h_top[t]) for t in v_top))
+    assert worst < 1e-3, f"max |Δlogprob| {worst:.2e}"
