@@ -1,0 +1,96 @@
+"""Turning requests into engine jobs, and running them (with a scripted engine)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.engines import EngineChunk, EngineInputError
+from server.errors import ContextLengthError, InvalidRequestError
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.serving.generation import collect, plan_jobs, run_jobs
+
+
+class ScriptedEngine:
+    """Yields a fixed script per request; records which requests were closed early."""
+
+    name = "scripted"
+    max_model_len = 100
+
+    def __init__(self, script=None, error: Exception | None = None):
+        self.script = script or [EngineChunk([5], "x"), EngineChunk([6], "y", finish_reason="length")]
+        self.error = error
+        self.closed: list[str] = []
+
+    async def generate(self, prompt_ids, options, request_id):
+        try:
+            for chunk in self.script:
+                await asyncio.sleep(0)
+                yield chunk
+            if self.error:
+                raise self.error
+        finally:
+            self.closed.append(request_id)
+
+    async def shutdown(self):
+        pass
+
+
+def chat(**fields):
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}], **fields})
+
+
+def test_budget_defaults_to_the_rest_of_the_context():
+    (job,) = plan_jobs(chat(), [[1] * 30], ScriptedEngine(), max_n=4, max_logprobs=5)
+    assert job.options.max_tokens == 70
+
+
+@pytest.mark.parametrize("prompt_len, max_tokens", [(100, None), (150, None), (90, 11)])
+def test_context_length_errors(prompt_len, max_tokens):
+    with pytest.raises(ContextLengthError):
+        plan_jobs(chat(max_tokens=max_tokens), [[1] * prompt_len], ScriptedEngine(), max_n=4, max_logprobs=5)
+
+
+def test_limits_from_settings():
+    with pytest.raises(InvalidRequestError, match="n must be at most 4"):
+        plan_jobs(chat(n=5), [[1]], ScriptedEngine(), max_n=4, max_logprobs=5)
+    with pytest.raises(InvalidRequestError, match="top_logprobs"):
+        plan_jobs(chat(logprobs=True, top_logprobs=6), [[1]], ScriptedEngine(), max_n=4, max_logprobs=5)
+
+
+def test_choices_are_prompt_major_and_seeded_per_choice():
+    request = CompletionRequest(model="m", prompt=["a", "b"], n=2, seed=10, temperature=0.7)
+    jobs = plan_jobs(request, [[1], [2]], ScriptedEngine(), max_n=4, max_logprobs=5)
+    assert [(j.index, j.prompt_ids, j.options.seed) for j in jobs] == [(0, [1], 10), (1, [1], 11), (2, [2], 10), (3, [2], 11)]
+    assert all(j.options.temperature == 0.7 and j.options.max_tokens == 16 for j in jobs)
+
+
+def test_collect_accumulates_each_choice():
+    engine = ScriptedEngine()
+    jobs = plan_jobs(chat(n=2), [[1]], engine, max_n=4, max_logprobs=5)
+    choices = asyncio.run(collect(engine, jobs, "r"))
+    assert [(c.index, c.token_ids, c.text, c.finish_reason) for c in choices] == [
+        (0, [5, 6], "xy", "length"), (1, [5, 6], "xy", "length")
+    ]
+
+
+def test_engine_input_error_becomes_a_client_error():
+    engine = ScriptedEngine(error=EngineInputError("bad seed"))
+    jobs = plan_jobs(chat(), [[1]], engine, max_n=4, max_logprobs=5)
+    with pytest.raises(InvalidRequestError, match="bad seed"):
+        asyncio.run(collect(engine, jobs, "r"))
+
+
+def test_closing_the_stream_closes_every_engine_request():
+    engine = ScriptedEngine(script=[EngineChunk([i], "t") for i in range(1000)])
+    jobs = plan_jobs(chat(n=3), [[1]], engine, max_n=4, max_logprobs=5)
+
+    async def read_two_then_leave():
+        stream = run_jobs(engine, jobs, "r")
+        await anext(stream)
+        await anext(stream)
+        await stream.aclose()
+
+    asyncio.run(read_two_then_leave())
+    assert sorted(engine.closed) == ["r-0", "r-1", "r-2"]

@@ -1,0 +1,69 @@
+"""Request validation rules that the handlers rely on."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **fields})
+
+
+def test_stop_accepts_one_string_or_a_list():
+    assert chat(stop="\n").stop == ["\n"]
+    assert chat(stop=["a", "b"]).stop == ["a", "b"]
+    assert chat().stop == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n": True},
+        {"temperature": "0.5"},
+        {"stream": "yes"},
+        {"logprobs": 1},
+        {"tools": [{"type": "function"}]},
+        {"echo": True},
+        {"logit_bias": {"1": 5}},
+        {"response_format": {"type": "json_object"}},
+        {"best_of": 3},
+        {"top_logprobs": 2},
+    ],
+)
+def test_refused(fields):
+    with pytest.raises(ValidationError):
+        chat(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"response_format": {"type": "text"}}, {"best_of": 1}, {"tools": []}, {"echo": False}, {"unknown_field": 1}],
+)
+def test_harmless_defaults_and_unknown_fields_pass(fields):
+    chat(**fields)
+
+
+def test_text_parts_join_and_developer_role():
+    request = chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    assert request.messages[0].text() == "ab"
+
+
+def test_logprobs_k():
+    assert chat().logprobs_k is None
+    assert chat(logprobs=True).logprobs_k == 0
+    assert chat(logprobs=True, top_logprobs=4).logprobs_k == 4
+    assert CompletionRequest(model="m", prompt="x", logprobs=2).logprobs_k == 2
+
+
+def test_completion_limits():
+    assert chat(max_tokens=5, max_completion_tokens=7).completion_limit == 7
+    assert CompletionRequest(model="m", prompt="x").completion_limit == 16  # OpenAI's default
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt=[])
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": [1.5]})
