@@ -43,13 +43,18 @@ class RunningServer:
 
 
 def start_server(args: list[str], log_path: Path, api_key: str | None = None, timeout: float = 300) -> RunningServer:
+    """`shadowserve serve ARGS` on a free port, waiting for /health to answer 200."""
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     if api_key:
         cmd += ["--api-keys", api_key]
-    log = log_path.open("w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return launch(cmd, port, log_path, api_key, timeout)
+
+
+def launch(cmd: list[str], port: int, log_path: Path, api_key: str | None = None, timeout: float = 300) -> RunningServer:
+    """Any OpenAI-compatible server command listening on `port` (vLLM's own, for baselines)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, api_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
