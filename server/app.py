@@ -7,16 +7,17 @@ answer 503 while weights load (Kubernetes readiness), then 200.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from server.errors import AuthenticationError, ModelNotFoundError, ServiceUnavailableError, install_error_handlers
+from server.auth import require_bearer
+from server.errors import ModelNotFoundError, ServiceUnavailableError, install_error_handlers
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.serving.chat import ChatHandler
@@ -26,7 +27,10 @@ from server.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-ContextLoader = Callable[[ServeSettings], ServingContext]
+# `X-Shadow: always|never`, honoured only when the operator allows it (shadow settings).
+ShadowHeader = Annotated[str | None, Header(alias="X-Shadow")]
+
+ContextLoader = Callable[[ServeSettings, CollectorRegistry], ServingContext]
 
 
 class ServerState:
@@ -60,7 +64,10 @@ def create_app(
     async def lifespan(_: FastAPI):
         async def load() -> None:
             try:
-                state.ready(await asyncio.to_thread(load_context, settings))
+                ctx = await asyncio.to_thread(load_context, settings, registry)
+                if ctx.shadow is not None:
+                    ctx.shadow.start()
+                state.ready(ctx)
                 log.info("model %s ready (%s engine)", settings.model_name, settings.engine)
             except Exception as exc:
                 log.exception("engine failed to load")
@@ -72,6 +79,8 @@ def create_app(
         yield
         loader.cancel()
         if state.ctx is not None:
+            if state.ctx.shadow is not None:
+                await state.ctx.shadow.stop()
             await state.ctx.engine.shutdown()
 
     app = FastAPI(title="shadowserve", lifespan=lifespan)
@@ -79,18 +88,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        """Bearer keys guard /v1/*, checked before the body is read; probes and
-        Prometheus stay open."""
-        if settings.api_keys and request.url.path.startswith("/v1/"):
-            scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not any(
-                hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys
-            ):
-                error = AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')")
-                return JSONResponse(error.body(), status_code=error.status_code)
-        return await call_next(request)
+    require_bearer(app, settings.api_keys)
 
     @app.get("/health")
     async def health() -> Response:
@@ -116,13 +114,13 @@ def create_app(
         return ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, x_shadow: ShadowHeader = None):
         state.require()
-        return await state.chat.create(request)
+        return await state.chat.create(request, x_shadow)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, x_shadow: ShadowHeader = None):
         state.require()
-        return await state.completion.create(request)
+        return await state.completion.create(request, x_shadow)
 
     return app

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand
 
+from server.reference_app import ReferenceSettings
 from server.settings import ServeSettings
 
 
@@ -36,10 +37,18 @@ class DemoModel(BaseModel):
             sys.exit(f"shadowserve demo-model: {exc}")
 
 
+class Reference(ReferenceSettings):
+    """Serve the fp32 reference for remote teacher-forced scoring."""
+
+    def cli_cmd(self) -> None:
+        run_reference(self)
+
+
 class Shadowserve(BaseSettings, cli_prog_name="shadowserve", cli_kebab_case=True):
     """OpenAI-compatible vLLM server with an fp32 shadow path for converted models."""
 
     serve: CliSubCommand[Serve]
+    reference: CliSubCommand[Reference]
     demo_model: CliSubCommand[DemoModel]
 
     def cli_cmd(self) -> None:
@@ -67,6 +76,23 @@ def run_server(settings: ServeSettings) -> None:
     server.run()
     if app.state.server.error:
         sys.exit(f"shadowserve serve: {app.state.server.error}")
+
+
+def run_reference(settings: ReferenceSettings) -> None:
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from server.reference_app import create_reference_app
+    from shadow.local_scorer import LocalScorer
+    from shadow.scoring import ReferenceError
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        scorer = LocalScorer.load(settings.model, settings.adapter, settings.device, settings.name)
+    except ReferenceError as exc:
+        sys.exit(f"shadowserve reference: {exc}")
+    app = create_reference_app(scorer, settings.tokens, CollectorRegistry())
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

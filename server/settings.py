@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shadow.settings import ShadowSettings
 
 EngineName = Literal["vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class ServeSettings(BaseSettings):
-    """Run the OpenAI-compatible server on a candidate model."""
+class ServeSettings(BaseSettings, ShadowSettings):
+    """Run the OpenAI-compatible server on a candidate model, with the shadow path."""
 
     model_config = SettingsConfigDict(
         env_prefix="SHADOWSERVE_", cli_kebab_case=True, extra="ignore", frozen=True
@@ -57,6 +59,12 @@ class ServeSettings(BaseSettings):
         if not (value / "config.json").is_file():
             raise ValueError(f"{value} is not a Hugging Face model directory (no config.json)")
         return value
+
+    @model_validator(mode="after")
+    def _shadow_fits(self) -> ServeSettings:
+        if self.shadow_enabled and self.shadow_top_k > self.max_logprobs:
+            raise ValueError(f"shadow-top-k ({self.shadow_top_k}) cannot exceed max-logprobs ({self.max_logprobs})")
+        return self
 
     @property
     def model_name(self) -> str:

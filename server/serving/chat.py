@@ -15,21 +15,27 @@ from server.protocol import (
 from server.serving.context import ServingContext, new_request_id, sse_response
 from server.serving.generation import Job, collect, plan_jobs, run_jobs, usage
 from server.serving.logprobs import chat_logprobs
+from server.serving.shadowing import Chunks, ShadowTap, tapped
 
 
 class ChatHandler:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
 
-    async def create(self, request: ChatCompletionRequest):
+    async def create(self, request: ChatCompletionRequest, shadow_header: str | None = None):
         ctx = self.ctx
         ctx.check_model(request.model)
         prompt = ctx.renderer.chat(request.messages)
-        jobs = plan_jobs(request, [prompt], ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs)
         request_id = new_request_id("chatcmpl")
+        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, ctx.model_name)
+        jobs = plan_jobs(
+            request, [prompt], ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
+            shadow_k=tap.top_k if tap else None,
+        )
+        stream = tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap)
         if request.stream:
-            return sse_response(self._stream(request, prompt, jobs, request_id))
-        choices = await collect(ctx.engine, jobs, request_id)
+            return sse_response(self._stream(request, prompt, jobs, stream, request_id))
+        choices = await collect(jobs, stream)
         k = request.logprobs_k
         return ChatCompletionResponse(
             id=request_id,
@@ -47,7 +53,7 @@ class ChatHandler:
         )
 
     async def _stream(
-        self, request: ChatCompletionRequest, prompt: list[int], jobs: list[Job], request_id: str
+        self, request: ChatCompletionRequest, prompt: list[int], jobs: list[Job], stream: Chunks, request_id: str
     ) -> AsyncIterator[ChatCompletionChunk]:
         ctx, k = self.ctx, request.logprobs_k
 
@@ -57,7 +63,7 @@ class ChatHandler:
         for job in jobs:
             yield chunk([ChatChunkChoice(index=job.index, delta={"role": "assistant", "content": ""})])
         completion_tokens = 0
-        async for index, piece in run_jobs(ctx.engine, jobs, request_id):
+        async for index, piece in stream:
             completion_tokens += len(piece.token_ids)
             if not (piece.text or piece.finish_reason or (k is not None and piece.token_ids)):
                 continue

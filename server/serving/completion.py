@@ -9,21 +9,27 @@ from server.protocol import CompletionChoice, CompletionRequest, CompletionRespo
 from server.serving.context import ServingContext, new_request_id, sse_response
 from server.serving.generation import Job, collect, plan_jobs, run_jobs, usage
 from server.serving.logprobs import completion_logprobs
+from server.serving.shadowing import Chunks, ShadowTap, tapped
 
 
 class CompletionHandler:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
 
-    async def create(self, request: CompletionRequest):
+    async def create(self, request: CompletionRequest, shadow_header: str | None = None):
         ctx = self.ctx
         ctx.check_model(request.model)
         prompts = self._prompts(request.prompt)
-        jobs = plan_jobs(request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs)
         request_id = new_request_id("cmpl")
+        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, ctx.model_name)
+        jobs = plan_jobs(
+            request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
+            shadow_k=tap.top_k if tap else None,
+        )
+        stream = tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap)
         if request.stream:
-            return sse_response(self._stream(request, prompts, jobs, request_id))
-        choices = await collect(ctx.engine, jobs, request_id)
+            return sse_response(self._stream(request, prompts, jobs, stream, request_id))
+        choices = await collect(jobs, stream)
         k = request.logprobs_k
         return CompletionResponse(
             id=request_id,
@@ -52,12 +58,12 @@ class CompletionHandler:
         return ids
 
     async def _stream(
-        self, request: CompletionRequest, prompts: list[list[int]], jobs: list[Job], request_id: str
+        self, request: CompletionRequest, prompts: list[list[int]], jobs: list[Job], stream: Chunks, request_id: str
     ) -> AsyncIterator[CompletionResponse]:
         ctx, k = self.ctx, request.logprobs_k
         offsets = {job.index: 0 for job in jobs}
         completion_tokens = 0
-        async for index, piece in run_jobs(ctx.engine, jobs, request_id):
+        async for index, piece in stream:
             completion_tokens += len(piece.token_ids)
             if not (piece.text or piece.finish_reason or (k is not None and piece.token_ids)):
                 continue

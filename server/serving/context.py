@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
@@ -14,6 +15,8 @@ from server.engines import Engine, load_engine
 from server.errors import APIError, ModelNotFoundError
 from server.serving.prompts import PromptRenderer
 from server.settings import ServeSettings
+from shadow.path import ShadowPath
+from shadow.setup import build_shadow_path
 
 
 @dataclass(frozen=True)
@@ -23,16 +26,26 @@ class ServingContext:
     model_name: str
     max_n: int
     max_logprobs: int
+    shadow: ShadowPath | None = None
 
     @classmethod
-    def load(cls, settings: ServeSettings) -> ServingContext:
-        """Blocking: tokenizer and engine (weights, and vLLM's engine-core process)."""
+    def load(cls, settings: ServeSettings, registry: CollectorRegistry) -> ServingContext:
+        """Blocking: tokenizer, the shadow's reference (checked first: a mismatch fails
+        fast), then the engine (weights, and vLLM's engine-core process)."""
+        renderer = PromptRenderer.load(settings.model)
+        shadow = None
+        if settings.shadow_enabled:
+            shadow = build_shadow_path(
+                settings, candidate_dir=settings.model, model_name=settings.model_name,
+                candidate_tokenizer=renderer.tokenizer, registry=registry,
+            )
         return cls(
             engine=load_engine(settings),
-            renderer=PromptRenderer.load(settings.model),
+            renderer=renderer,
             model_name=settings.model_name,
             max_n=settings.max_n,
             max_logprobs=settings.max_logprobs,
+            shadow=shadow,
         )
 
     def check_model(self, requested: str) -> None:

@@ -48,11 +48,13 @@ def plan_jobs(
     *,
     max_n: int,
     max_logprobs: int,
+    shadow_k: int | None = None,
 ) -> list[Job]:
     """Check the request against the engine's limits and make one job per choice.
 
     Choices are numbered prompt-major (prompt p, sample i -> p * n + i), as OpenAI does.
-    Seeds follow vLLM: choice i of a seeded request uses seed + i.
+    Seeds follow vLLM: choice i of a seeded request uses seed + i. A shadow-sampled
+    request (`shadow_k`) asks the engine for max(client k, shadow k) log-probs.
     """
     if request.n > max_n:
         raise InvalidRequestError(f"n must be at most {max_n}", param="n")
@@ -60,6 +62,7 @@ def plan_jobs(
     if k is not None and k > max_logprobs:
         param = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
         raise InvalidRequestError(f"{param} must be at most {max_logprobs}", param=param)
+    engine_k = k if shadow_k is None else max(k or 0, shadow_k)
     prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     jobs = []
     for p, prompt_ids in enumerate(prompts):
@@ -75,7 +78,7 @@ def plan_jobs(
                 stop=tuple(request.stop),
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
-                logprobs=k,
+                logprobs=engine_k,
             )
             jobs.append(Job(p * request.n + i, prompt_ids, options))
     return jobs
@@ -135,9 +138,9 @@ async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIte
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect(engine: Engine, jobs: list[Job], request_id: str) -> list[Choice]:
+async def collect(jobs: list[Job], stream: AsyncIterator[tuple[int, EngineChunk]]) -> list[Choice]:
     choices = {job.index: Choice(job.index, job.prompt_ids) for job in jobs}
-    async for index, chunk in run_jobs(engine, jobs, request_id):
+    async for index, chunk in stream:
         choices[index].add(chunk)
     return [choices[i] for i in sorted(choices)]
 

@@ -69,7 +69,7 @@ def test_choices_are_prompt_major_and_seeded_per_choice():
 def test_collect_accumulates_each_choice():
     engine = ScriptedEngine()
     jobs = plan_jobs(chat(n=2), [[1]], engine, max_n=4, max_logprobs=5)
-    choices = asyncio.run(collect(engine, jobs, "r"))
+    choices = asyncio.run(collect(jobs, run_jobs(engine, jobs, "r")))
     assert [(c.index, c.token_ids, c.text, c.finish_reason) for c in choices] == [
         (0, [5, 6], "xy", "length"), (1, [5, 6], "xy", "length")
     ]
@@ -79,7 +79,7 @@ def test_engine_input_error_becomes_a_client_error():
     engine = ScriptedEngine(error=EngineInputError("bad seed"))
     jobs = plan_jobs(chat(), [[1]], engine, max_n=4, max_logprobs=5)
     with pytest.raises(InvalidRequestError, match="bad seed"):
-        asyncio.run(collect(engine, jobs, "r"))
+        asyncio.run(collect(jobs, run_jobs(engine, jobs, "r")))
 
 
 def test_closing_the_stream_closes_every_engine_request():

@@ -1,0 +1,77 @@
+"""`shadowserve reference`: the reference model as its own service, so it can run on its
+own GPUs and scale on its own. The scorer is loaded before the app is built: the
+service listens only once it can answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from starlette.responses import Response
+
+from server.auth import require_bearer
+from server.errors import InvalidRequestError, install_error_handlers
+from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
+from shadow.local_scorer import LocalScorer
+from shadow.scoring import ReferenceInfo, ScoreItem, ScoreRequestBody, ScoreResponseBody, to_body
+
+
+class ReferenceSettings(BaseSettings):
+    """Serve the fp32 reference for remote teacher-forced scoring (POST /v1/shadow/score)."""
+
+    model_config = SettingsConfigDict(env_prefix="SHADOWSERVE_REFERENCE_", cli_kebab_case=True, extra="ignore", frozen=True)
+
+    model: Path = Field(description="local Hugging Face directory of the reference (loaded in fp32)")
+    adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on top of the reference")
+    name: str | None = Field(default=None, description="reference name reported to servers (default: directory[+adapter])")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    host: str = Field(default="127.0.0.1")
+    port: int = Field(default=8001, ge=0, le=65535)
+    tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted bearer tokens (env: comma-separated); none = open"
+    )
+    log_level: str = Field(default="info")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
+def create_reference_app(scorer: LocalScorer, tokens: list[str], registry: CollectorRegistry) -> FastAPI:
+    app = FastAPI(title="shadowserve reference")
+    install_error_handlers(app)
+    app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
+    require_bearer(app, tokens)
+    info = ReferenceInfo(
+        name=scorer.name, vocab_size=scorer.vocab.size, vocab_sha256=scorer.vocab.sha256, dtype="float32",
+    )
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(exposition([registry]), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/shadow/info")
+    async def shadow_info() -> ReferenceInfo:
+        return info
+
+    @app.post("/v1/shadow/score")
+    async def score(body: ScoreRequestBody) -> Response:
+        items = [ScoreItem(i.prompt_ids, i.output_ids, i.candidate_ids) for i in body.items]
+        for n, item in enumerate(items):
+            ids = [*item.prompt_ids, *item.output_ids, *(t for pos in item.candidate_ids for t in pos)]
+            if any(not 0 <= t < info.vocab_size for t in ids):
+                raise InvalidRequestError(f"items.{n}: token id outside the vocabulary", param=f"items.{n}")
+        stats = await scorer.score(items, min(body.top_m, info.vocab_size))
+        reply = ScoreResponseBody(reference=scorer.name, items=[to_body(s) for s in stats])
+        return Response(reply.model_dump_json(), media_type="application/json")
+
+    return app

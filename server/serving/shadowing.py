@@ -1,0 +1,74 @@
+"""The handlers' side of the shadow path: decide at admission, then hand over a finished
+sample. Unsampled requests get no tap and pay nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from server.engines import EngineChunk
+from server.errors import InvalidRequestError
+from server.serving.generation import Choice, Job
+from shadow.path import ShadowHeaderError, ShadowPath, ShadowSample, ShadowSequence
+
+
+class ShadowTap:
+    """Collects a sampled request's sequences; submits them only if it finished normally."""
+
+    def __init__(self, shadow: ShadowPath, request_id: str, model: str):
+        self._shadow = shadow
+        self._request_id = request_id
+        self._model = model
+        self.top_k = shadow.top_k
+
+    @classmethod
+    def open(cls, shadow: ShadowPath | None, header: str | None, request_id: str, model: str) -> ShadowTap | None:
+        if shadow is None:
+            return None
+        try:
+            sampled = shadow.admit(header)
+        except ShadowHeaderError as exc:
+            raise InvalidRequestError(str(exc), param="X-Shadow") from exc
+        return cls(shadow, request_id, model) if sampled else None
+
+    def finish(self, choices: Sequence[Choice]) -> None:
+        sequences = [
+            ShadowSequence(c.prompt_ids, c.token_ids, [self._trim(entry, token) for entry, token in zip(c.logprobs, c.token_ids)])
+            for c in choices
+            if c.finish_reason is not None
+        ]
+        self._shadow.submit(ShadowSample(self._request_id, self._model, sequences))
+
+    def abandon(self) -> None:
+        self._shadow.skip()
+
+    def _trim(self, entry: dict[int, float], token: int) -> dict[int, float]:
+        """The shadow's top-k plus the emitted token, whatever the client asked for, so
+        every request is compared over the same K."""
+        if len(entry) <= self.top_k + 1:
+            return entry
+        kept = dict(sorted(entry.items(), key=lambda item: item[1], reverse=True)[: self.top_k])
+        kept[token] = entry[token]
+        return kept
+
+
+Chunks = AsyncIterator[tuple[int, EngineChunk]]
+
+
+def tapped(stream: Chunks, jobs: list[Job], tap: ShadowTap | None) -> Chunks:
+    """The engine stream, unchanged for the client; a sampled request's copy goes to the
+    tap when the stream ends normally (aborted or failed: counted as skipped)."""
+    if tap is None:
+        return stream
+
+    async def tee() -> Chunks:
+        choices = {job.index: Choice(job.index, job.prompt_ids) for job in jobs}
+        try:
+            async for index, chunk in stream:
+                choices[index].add(chunk)
+                yield index, chunk
+        except BaseException:  # client gone (GeneratorExit/cancel) or engine failure
+            tap.abandon()
+            raise
+        tap.finish([choices[i] for i in sorted(choices)])
+
+    return tee()

@@ -1,0 +1,90 @@
+"""The local reference: a Hugging Face model in fp32 (optionally + an unmerged PEFT
+adapter), teacher-forced in padded batches. Used in-process by the server (default)
+and behind `shadowserve reference`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import torch
+
+from shadow.compare import PositionStats
+from shadow.scoring import ReferenceError, ScoreItem, VocabInfo, vocab_fingerprint
+
+
+def local_code_only(model_dir: Path) -> bool:
+    """`trust_remote_code` only for code that lives in the model directory itself.
+
+    Returns True when config.json's auto_map names modules present in `model_dir`,
+    False when there is no auto_map, and refuses code from anywhere else."""
+    config = json.loads((model_dir / "config.json").read_text())
+    auto_map = config.get("auto_map") or {}
+    if not auto_map:
+        return False
+    for target in auto_map.values():
+        for ref in [target] if isinstance(target, str) else [t for t in target if t]:
+            if "--" in ref:
+                raise ReferenceError(f"{model_dir}: auto_map '{ref}' points to code outside the directory; refusing")
+            module = ref.rsplit(".", 1)[0]
+            if not (model_dir / f"{module.replace('.', '/')}.py").is_file():
+                raise ReferenceError(f"{model_dir}: auto_map names {module}.py, which is not in the directory")
+    return True
+
+
+class LocalScorer:
+    def __init__(self, model, tokenizer, name: str, device: torch.device):
+        self._model = model
+        self.name = name
+        self.vocab: VocabInfo = vocab_fingerprint(tokenizer)
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._device = device
+        self._lock = threading.Lock()  # one forward at a time, also across timed-out calls
+
+    @classmethod
+    def load(cls, model_dir: Path, adapter: Path | None = None, device: str = "auto", name: str | None = None) -> LocalScorer:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (model_dir / "config.json").is_file():
+            raise ReferenceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        trust = local_code_only(model_dir)
+        target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)  # kept unmerged: the exact reference
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+        default_name = model_dir.name + (f"+{adapter.name}" if adapter else "")
+        return cls(model.to(target).eval(), tokenizer, name or default_name, target)
+
+    async def score(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
+        return await asyncio.to_thread(self.score_sync, items, top_m)
+
+    async def close(self) -> None:
+        pass
+
+    def score_sync(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
+        with self._lock, torch.inference_mode():
+            sequences = [item.prompt_ids + item.output_ids[:-1] for item in items]
+            width = max(len(s) for s in sequences)
+            input_ids = torch.full((len(items), width), self._pad_id, dtype=torch.long)
+            mask = torch.zeros((len(items), width), dtype=torch.long)
+            for row, seq in enumerate(sequences):  # right padding: real positions keep 0..n-1
+                input_ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            logits = self._model(input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device)).logits
+            return [self._positions(logits[row], item, top_m) for row, item in enumerate(items)]
+
+    @staticmethod
+    def _positions(logits: torch.Tensor, item: ScoreItem, top_m: int) -> list[PositionStats]:
+        start = len(item.prompt_ids) - 1  # logits at t predict token t + 1
+        rows = torch.log_softmax(logits[start : start + len(item.output_ids)].double(), dim=-1).cpu()
+        top_lp, top_ids = torch.topk(rows, top_m, dim=-1)
+        out = []
+        for i, ids in enumerate(item.candidate_ids):
+            values = rows[i, ids].tolist()
+            out.append(PositionStats(dict(zip(ids, values)), top_ids[i].tolist(), top_lp[i].tolist()))
+        return out

@@ -1,0 +1,113 @@
+"""Shadow metrics (DESIGN.md, "Metrics") on an injected CollectorRegistry.
+
+Every series carries `model`, `reference` and the operator's constant labels (e.g.
+`variant="canary"`); comparison series also carry `comparison` ("candidate" now; the
+noise-floor comparison, reference-in-serving-dtype vs fp32, will use "noise_floor").
+Per-token histograms let a dashboard compute llama.cpp's statistics live: the mean
+from _sum/_count, quantiles with histogram_quantile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shadow.compare import SequenceComparison
+
+# Log-spaced 1-2-5 edges: quantiles readable from 1e-7 to 20 nats.
+_NATS = tuple(round(m * 10.0**e, 12) for e in range(-7, 1) for m in (1, 2, 5)) + (10.0, 20.0, 50.0)
+# Symmetric around 0 for p_cand - p_ref; the negative tail is the one that hurts.
+_POSITIVE_P = (1e-5, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+_DELTA_P = tuple(-x for x in reversed(_POSITIVE_P)) + (0.0,) + _POSITIVE_P
+_POSITIONS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
+_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+OUTCOMES = ("compared", "dropped", "skipped", "error")
+RESULTS = ("identical", "near_tie", "hard")
+
+
+class ShadowMetrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        model: str,
+        reference: str,
+        const_labels: Mapping[str, str] | None = None,
+        comparison: str = "candidate",
+    ):
+        base = {"model": model, "reference": reference, **(const_labels or {})}
+        names = list(base)
+
+        def counter(name, doc, extra=()):
+            return Counter(name, doc, [*names, *extra], registry=registry)
+
+        def histogram(name, doc, buckets, extra=()):
+            return Histogram(name, doc, [*names, *extra], buckets=buckets, registry=registry)
+
+        cmp = ("comparison",)
+        self._samples = counter("shadow_samples", "Shadow samples by outcome: compared, dropped (queue full), skipped, error.", ("outcome",))
+        self._sequences = counter("shadow_sequences", "Compared sequences by result: identical, near_tie, hard.", (*cmp, "result"))
+        self._first_divergence = histogram(
+            "shadow_first_divergence_position_tokens", "First divergence position of diverged sequences.", _POSITIONS, cmp)
+        self._compared_len = histogram(
+            "shadow_compared_sequence_tokens", "Compared length of every sequence.", _POSITIONS, cmp)
+        self._tokens = counter("shadow_tokens", "Compared positions by top-1 agreement (same/different).", (*cmp, "top1"))
+        self._kl = histogram(
+            "shadow_token_kl_divergence", "Per token KL(ref||cand) over the candidate's top-k + rest (a lower bound of the full KL), nats.", _NATS, cmp)
+        self._delta_p = histogram(
+            "shadow_token_delta_p", "Per token p_cand - p_ref of the emitted token.", _DELTA_P, cmp)
+        # prometheus_client omits _sum for a histogram with negative buckets, so the mean
+        # and RMS of Δp (llama.cpp's statistics) come from these counters instead:
+        # mean = (gain - loss) / count, RMS = sqrt(squares / count); restart-safe as counters.
+        self._delta_p_gain = counter("shadow_token_delta_p_gain", "Sum over tokens of max(delta_p, 0).", cmp)
+        self._delta_p_loss = counter("shadow_token_delta_p_loss", "Sum over tokens of max(-delta_p, 0).", cmp)
+        self._delta_p_squares = counter("shadow_token_delta_p_squares", "Sum over tokens of delta_p squared.", cmp)
+        self._drift = histogram(
+            "shadow_token_logprob_drift", "Per token max |logprob_cand - logprob_ref| over the candidate's top-k, nats.", _NATS, cmp)
+        self._queue_depth = Gauge("shadow_queue_depth", "Samples waiting for the reference.", names, registry=registry)
+        self._reference_seconds = histogram("shadow_reference_seconds", "Reference scoring latency per batch.", _SECONDS)
+
+        self._base = base
+        self._cmp = {**base, "comparison": comparison}
+        # Create every labelled child now, so series exist (at 0) before the first event:
+        # rate() and absent() behave from the first scrape.
+        for outcome in OUTCOMES:
+            self._samples.labels(**base, outcome=outcome)
+        for result in RESULTS:
+            self._sequences.labels(**self._cmp, result=result)
+        for top1 in ("same", "different"):
+            self._tokens.labels(**self._cmp, top1=top1)
+        for metric in (self._first_divergence, self._compared_len, self._kl, self._delta_p, self._drift,
+                       self._delta_p_gain, self._delta_p_loss, self._delta_p_squares):
+            metric.labels(**self._cmp)
+        self._queue_depth.labels(**base).set(0)
+        self._reference_seconds.labels(**base)
+
+    def sample(self, outcome: str, count: int = 1) -> None:
+        self._samples.labels(**self._base, outcome=outcome).inc(count)
+
+    def queue_depth(self, depth: int) -> None:
+        self._queue_depth.labels(**self._base).set(depth)
+
+    def reference_latency(self, seconds: float) -> None:
+        self._reference_seconds.labels(**self._base).observe(seconds)
+
+    def sequence(self, cmp: SequenceComparison) -> None:
+        labels = self._cmp
+        self._sequences.labels(**labels, result=cmp.result).inc()
+        self._compared_len.labels(**labels).observe(cmp.compared_tokens)
+        if cmp.first_divergence is not None:
+            self._first_divergence.labels(**labels).observe(cmp.first_divergence)
+        same = int(np.count_nonzero(cmp.tokens.top1_same))
+        self._tokens.labels(**labels, top1="same").inc(same)
+        self._tokens.labels(**labels, top1="different").inc(cmp.compared_tokens - same)
+        for histogram, values in ((self._kl, cmp.tokens.kl), (self._delta_p, cmp.tokens.delta_p), (self._drift, cmp.tokens.drift)):
+            child = histogram.labels(**labels)
+            for value in values.tolist():
+                child.observe(value)
+        dp = cmp.tokens.delta_p
+        self._delta_p_gain.labels(**labels).inc(float(np.clip(dp, 0, None).sum()))
+        self._delta_p_loss.labels(**labels).inc(float(np.clip(-dp, 0, None).sum()))
+        self._delta_p_squares.labels(**labels).inc(float(np.square(dp).sum()))

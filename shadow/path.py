@@ -1,0 +1,203 @@
+"""The shadow path: admission sampling, a bounded queue, and one worker that batches
+samples, scores them on the reference and records the comparison.
+
+Nothing here can reach a client: `submit` never blocks or raises (a full queue drops
+and counts), and every reference failure becomes an `error` outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from shadow.capture import DivergenceCapture
+from shadow.compare import ComparisonError, PositionStats, SequenceComparison, compare_sequence
+from shadow.metrics import ShadowMetrics
+from shadow.scoring import ScoreItem, Scorer
+from shadow.settings import ShadowSettings
+
+log = logging.getLogger(__name__)
+
+HEADER_VALUES = ("always", "never")
+
+
+class ShadowHeaderError(ValueError):
+    """An `X-Shadow` value other than always/never (a client error)."""
+
+
+@dataclass(frozen=True)
+class ShadowSequence:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: list[dict[int, float]]  # candidate's raw top-k (+ emitted token) per position
+
+
+@dataclass(frozen=True)
+class ShadowSample:
+    request_id: str
+    model: str
+    sequences: list[ShadowSequence]
+
+
+class ShadowPath:
+    def __init__(
+        self,
+        settings: ShadowSettings,
+        scorer: Scorer,
+        metrics: ShadowMetrics,
+        capture: DivergenceCapture | None = None,
+        rng: random.Random | None = None,
+    ):
+        self.settings = settings
+        self.scorer = scorer
+        self.metrics = metrics
+        self.capture = capture
+        self._rng = rng or random.Random()
+        self._queue: asyncio.Queue[ShadowSample] = asyncio.Queue(settings.shadow_queue_size)
+        self._worker: asyncio.Task | None = None
+        self._carry: ShadowSample | None = None  # taken from the queue, waiting for the next batch
+        self._closed = False
+
+    @property
+    def top_k(self) -> int:
+        return self.settings.shadow_top_k
+
+    # --- the request side: cheap and non-blocking ---------------------------------
+
+    def admit(self, header: str | None = None) -> bool:
+        """Decide at admission, so unsampled requests pay nothing."""
+        if header is not None and self.settings.shadow_allow_header:
+            value = header.strip().lower()
+            if value not in HEADER_VALUES:
+                raise ShadowHeaderError(f"X-Shadow must be one of {', '.join(HEADER_VALUES)}")
+            return value == "always"
+        rate = self.settings.shadow_rate
+        return rate > 0 and (rate >= 1 or self._rng.random() < rate)
+
+    def submit(self, sample: ShadowSample) -> None:
+        sequences = [s for s in sample.sequences if s.output_ids]
+        if not sequences:
+            self.metrics.sample("skipped")
+            return
+        if self._closed:
+            self.metrics.sample("dropped")
+            return
+        try:
+            self._queue.put_nowait(ShadowSample(sample.request_id, sample.model, sequences))
+        except asyncio.QueueFull:
+            self.metrics.sample("dropped")
+        self.metrics.queue_depth(self._queue.qsize())
+
+    def skip(self) -> None:
+        """A sampled request that was aborted or failed: nothing to compare."""
+        self.metrics.sample("skipped")
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="shadow-worker")
+
+    async def stop(self) -> None:
+        """Stop taking samples, let the queue drain for `shadow_drain_s`, count the rest as dropped."""
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._queue.join(), self.settings.shadow_drain_s)
+        except TimeoutError:
+            pass
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        left = self._queue.qsize() + (self._carry is not None)
+        if left:
+            log.warning("shadow: %d samples left unscored at shutdown", left)
+            self.metrics.sample("dropped", left)
+        self.metrics.queue_depth(0)
+        await self.scorer.close()
+        if self.capture is not None:
+            self.capture.close()
+
+    # --- the worker --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            try:
+                await self._process(batch)
+            except Exception:  # never let one bad batch stop the worker
+                log.exception("shadow: batch failed")
+                self.metrics.sample("error", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+                self.metrics.queue_depth(self._queue.qsize() + (self._carry is not None))
+
+    async def _next_batch(self) -> list[ShadowSample]:
+        """Wait for one sample, then take whatever else is queued within the token budget.
+        A sample that does not fit is carried over to open the next batch."""
+        first, self._carry = self._carry or await self._queue.get(), None
+        batch, budget = [first], self.settings.shadow_batch_tokens - _tokens(first)
+        while not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if _tokens(nxt) > budget:
+                self._carry = nxt
+                break
+            batch.append(nxt)
+            budget -= _tokens(nxt)
+        return batch
+
+    async def _process(self, batch: list[ShadowSample]) -> None:
+        items = [
+            ScoreItem(seq.prompt_ids, seq.output_ids, [list(entry) for entry in seq.logprobs])
+            for sample in batch
+            for seq in sample.sequences
+        ]
+        started = time.perf_counter()
+        try:
+            stats = await asyncio.wait_for(
+                self.scorer.score(items, self.settings.shadow_reference_top_m), self.settings.shadow_timeout_s
+            )
+        except Exception as exc:
+            log.warning("shadow: reference failed on %d samples: %s", len(batch), exc or type(exc).__name__)
+            self.metrics.sample("error", len(batch))
+            return
+        self.metrics.reference_latency(time.perf_counter() - started)
+        # Comparison, metrics and capture off the event loop: the server's requests share it.
+        await asyncio.to_thread(self._record, batch, stats)
+
+    def _record(self, batch: list[ShadowSample], stats: list[list[PositionStats]]) -> None:
+        margin = self.settings.shadow_near_tie_margin
+        at = 0
+        for sample in batch:
+            reference = stats[at : at + len(sample.sequences)]
+            at += len(sample.sequences)
+            try:
+                results = [
+                    compare_sequence(seq.output_ids, seq.logprobs, ref, margin)
+                    for seq, ref in zip(sample.sequences, reference)
+                ]
+            except ComparisonError as exc:
+                log.warning("shadow: sample %s not comparable: %s", sample.request_id, exc)
+                self.metrics.sample("error")
+                continue
+            for index, (seq, ref, result) in enumerate(zip(sample.sequences, reference, results)):
+                self.metrics.sequence(result)
+                if self.capture is not None and result.first_divergence is not None:
+                    self._capture(sample, index, seq, ref, result)
+            self.metrics.sample("compared")
+
+    def _capture(self, sample, index: int, seq: ShadowSequence, ref, result: SequenceComparison) -> None:
+        try:
+            self.capture.write(
+                request_id=sample.request_id, model=sample.model, reference=self.scorer.name, sequence=index,
+                prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, candidate=seq.logprobs,
+                reference_stats=ref, comparison=result,
+            )
+        except OSError as exc:
+            log.warning("shadow: capture failed: %s", exc)
+
+
+def _tokens(sample: ShadowSample) -> int:
+    return sum(len(s.prompt_ids) + len(s.output_ids) for s in sample.sequences)

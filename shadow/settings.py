@@ -1,0 +1,72 @@
+"""Shadow settings. The server's settings class inherits these, so each is a flag
+(`--shadow-rate`) and an env variable (`SHADOWSERVE_SHADOW_RATE`) like every other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
+
+
+class ShadowSettings(BaseModel):
+    shadow_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of requests replayed against the reference (0 = off)"
+    )
+    shadow_allow_header: bool = Field(
+        default=False, description="honour the per-request header `X-Shadow: always|never` (off: clients cannot flood the reference)"
+    )
+    shadow_top_k: int = Field(default=20, ge=1, description="candidate log-probs kept per token for comparison (<= max-logprobs)")
+    shadow_reference_top_m: int = Field(default=5, ge=1, description="reference's own top-m kept per position (capture, top-1)")
+    shadow_near_tie_margin: float = Field(
+        default=0.25, ge=0.0, description="nats: a first divergence within this reference margin is `near_tie`, else `hard`"
+    )
+    shadow_reference_model: Path | None = Field(
+        default=None, description="local reference directory, run in fp32 (default: the candidate's own directory)"
+    )
+    shadow_reference_adapter: Path | None = Field(
+        default=None, description="unmerged PEFT adapter applied on the local reference (reference for a merged-LoRA candidate)"
+    )
+    shadow_reference_url: str | None = Field(
+        default=None, description="remote reference (`shadowserve reference`) base URL; replaces the local reference"
+    )
+    shadow_reference_token: SecretStr | None = Field(default=None, description="bearer token for the remote reference")
+    shadow_reference_name: str | None = Field(
+        default=None, description="`reference` label value (default: the reference's directory or service name)"
+    )
+    shadow_reference_device: str = Field(default="auto", description="local reference device: auto, cpu, cuda, cuda:N")
+    shadow_queue_size: int = Field(default=256, ge=1, description="samples waiting for the reference; more are dropped and counted")
+    shadow_batch_tokens: int = Field(default=2048, ge=1, description="token budget of one reference batch (prompt + output)")
+    shadow_timeout_s: float = Field(default=60.0, gt=0, description="a reference batch slower than this is an error outcome")
+    shadow_drain_s: float = Field(default=10.0, ge=0, description="on shutdown, time to finish queued samples; the rest count as dropped")
+    shadow_labels: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="constant labels on every shadow series, e.g. variant=canary,zone=a"
+    )
+    shadow_capture_path: Path | None = Field(default=None, description="JSONL file of diverged samples (off when unset)")
+    shadow_capture_max_mb: float = Field(default=64.0, gt=0, description="capture file size before rotation")
+    shadow_capture_backups: int = Field(default=3, ge=0, description="rotated capture files kept")
+    shadow_capture_text: bool = Field(default=False, description="also write prompt and output text into captures")
+
+    @field_validator("shadow_labels", mode="before")
+    @classmethod
+    def _parse_labels(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("labels look like name=value,name=value")
+            return {k.strip(): v.strip() for k, v in pairs}
+        return value
+
+    @field_validator("shadow_labels")
+    @classmethod
+    def _valid_label_names(cls, labels: dict[str, str]) -> dict[str, str]:
+        reserved = {"model", "reference", "comparison", "outcome", "result", "top1", "le"}
+        for name in labels:
+            if not name.isidentifier() or name.startswith("__") or name in reserved:
+                raise ValueError(f"'{name}' cannot be a constant label name")
+        return labels
+
+    @property
+    def shadow_enabled(self) -> bool:
+        return self.shadow_rate > 0 or self.shadow_allow_header
