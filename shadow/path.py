@@ -126,6 +126,9 @@ class ShadowPath:
             batch = await self._next_batch()
             try:
                 await self._process(batch)
+            except asyncio.CancelledError:  # shutdown ran out of drain time mid-batch
+                self.metrics.sample("dropped", len(batch))
+                raise
             except Exception:  # never let one bad batch stop the worker
                 log.exception("shadow: batch failed")
                 self.metrics.sample("error", len(batch))

@@ -1,0 +1,202 @@
+"""ShadowPath: admission, non-blocking submission, batching, fault handling, drain and
+capture. Scorers here are narrow fault-injection doubles; the maths is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from shadow.capture import DivergenceCapture
+from shadow.compare import PositionStats
+from shadow.metrics import ShadowMetrics
+from shadow.path import ShadowHeaderError, ShadowPath, ShadowSample, ShadowSequence
+from shadow.scoring import VocabInfo
+from shadow.settings import ShadowSettings
+
+LP = {1: math.log(0.6), 2: math.log(0.4)}
+
+
+class EchoScorer:
+    """The reference agrees exactly with the candidate (or flips position `flip_at`)."""
+
+    name = "echo"
+    vocab = VocabInfo(3, "x")
+
+    def __init__(self, flip_at: int | None = None, delay: float = 0.0):
+        self.batches: list[int] = []
+        self.flip_at = flip_at
+        self.delay = delay
+
+    async def score(self, items, top_m):
+        self.batches.append(len(items))
+        await asyncio.sleep(self.delay)
+        out = []
+        for item in items:
+            positions = []
+            for i, ids in enumerate(item.candidate_ids):
+                dist = {1: 0.1, 2: 0.9} if i == self.flip_at else {1: 0.6, 2: 0.4}
+                top = sorted(dist, key=dist.get, reverse=True)
+                positions.append(PositionStats({t: math.log(dist[t]) for t in ids}, top, [math.log(dist[t]) for t in top]))
+            out.append(positions)
+        return out
+
+    async def close(self):
+        pass
+
+
+class RaisingScorer(EchoScorer):
+    async def score(self, items, top_m):
+        raise RuntimeError("reference exploded")
+
+
+class HangingScorer(EchoScorer):
+    async def score(self, items, top_m):
+        await asyncio.sleep(3600)
+
+
+class NanScorer(EchoScorer):
+    async def score(self, items, top_m):
+        return [[PositionStats({1: float("nan"), 2: -1.0}, [2], [-1.0]) for _ in item.candidate_ids] for item in items]
+
+
+def sample(n_tokens: int = 4, request_id: str = "r") -> ShadowSample:
+    return ShadowSample(request_id, "cand", [ShadowSequence([5, 6, 7], [1] * n_tokens, [dict(LP)] * n_tokens)])
+
+
+def make(scorer, registry=None, capture=None, **overrides):
+    settings = ShadowSettings(**{"shadow_rate": 1.0, "shadow_timeout_s": 5.0, **overrides})
+    metrics = ShadowMetrics(registry or CollectorRegistry(), "cand", scorer.name)
+    return ShadowPath(settings, scorer, metrics, capture, rng=random.Random(0))
+
+
+def outcome(path: ShadowPath, name: str) -> float:
+    return path.metrics._samples.labels(**path.metrics._base, outcome=name)._value.get()
+
+
+def result(path: ShadowPath, name: str) -> float:
+    return path.metrics._sequences.labels(**path.metrics._cmp, result=name)._value.get()
+
+
+async def run(path: ShadowPath, samples: list[ShadowSample]) -> None:
+    path.start()
+    for s in samples:
+        path.submit(s)
+    await path.stop()
+
+
+def test_admission_by_rate_and_header():
+    assert not make(EchoScorer(), shadow_rate=0.0).admit()
+    assert make(EchoScorer(), shadow_rate=1.0).admit()
+    path = make(EchoScorer(), shadow_rate=0.3)
+    share = sum(path.admit() for _ in range(4000)) / 4000
+    assert 0.27 < share < 0.33
+    # The header is ignored unless the operator allows it ...
+    assert not make(EchoScorer(), shadow_rate=0.0).admit("always")
+    allowed = make(EchoScorer(), shadow_rate=0.0, shadow_allow_header=True)
+    assert allowed.admit("always") and not allowed.admit("never") and not allowed.admit(None)
+    assert not make(EchoScorer(), shadow_rate=1.0, shadow_allow_header=True).admit("Never")
+    with pytest.raises(ShadowHeaderError):
+        allowed.admit("sometimes")
+
+
+def test_identical_samples_are_compared():
+    path = make(EchoScorer())
+    asyncio.run(run(path, [sample(), sample()]))
+    assert outcome(path, "compared") == 2 and result(path, "identical") == 2
+
+
+def test_a_flip_is_a_hard_divergence():
+    path = make(EchoScorer(flip_at=1))
+    asyncio.run(run(path, [sample()]))
+    assert result(path, "hard") == 1
+
+
+@pytest.mark.parametrize("scorer", [RaisingScorer(), NanScorer()], ids=["raises", "nan"])
+def test_reference_failures_are_error_outcomes(scorer):
+    path = make(scorer)
+    asyncio.run(run(path, [sample(), sample()]))
+    assert outcome(path, "error") == 2 and outcome(path, "compared") == 0
+
+
+def test_a_hanging_reference_times_out():
+    path = make(HangingScorer(), shadow_timeout_s=0.2)
+    asyncio.run(run(path, [sample()]))
+    assert outcome(path, "error") == 1
+
+
+def test_empty_generations_are_skipped():
+    path = make(EchoScorer())
+    asyncio.run(run(path, [ShadowSample("r", "cand", [ShadowSequence([1], [], [])])]))
+    assert outcome(path, "skipped") == 1
+
+
+def test_a_full_queue_drops_without_blocking():
+    async def scenario():
+        path = make(HangingScorer(), shadow_queue_size=2, shadow_timeout_s=0.1, shadow_drain_s=0.0)
+        # No worker running: the queue fills, further samples are dropped at once.
+        for _ in range(5):
+            path.submit(sample())
+        assert outcome(path, "dropped") == 3
+        assert path.metrics._queue_depth.labels(**path.metrics._base)._value.get() == 2
+        await path.stop()
+        return path
+
+    path = asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert outcome(path, "dropped") == 5  # the two queued ones were never scored
+
+
+def test_batches_respect_the_token_budget():
+    scorer = EchoScorer(delay=0.05)
+
+    async def scenario():
+        path = make(scorer, shadow_batch_tokens=20)  # each sample is 3 + 4 = 7 tokens
+        for i in range(6):
+            path.submit(sample(request_id=str(i)))
+        path.start()
+        await path.stop()
+        return path
+
+    path = asyncio.run(scenario())
+    assert scorer.batches == [2, 2, 2]
+    assert outcome(path, "compared") == 6
+
+
+def test_shutdown_drains_then_counts_what_is_left():
+    async def scenario(drain):
+        path = make(EchoScorer(delay=0.3), shadow_drain_s=drain, shadow_batch_tokens=7)
+        for _ in range(3):
+            path.submit(sample())
+        path.start()
+        await path.stop()
+        return path
+
+    patient = asyncio.run(scenario(5.0))
+    assert outcome(patient, "compared") == 3
+    hasty = asyncio.run(scenario(0.1))
+    assert outcome(hasty, "compared") + outcome(hasty, "dropped") == 3 and outcome(hasty, "dropped") >= 2
+
+
+def test_capture_writes_diverged_sequences_and_rotates(tmp_path):
+    file = tmp_path / "div.jsonl"
+    capture = DivergenceCapture(file, max_bytes=3000, backups=2, decode=lambda ids: f"<{len(ids)} tokens>")
+    path = make(EchoScorer(flip_at=2), capture=capture)
+    asyncio.run(run(path, [sample(request_id=f"req-{i}") for i in range(12)]))
+    records = [json.loads(line) for f in sorted(tmp_path.iterdir()) for line in f.read_text().splitlines()]
+    assert {r["result"] for r in records} == {"hard"}
+    assert records[0]["first_divergence"] == 2 and records[0]["output_ids"] == [1, 1, 1, 1]
+    assert records[0]["positions"][2]["reference_top1"] == 2 and records[0]["output_text"] == "<4 tokens>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["div.jsonl", "div.jsonl.1", "div.jsonl.2"]
+    assert all(p.stat().st_size <= 3000 for p in tmp_path.iterdir())
+
+
+def test_capture_leaves_text_out_by_default(tmp_path):
+    file = tmp_path / "div.jsonl"
+    path = make(EchoScorer(flip_at=0), capture=DivergenceCapture(file, 10**6, 1))
+    asyncio.run(run(path, [sample()]))
+    record = json.loads(file.read_text())
+    assert "prompt_text" not in record and record["prompt_ids"] == [5, 6, 7]
