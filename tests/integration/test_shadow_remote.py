@@ -1,0 +1,94 @@
+"""The remote reference service gives the same statistics as the local scorer, and a
+server using it compares live traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import httpx
+import pytest
+
+from shadow.local_scorer import LocalScorer
+from shadow.remote_scorer import RemoteScorer
+from shadow.scoring import ReferenceError, ScoreItem
+from tests.conftest import MODEL_NAME, REFERENCE_TOKEN
+from tests.servers import start_server
+
+pytestmark = pytest.mark.integration
+
+
+def items(tokenizer) -> list[ScoreItem]:
+    prompt = tokenizer.encode("The capital of France is")
+    output = tokenizer.encode(" Paris, a city on the Seine.")
+    other = tokenizer.encode("Once upon a time")
+    return [
+        ScoreItem(prompt, output, [[t, (t + 1) % 49152, 42] for t in output]),
+        ScoreItem(other, [11, 12, 13], [[11], [12, 5], [13, 99, 100]]),
+    ]
+
+
+def test_remote_and_local_scorers_agree(reference_server, demo_model, tokenizer):
+    local = LocalScorer.load(demo_model, device="cpu")
+    remote = RemoteScorer.connect(reference_server.url, REFERENCE_TOKEN, timeout=60)
+    assert (remote.name, remote.vocab) == (local.name, local.vocab)
+    batch = items(tokenizer)
+    here = local.score_sync(batch, top_m=5)
+    there = asyncio.run(remote.score(batch, top_m=5))
+    for a, b in zip(here, there):
+        assert len(a) == len(b)
+        for p, q in zip(a, b):
+            assert p.top_ids == q.top_ids
+            assert list(p.candidate_logprobs) == list(q.candidate_logprobs)
+            assert list(p.candidate_logprobs.values()) == pytest.approx(list(q.candidate_logprobs.values()), abs=1e-6)
+            assert p.top_logprobs == pytest.approx(q.top_logprobs, abs=1e-6)
+
+
+def test_reference_service_requires_its_token(reference_server):
+    with pytest.raises(ReferenceError, match="401"):
+        RemoteScorer.connect(reference_server.url, "wrong", timeout=10)
+    reply = httpx.post(f"{reference_server.url}/v1/shadow/score", json={"items": []}, headers=reference_server.headers)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "items"
+
+
+def test_server_with_remote_reference_compares_traffic(reference_server, demo_model, tmp_path):
+    server = start_server(
+        ["--model", str(demo_model), "--engine", "transformers", "--dtype", "float32", "--shadow-rate", "1.0",
+         "--shadow-reference-url", reference_server.url, "--shadow-reference-token", REFERENCE_TOKEN],
+        tmp_path / "server.log",
+    )
+    try:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10, "temperature": 0}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        deadline = time.monotonic() + 60
+        while 'outcome="compared"' not in (text := httpx.get(f"{server.url}/metrics").text) or \
+                _value(text, 'shadow_samples_total', 'outcome="compared"') < 1:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.5)
+        # Same weights, both fp32: every token agrees.
+        assert _value(text, "shadow_sequences_total", 'result="identical"') == 1
+        assert _value(text, "shadow_tokens_total", 'top1="different"') == 0
+    finally:
+        server.stop()
+
+
+def test_vocabulary_mismatch_refuses_to_start(reference_server, demo_model, tmp_path):
+    """A candidate whose tokenizer differs from the reference's cannot be shadowed."""
+    other = tmp_path / "other-vocab"
+    shutil.copytree(demo_model, other, ignore=shutil.ignore_patterns("model.safetensors"))
+    (other / "model.safetensors").symlink_to(demo_model / "model.safetensors")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, different ids
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(RuntimeError, match="does not share the candidate's tokenizer"):
+        start_server(["--model", str(other), "--engine", "transformers", "--shadow-rate", "1.0",
+                      "--shadow-reference-url", reference_server.url, "--shadow-reference-token", REFERENCE_TOKEN],
+                     tmp_path / "server.log", timeout=120)
+
+
+def _value(text: str, name: str, selector: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") and selector in line)
