@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+SHADOW_RATE ?= 1.0
 PYTEST_ARGS ?=
 
 .PHONY: install demo-model serve test bench clean
@@ -27,10 +28,12 @@ install: $(STAMP)
 demo-model: install
 	$(BIN)/shadowserve demo-model
 
-# The main job: the OpenAI-compatible server on the demo model (vLLM engine, bf16).
+# The main job: the OpenAI-compatible server on the demo model (vLLM engine, bf16),
+# with the shadow on: every request replayed against the same weights in fp32.
 serve: install
 	$(BIN)/shadowserve serve --model "$$($(BIN)/shadowserve demo-model)" \
-		--dtype bfloat16 --kv-cache-gib 2 --host $(HOST) --port $(PORT)
+		--dtype bfloat16 --kv-cache-gib 2 --host $(HOST) --port $(PORT) \
+		--shadow-rate $(SHADOW_RATE) --shadow-capture-path .cache/divergences.jsonl
 
 # The test suite (unit + integration with real vLLM servers). pytest's exit code 5
 # ("no tests collected") is reported and treated as success, any other failure fails.
@@ -40,7 +43,8 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 bench: install
-	$(BIN)/python bench/serving_throughput.py --model "$$($(BIN)/shadowserve demo-model)"
+	$(BIN)/python bench/serving_throughput.py --model "$$($(BIN)/shadowserve demo-model)" --baseline
+	$(BIN)/python bench/shadow_scoring.py --model "$$($(BIN)/shadowserve demo-model)" --repeats 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -42,6 +42,7 @@ class LocalScorer:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._device = device
         self._lock = threading.Lock()  # one forward at a time, also across timed-out calls
+        self._keeps_logits = True  # until the model's forward refuses `logits_to_keep`
 
     @classmethod
     def load(cls, model_dir: Path, adapter: Path | None = None, device: str = "auto", name: str | None = None) -> LocalScorer:
@@ -75,13 +76,26 @@ class LocalScorer:
             for row, seq in enumerate(sequences):  # right padding: real positions keep 0..n-1
                 input_ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
-            logits = self._model(input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device)).logits
-            return [self._positions(logits[row], item, top_m) for row, item in enumerate(items)]
+            # Only completion positions need logits: skip the LM head over the prompts.
+            first = min(len(item.prompt_ids) for item in items) - 1
+            logits = self._forward(input_ids.to(self._device), mask.to(self._device), first)
+            return [self._positions(logits[row], item, top_m, first) for row, item in enumerate(items)]
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
+        """Logits from position `first` on; models without `logits_to_keep` compute all."""
+        if self._keeps_logits:
+            keep = torch.arange(first, input_ids.shape[1], device=input_ids.device)
+            try:
+                return self._model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
+            except TypeError:
+                self._keeps_logits = False
+        return self._model(input_ids=input_ids, attention_mask=mask).logits[:, first:]
 
     @staticmethod
-    def _positions(logits: torch.Tensor, item: ScoreItem, top_m: int) -> list[PositionStats]:
-        start = len(item.prompt_ids) - 1  # logits at t predict token t + 1
-        rows = torch.log_softmax(logits[start : start + len(item.output_ids)].double(), dim=-1).cpu()
+    def _positions(logits: torch.Tensor, item: ScoreItem, top_m: int, first: int) -> list[PositionStats]:
+        start = len(item.prompt_ids) - 1 - first  # logits at t predict token t + 1
+        # fp32 like the reference itself; the comparison maths turns these into float64.
+        rows = torch.log_softmax(logits[start : start + len(item.output_ids)].float(), dim=-1).cpu()
         top_lp, top_ids = torch.topk(rows, top_m, dim=-1)
         out = []
         for i, ids in enumerate(item.candidate_ids):
