@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
@@ -31,6 +31,27 @@ log = logging.getLogger(__name__)
 ShadowHeader = Annotated[str | None, Header(alias="X-Shadow")]
 
 ContextLoader = Callable[[ServeSettings, CollectorRegistry], ServingContext]
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable):
+    """Run a handler, cancelling it (and so its engine requests) if the client hangs up
+    first, as vLLM's server does. Streams return at once; sse-starlette watches them."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return Response(status_code=499)  # nginx's "client closed request"; seen only by /metrics
+    finally:
+        watcher.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class ServerState:
@@ -114,13 +135,13 @@ def create_app(
         return ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest, x_shadow: ShadowHeader = None):
+    async def chat_completions(request: ChatCompletionRequest, http: Request, x_shadow: ShadowHeader = None):
         state.require()
-        return await state.chat.create(request, x_shadow)
+        return await cancel_on_disconnect(http, state.chat.create(request, x_shadow))
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest, x_shadow: ShadowHeader = None):
+    async def completions(request: CompletionRequest, http: Request, x_shadow: ShadowHeader = None):
         state.require()
-        return await state.completion.create(request, x_shadow)
+        return await cancel_on_disconnect(http, state.completion.create(request, x_shadow))
 
     return app

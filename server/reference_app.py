@@ -14,10 +14,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from starlette.responses import Response
 
 from server.auth import require_bearer
-from server.errors import InvalidRequestError, install_error_handlers
+from server.errors import InvalidRequestError, ServiceUnavailableError, install_error_handlers
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from shadow.local_scorer import LocalScorer
-from shadow.scoring import ReferenceInfo, ScoreItem, ScoreRequestBody, ScoreResponseBody, to_body
+from shadow.scoring import ReferenceBusyError, ReferenceInfo, ScoreItem, ScoreRequestBody, ScoreResponseBody, to_body
 
 
 class ReferenceSettings(BaseSettings):
@@ -70,7 +70,10 @@ def create_reference_app(scorer: LocalScorer, tokens: list[str], registry: Colle
             ids = [*item.prompt_ids, *item.output_ids, *(t for pos in item.candidate_ids for t in pos)]
             if any(not 0 <= t < info.vocab_size for t in ids):
                 raise InvalidRequestError(f"items.{n}: token id outside the vocabulary", param=f"items.{n}")
-        stats = await scorer.score(items, min(body.top_m, info.vocab_size))
+        try:
+            stats = await scorer.score(items, min(body.top_m, info.vocab_size))
+        except ReferenceBusyError as exc:
+            raise ServiceUnavailableError(str(exc)) from exc
         reply = ScoreResponseBody(reference=scorer.name, items=[to_body(s) for s in stats])
         return Response(reply.model_dump_json(), media_type="application/json")
 

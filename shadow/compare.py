@@ -69,13 +69,21 @@ class SequenceComparison:
 
 
 def bucketed_kl(ref_logprobs: np.ndarray, cand_logprobs: np.ndarray) -> float:
-    """KL(ref || cand) over the given ids plus one bucket for the remaining mass."""
-    p = np.exp(np.asarray(ref_logprobs, dtype=np.float64))
-    q = np.exp(np.asarray(cand_logprobs, dtype=np.float64))
-    p_rest, q_rest = max(0.0, 1.0 - p.sum()), max(0.0, 1.0 - q.sum())
-    kl = float(np.sum(p * (np.log(p) - np.log(q))))
-    if p_rest > 0.0:
-        kl += p_rest * (np.log(p_rest) - np.log(max(q_rest, np.finfo(np.float64).tiny)))
+    """KL(ref || cand) over the given ids plus one bucket for the remaining mass.
+
+    Written with log-probs (p * (log p - log q)), so a candidate log-prob of -1000 gives
+    a large finite term rather than log(0). The rest bucket's candidate mass is floored
+    at 1e-12: float32 rounding can make the top-k sum reach 1 on the candidate's side."""
+    ref_lp = np.asarray(ref_logprobs, dtype=np.float64)
+    cand_lp = np.asarray(cand_logprobs, dtype=np.float64)
+    p = np.exp(ref_lp)
+    kl = float(np.sum(p * (ref_lp - cand_lp)))
+    p_rest = 1.0 - p.sum()
+    if p_rest > 1e-12:
+        q_rest = max(1.0 - np.exp(cand_lp).sum(), 1e-12)
+        kl += p_rest * (np.log(p_rest) - np.log(q_rest))
+    if not np.isfinite(kl):
+        raise ComparisonError("KL is not finite")
     # Rounding in float32 inputs can push a true zero a hair below it.
     return max(kl, 0.0)
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from shadow.compare import PositionStats
-from shadow.scoring import ReferenceError, ScoreItem, VocabInfo, vocab_fingerprint
+from shadow.scoring import ReferenceBusyError, ReferenceError, ScoreItem, VocabInfo, vocab_fingerprint
 
 
 def local_code_only(model_dir: Path) -> bool:
@@ -42,6 +43,7 @@ class LocalScorer:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._device = device
         self._lock = threading.Lock()  # one forward at a time, also across timed-out calls
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference")
         self._keeps_logits = True  # until the model's forward refuses `logits_to_keep`
 
     @classmethod
@@ -62,13 +64,29 @@ class LocalScorer:
         return cls(model.to(target).eval(), tokenizer, name or default_name, target)
 
     async def score(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
-        return await asyncio.to_thread(self.score_sync, items, top_m)
+        """Refuses at once while an earlier pass still runs (one that timed out keeps its
+        thread), so a slow reference sheds load instead of piling up forward passes."""
+        if not self._lock.acquire(blocking=False):
+            raise ReferenceBusyError("the reference is still busy with an earlier batch")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._score_locked, items, top_m)
 
     async def close(self) -> None:
-        pass
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def _score_locked(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
+        try:
+            return self._score(items, top_m)
+        finally:
+            self._lock.release()
 
     def score_sync(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
-        with self._lock, torch.inference_mode():
+        """Blocking, for benchmarks and tests: waits for the reference to be free."""
+        with self._lock:
+            return self._score(items, top_m)
+
+    def _score(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
+        with torch.inference_mode():
             sequences = [item.prompt_ids + item.output_ids[:-1] for item in items]
             width = max(len(s) for s in sequences)
             input_ids = torch.full((len(items), width), self._pad_id, dtype=torch.long)
@@ -83,10 +101,13 @@ class LocalScorer:
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
         """Logits from position `first` on; models without `logits_to_keep` compute all."""
+        wanted = input_ids.shape[1] - first
         if self._keeps_logits:
             keep = torch.arange(first, input_ids.shape[1], device=input_ids.device)
             try:
-                return self._model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
+                logits = self._model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
+                # A forward taking **kwargs may ignore the argument and return every position.
+                return logits if logits.shape[1] == wanted else logits[:, first:]
             except TypeError:
                 self._keeps_logits = False
         return self._model(input_ids=input_ids, attention_mask=mask).logits[:, first:]

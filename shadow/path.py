@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 
 from shadow.capture import DivergenceCapture
-from shadow.compare import ComparisonError, PositionStats, SequenceComparison, compare_sequence
+from shadow.compare import PositionStats, SequenceComparison, compare_sequence
 from shadow.metrics import ShadowMetrics
-from shadow.scoring import ScoreItem, Scorer
+from shadow.scoring import MAX_BATCH_SEQUENCES, ScoreItem, Scorer
 from shadow.settings import ShadowSettings
 
 log = logging.getLogger(__name__)
@@ -125,33 +125,43 @@ class ShadowPath:
         while True:
             batch = await self._next_batch()
             try:
-                await self._process(batch)
-            except asyncio.CancelledError:  # shutdown ran out of drain time mid-batch
+                recorded = await self._process(batch)
+            except asyncio.CancelledError:  # shutdown ran out of drain time before scoring ended
                 self.metrics.sample("dropped", len(batch))
                 raise
             except Exception:  # never let one bad batch stop the worker
                 log.exception("shadow: batch failed")
                 self.metrics.sample("error", len(batch))
+            else:
+                if recorded is not None:  # scored: finish the bookkeeping even if shutdown cancels us
+                    try:
+                        await asyncio.shield(recorded)
+                    except asyncio.CancelledError:
+                        await recorded
+                        raise
             finally:
                 for _ in batch:
                     self._queue.task_done()
                 self.metrics.queue_depth(self._queue.qsize() + (self._carry is not None))
 
     async def _next_batch(self) -> list[ShadowSample]:
-        """Wait for one sample, then take whatever else is queued within the token budget.
-        A sample that does not fit is carried over to open the next batch."""
+        """Wait for one sample, then take whatever else is queued while the batch's padded
+        size (sequences x longest sequence: what the reference's logits cost) fits the
+        token budget. A sample that does not fit is carried over to open the next batch."""
         first, self._carry = self._carry or await self._queue.get(), None
-        batch, budget = [first], self.settings.shadow_batch_tokens - _tokens(first)
+        batch = [first]
         while not self._queue.empty():
             nxt = self._queue.get_nowait()
-            if _tokens(nxt) > budget:
+            if _padded_tokens([*batch, nxt]) > self.settings.shadow_batch_tokens or \
+                    sum(len(s.sequences) for s in (*batch, nxt)) > MAX_BATCH_SEQUENCES:
                 self._carry = nxt
                 break
             batch.append(nxt)
-            budget -= _tokens(nxt)
         return batch
 
-    async def _process(self, batch: list[ShadowSample]) -> None:
+    async def _process(self, batch: list[ShadowSample]) -> asyncio.Future | None:
+        """Score the batch; return the (shielded) recording of its results, or None when
+        the reference failed and the batch was counted as errors."""
         items = [
             ScoreItem(seq.prompt_ids, seq.output_ids, [list(entry) for entry in seq.logprobs])
             for sample in batch
@@ -165,10 +175,10 @@ class ShadowPath:
         except Exception as exc:
             log.warning("shadow: reference failed on %d samples: %s", len(batch), exc or type(exc).__name__)
             self.metrics.sample("error", len(batch))
-            return
+            return None
         self.metrics.reference_latency(time.perf_counter() - started)
         # Comparison, metrics and capture off the event loop: the server's requests share it.
-        await asyncio.to_thread(self._record, batch, stats)
+        return asyncio.ensure_future(asyncio.to_thread(self._record, batch, stats))
 
     def _record(self, batch: list[ShadowSample], stats: list[list[PositionStats]]) -> None:
         margin = self.settings.shadow_near_tie_margin
@@ -181,7 +191,7 @@ class ShadowPath:
                     compare_sequence(seq.output_ids, seq.logprobs, ref, margin)
                     for seq, ref in zip(sample.sequences, reference)
                 ]
-            except ComparisonError as exc:
+            except Exception as exc:  # ComparisonError, or a malformed reply that slipped through
                 log.warning("shadow: sample %s not comparable: %s", sample.request_id, exc)
                 self.metrics.sample("error")
                 continue
@@ -198,9 +208,10 @@ class ShadowPath:
                 prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, candidate=seq.logprobs,
                 reference_stats=ref, comparison=result,
             )
-        except OSError as exc:
+        except Exception as exc:  # a full disk or a decode error must not lose the metrics
             log.warning("shadow: capture failed: %s", exc)
 
 
-def _tokens(sample: ShadowSample) -> int:
-    return sum(len(s.prompt_ids) + len(s.output_ids) for s in sample.sequences)
+def _padded_tokens(batch: list[ShadowSample]) -> int:
+    lengths = [len(s.prompt_ids) + len(s.output_ids) for sample in batch for s in sample.sequences]
+    return len(lengths) * max(lengths)

@@ -18,8 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shadow.compare import PositionStats
 
 
+MAX_BATCH_SEQUENCES = 256  # per reference batch, local or remote
+
+
 class ReferenceError(RuntimeError):
     """The reference cannot be used (load failure, vocabulary mismatch, bad reply)."""
+
+
+class ReferenceBusyError(ReferenceError):
+    """The reference is still computing an earlier batch; this one is refused, not queued."""
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,6 @@ class ScoreItem:
     output_ids: list[int]
     candidate_ids: list[list[int]]  # per output position: ids whose reference log-probs we need
 
-    @property
-    def tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class ScoreItemBody(BaseModel):
 
 
 class ScoreRequestBody(BaseModel):
-    items: list[ScoreItemBody] = Field(min_length=1, max_length=256)
+    items: list[ScoreItemBody] = Field(min_length=1, max_length=MAX_BATCH_SEQUENCES)
     top_m: int = Field(default=5, ge=1, le=100)
 
 
@@ -89,8 +93,8 @@ class PositionBody(BaseModel):
     model_config = ConfigDict(ser_json_inf_nan="constants")
 
     candidate_logprobs: list[float]  # aligned with the request's candidate_ids
-    top_ids: list[int]
-    top_logprobs: list[float]
+    top_ids: list[int] = Field(min_length=1)
+    top_logprobs: list[float] = Field(min_length=1)
 
 
 class ScoreResponseBody(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from server.serving.prompts import PromptRenderer
 from server.settings import ServeSettings
 from shadow.path import ShadowPath
 from shadow.setup import build_shadow_path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ def sse_response(events: AsyncIterator[BaseModel]) -> EventSourceResponse:
                 yield event.model_dump_json()
         except APIError as exc:
             yield json.dumps(exc.body())
+        except Exception:
+            log.exception("stream failed")
+            yield json.dumps(APIError("internal server error").body())
         yield "[DONE]"
 
     return EventSourceResponse(lines(), ping=15, sep="\n")

@@ -3,12 +3,15 @@ sample. Unsampled requests get no tap and pay nothing."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 from server.engines import EngineChunk
 from server.errors import InvalidRequestError
 from server.serving.generation import Choice, Job
 from shadow.path import ShadowHeaderError, ShadowPath, ShadowSample, ShadowSequence
+
+log = logging.getLogger(__name__)
 
 
 class ShadowTap:
@@ -31,15 +34,23 @@ class ShadowTap:
         return cls(shadow, request_id, model) if sampled else None
 
     def finish(self, choices: Sequence[Choice]) -> None:
-        sequences = [
-            ShadowSequence(c.prompt_ids, c.token_ids, [self._trim(entry, token) for entry, token in zip(c.logprobs, c.token_ids)])
-            for c in choices
-            if c.finish_reason is not None
-        ]
-        self._shadow.submit(ShadowSample(self._request_id, self._model, sequences))
+        try:
+            sequences = [
+                ShadowSequence(c.prompt_ids, c.token_ids,
+                               [self._trim(entry, token) for entry, token in zip(c.logprobs, c.token_ids)])
+                for c in choices
+                if c.finish_reason is not None
+            ]
+            self._shadow.submit(ShadowSample(self._request_id, self._model, sequences))
+        except Exception:  # the client's answer is done; a shadow bug must not touch it
+            log.exception("shadow: could not hand over request %s", self._request_id)
+            self._shadow.metrics.sample("error")
 
     def abandon(self) -> None:
-        self._shadow.skip()
+        try:
+            self._shadow.skip()
+        except Exception:
+            log.exception("shadow: could not count a skipped request")
 
     def _trim(self, entry: dict[int, float], token: int) -> dict[int, float]:
         """The shadow's top-k plus the emitted token, whatever the client asked for, so

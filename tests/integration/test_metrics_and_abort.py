@@ -66,3 +66,18 @@ def test_client_disconnect_aborts_the_engine_request(vllm_server):
     time.sleep(2)
     assert generated() == stopped_at
     assert stopped_at - before < 1000, f"{stopped_at - before} tokens generated for a client that left"
+
+
+def test_non_streaming_client_that_hangs_up_aborts_too(vllm_server):
+    generated = lambda: total(samples(vllm_server), "vllm:generation_tokens_total")  # noqa: E731
+    running = lambda: total(samples(vllm_server), "vllm:num_requests_running")  # noqa: E731
+    before = generated()
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 1900, "temperature": 1.0, "seed": 4}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{vllm_server.url}/v1/chat/completions", json=body, headers=vllm_server.headers, timeout=2)
+    deadline = time.monotonic() + 15
+    while running() > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running() == 0, "the engine request still runs after the client hung up"
+    assert generated() - before < 1000

@@ -111,3 +111,9 @@ def test_bucketed_kl_never_exceeds_the_full_kl(seed, vocab, spread, k):
     ids = np.argsort(-q)[: min(k, vocab)]  # the candidate's top-k
     bucketed = bucketed_kl(np.log(p[ids]), np.log(q[ids]))
     assert 0.0 <= bucketed <= full_kl(p, q) + 1e-9
+
+
+def test_extreme_candidate_logprobs_give_a_finite_kl():
+    # A broken conversion can put the candidate's tail at -1000 nats: exp() underflows to 0.
+    kl = bucketed_kl(np.log([0.5, 0.3]), np.array([-0.01, -1000.0]))
+    assert np.isfinite(kl) and kl == pytest.approx(0.5 * (LN(0.5) + 0.01) + 0.3 * (LN(0.3) + 1000) + 0.2 * (LN(0.2) - LN(1 - math.exp(-0.01))))

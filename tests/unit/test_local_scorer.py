@@ -75,3 +75,36 @@ def test_vocabulary_mismatch_is_refused(tokenizer):
     check_same_vocab(mine, mine, "ref")
     with pytest.raises(ReferenceError, match="does not share the candidate's tokenizer"):
         check_same_vocab(mine, VocabInfo(mine.size, "0" * 64), "ref")
+
+
+class IgnoresLogitsToKeep(torch.nn.Module):
+    """A remote-code style forward(**kwargs) that returns logits for every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_a_model_ignoring_logits_to_keep_scores_the_same(scorer, tokenizer):
+    other = LocalScorer(IgnoresLogitsToKeep(scorer._model), tokenizer, "wrapped", torch.device("cpu"))
+    for a, b in zip(scorer.score_sync(ITEMS, top_m=2), other.score_sync(ITEMS, top_m=2)):
+        for p, q in zip(a, b):
+            assert p.top_ids == q.top_ids
+            assert list(p.candidate_logprobs.values()) == pytest.approx(list(q.candidate_logprobs.values()), abs=1e-5)
+
+
+def test_a_busy_reference_refuses_instead_of_queueing(scorer):
+    import asyncio
+
+    from shadow.scoring import ReferenceBusyError
+
+    scorer._lock.acquire()  # an earlier pass (say, one that timed out) still runs
+    try:
+        with pytest.raises(ReferenceBusyError):
+            asyncio.run(scorer.score(ITEMS, top_m=2))
+    finally:
+        scorer._lock.release()
+    assert len(asyncio.run(scorer.score(ITEMS, top_m=2))) == 2

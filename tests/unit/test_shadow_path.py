@@ -200,3 +200,20 @@ def test_capture_leaves_text_out_by_default(tmp_path):
     asyncio.run(run(path, [sample()]))
     record = json.loads(file.read_text())
     assert "prompt_text" not in record and record["prompt_ids"] == [5, 6, 7]
+
+
+def test_batches_are_bounded_by_padded_size():
+    scorer = EchoScorer()
+
+    async def scenario():
+        path = make(scorer, shadow_batch_tokens=40)
+        long = ShadowSample("long", "cand", [ShadowSequence([5] * 30, [1] * 4, [dict(LP)] * 4)])
+        for s in (sample(), long, sample(), sample()):
+            path.submit(s)
+        path.start()
+        await path.stop()
+
+    asyncio.run(scenario())
+    # Cost = sequences x longest sequence. short (7) + long (34) costs 2 x 34 = 68 > 40, so
+    # each goes alone; the two remaining short ones cost 2 x 7 = 14 and share a batch.
+    assert scorer.batches == [1, 1, 2]

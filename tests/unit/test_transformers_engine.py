@@ -55,12 +55,17 @@ def test_greedy_tokens_and_raw_logprobs_match_a_full_forward(engine):
 
 def test_logprobs_stay_raw_under_temperature_and_penalties(engine):
     prompt = [1, 520, 9531, 198]
-    greedy = run(engine, prompt, SamplingOptions(max_tokens=1, temperature=0, logprobs=5))
-    hot = run(engine, prompt, SamplingOptions(max_tokens=1, temperature=1.7, presence_penalty=2.0, seed=1, logprobs=5))
-    top_greedy = {t: lp for t, lp in greedy[0].logprobs[0].items()}
-    for token_id, logprob in hot[0].logprobs[0].items():
-        if token_id in top_greedy:
-            assert logprob == pytest.approx(top_greedy[token_id], abs=1e-6)
+    options = SamplingOptions(max_tokens=5, temperature=1.7, presence_penalty=2.0, frequency_penalty=1.0, seed=1, logprobs=5)
+    chunks = run(engine, prompt, options)
+    tokens = [c.token_ids[0] for c in chunks]
+    assert len(tokens) >= 3  # penalties act from the second token on
+    for i, chunk in enumerate(chunks):
+        with torch.no_grad():
+            raw = torch.log_softmax(engine._model(torch.tensor([prompt + tokens[:i]])).logits[0, -1].double(), -1)
+        entry = chunk.logprobs[0]
+        assert set(entry) >= set(torch.topk(raw, 5).indices.tolist())
+        for token_id, logprob in entry.items():
+            assert logprob == pytest.approx(float(raw[token_id]), abs=1e-5)
 
 
 def test_seed_repeats_and_length_is_respected(engine):
