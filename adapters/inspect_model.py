@@ -1,5 +1,5 @@
 """Size arithmetic of a model from its config.json: parameters, weight bytes per
-precision, and KV-cache bytes (GQA-aware), like "20e9 x 2 bytes ~ 37 GiB"."""
+precision, and KV-cache bytes (GQA-aware), like "20e9 × 2 bytes ≈ 37 GiB"."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def inspect_model(path: Path, kv_dtype: str = "bf16") -> ModelSize:
 def render(size: ModelSize) -> str:
     lines = [f"parameters: {size.parameters:,} ({size.parameters:.3g})", "", "| dtype | weights | arithmetic |", "|---|---|---|"]
     for name, total in size.weight_bytes.items():
-        lines.append(f"| {name} | {total / GIB:.2f} GiB | {size.parameters:.3g} x {BYTES[name]:g} bytes ~ {total / GIB:.1f} GiB |")
+        lines.append(f"| {name} | {total / GIB:.2f} GiB | {size.parameters:.3g} × {BYTES[name]:g} bytes ≈ {total / GIB:.2f} GiB |")
     lines += ["", f"KV cache ({size.kv_dtype}): {size.kv_bytes_per_token:,} bytes per token "
                   f"({size.kv_bytes_per_token / 2**10:.0f} KiB); at max context {size.max_context:,} tokens: "
                   f"{size.kv_bytes_at_max_context / GIB:.2f} GiB per sequence"]

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, CliSubCommand
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
 
 from server.reference_app import ReferenceSettings
 from server.settings import ServeSettings
@@ -44,12 +45,96 @@ class Reference(ReferenceSettings):
         run_reference(self)
 
 
+SaveDType = Literal["fp32", "bf16", "fp16"]
+
+
+class InternLM2ToLlama(BaseModel):
+    """Convert an InternLM2 checkpoint (Hugging Face layout, safetensors) to Llama."""
+
+    src: CliPositionalArg[Path]
+    dst: CliPositionalArg[Path]
+    dtype: SaveDType | None = Field(default=None, description="cast the weights (default: keep the source dtype)")
+
+    def cli_cmd(self) -> None:
+        from adapters.internlm2 import convert_internlm2_to_llama
+
+        print(run_tool("convert internlm2-to-llama", lambda: convert_internlm2_to_llama(self.src, self.dst, self.dtype)))
+
+
+class Convert(BaseModel):
+    """Checkpoint conversions."""
+
+    internlm2_to_llama: CliSubCommand[InternLM2ToLlama]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+class MergeTp(BaseModel):
+    """Merge tensor-parallel (and pipeline-parallel) shards model_tp{t}_pp{p}.pt|.safetensors into one checkpoint."""
+
+    src: CliPositionalArg[Path]
+    dst: CliPositionalArg[Path]
+
+    def cli_cmd(self) -> None:
+        from adapters.tp_merge import merge_tp
+
+        print(run_tool("merge-tp", lambda: merge_tp(self.src, self.dst)))
+
+
+class MergeLora(BaseModel):
+    """Merge a LoRA adapter into its base in fp32, save once in --dtype, and measure the drift."""
+
+    base: CliPositionalArg[Path]
+    adapter: CliPositionalArg[Path]
+    dst: CliPositionalArg[Path]
+    dtype: SaveDType = Field(description="dtype of the saved merged weights (save in the dtype you serve)")
+    serving_dtype: SaveDType | None = Field(default=None, description="dtype the model will be served in (default: --dtype)")
+    tolerance: float = Field(default=1e-2, gt=0, description="warn above this max |Δlogit| vs base + adapter in fp32")
+
+    def cli_cmd(self) -> None:
+        from adapters.lora_merge import merge_lora
+
+        report = run_tool("merge-lora", lambda: merge_lora(
+            self.base, self.adapter, self.dst, self.dtype, self.serving_dtype, self.tolerance))
+        print(f"{self.dst}\nmax |Δlogit| vs base + adapter (fp32): {report.max_abs_logit_diff:.3g} "
+              f"(saved {report.save_dtype}, served {report.serving_dtype}, tolerance {report.tolerance:g})")
+        for warning in report.warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
+
+
+class Inspect(BaseModel):
+    """Parameters, weight bytes per precision and KV-cache size of a model directory or config.json."""
+
+    model: CliPositionalArg[Path]
+    kv_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(default="bf16", description="KV-cache dtype")
+
+    def cli_cmd(self) -> None:
+        from adapters.inspect_model import inspect_model, render
+
+        print(render(run_tool("inspect", lambda: inspect_model(self.model, self.kv_dtype))))
+
+
+def run_tool(name: str, work):
+    """Adapter errors are the user's to fix: print them, no traceback."""
+    from adapters.errors import AdapterError
+
+    try:
+        return work()
+    except (AdapterError, FileNotFoundError, KeyError) as exc:
+        sys.exit(f"shadowserve {name}: {exc}")
+
+
 class Shadowserve(BaseSettings, cli_prog_name="shadowserve", cli_kebab_case=True):
     """OpenAI-compatible vLLM server with an fp32 shadow path for converted models."""
 
     serve: CliSubCommand[Serve]
     reference: CliSubCommand[Reference]
     demo_model: CliSubCommand[DemoModel]
+    convert: CliSubCommand[Convert]
+    merge_tp: CliSubCommand[MergeTp]
+    merge_lora: CliSubCommand[MergeLora]
+    inspect: CliSubCommand[Inspect]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
