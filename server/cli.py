@@ -98,7 +98,8 @@ class MergeLora(BaseModel):
         report = run_tool("merge-lora", lambda: merge_lora(
             self.base, self.adapter, self.dst, self.dtype, self.serving_dtype, self.tolerance))
         print(f"{self.dst}\nmax |Δlogit| vs base + adapter (fp32): {report.max_abs_logit_diff:.3g} "
-              f"(saved {report.save_dtype}, served {report.serving_dtype}, tolerance {report.tolerance:g})")
+              f"(saved {report.save_dtype}, served {report.serving_dtype}, tolerance {report.tolerance:g}; "
+              f"unmerged in {report.serving_dtype}: {report.noise_floor:.3g})")
         for warning in report.warnings:
             print(f"WARNING: {warning}", file=sys.stderr)
 

@@ -53,6 +53,8 @@ def test_the_adapter_matters(demo_model, lora_adapter, tmp_path):
 def test_bf16_merge_drifts_and_warns(demo_model, lora_adapter, tmp_path, caplog):
     report = merge_lora(demo_model, lora_adapter, tmp_path / "bf16", "bf16")
     assert report.max_abs_logit_diff > report.tolerance
+    # Merged in fp32 and cast once, the drift is bf16's own: near base + unmerged adapter in bf16.
+    assert report.noise_floor > report.tolerance and report.max_abs_logit_diff < 2 * report.noise_floor
     assert any("drifts from base + adapter" in w for w in report.warnings)
     assert any("drifts" in r.message for r in caplog.records)
     saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
