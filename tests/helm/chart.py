@@ -1,0 +1,55 @@
+"""Render the chart with the Helm SDK (no helm binary) and collect its PromQL."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "shadowserve"
+CANARY_VALUES = yaml.safe_load((CHART / "values-canary.yaml").read_text())
+
+
+def render(values: dict | None = None, name: str = "shadowserve-stable") -> list[dict]:
+    from helm_python import Chart
+
+    chart = Chart.load(str(CHART))
+    try:
+        files = chart.render(values or {}, name=name, namespace="llm")
+    finally:
+        chart.close()
+    return [doc for text in files.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def dashboard(docs: list[dict]) -> dict:
+    (config_map,) = by_kind(docs, "ConfigMap")
+    return json.loads(config_map["data"]["shadowserve.json"])
+
+
+def rule_groups(docs: list[dict]) -> dict:
+    (rule,) = by_kind(docs, "PrometheusRule")
+    return {"groups": rule["spec"]["groups"]}
+
+
+def all_queries(stable: list[dict], canary: list[dict]) -> dict[str, str]:
+    """Every PromQL expression the chart ships: dashboard targets, alert rules (the
+    measured side, without the threshold), canary analyses. Keyed by where it lives."""
+    queries = {}
+    for panel in dashboard(stable)["panels"]:
+        for target in panel["targets"]:
+            queries[f"dashboard: {panel['title']} [{target['legendFormat']}]"] = target["expr"]
+    for group in rule_groups(stable)["groups"]:
+        for rule in group["rules"]:
+            queries[f"alert: {rule['alert']}"] = re.split(r"\s>\s", rule["expr"].strip())[0]
+    for template in by_kind(canary, "AnalysisTemplate"):
+        for metric in template["spec"]["metrics"]:
+            queries[f"argo: {metric['name']}"] = metric["provider"]["prometheus"]["query"]
+    for template in by_kind(canary, "MetricTemplate"):
+        queries[f"flagger: {template['metadata']['name']}"] = template["spec"]["query"]
+    return queries

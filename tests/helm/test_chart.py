@@ -1,0 +1,125 @@
+"""The chart, rendered and linted with the Helm SDK; manifests parse as Kubernetes objects."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes.client import ApiClient
+
+from tests.helm.chart import CANARY_VALUES, CHART, by_kind, dashboard, render
+
+CORE = {"Deployment": "V1Deployment", "Service": "V1Service", "Secret": "V1Secret", "ConfigMap": "V1ConfigMap",
+        "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler"}
+CUSTOM = {"ServiceMonitor", "PrometheusRule", "AnalysisTemplate", "MetricTemplate"}
+
+
+def as_k8s(doc: dict):
+    """Deserialize into the Kubernetes client's typed model (validates required fields)."""
+    return ApiClient().deserialize(json.dumps(doc), CORE[doc["kind"]], "application/json")
+
+
+@pytest.fixture(scope="module")
+def stable():
+    return render()
+
+
+@pytest.fixture(scope="module")
+def canary():
+    return render(CANARY_VALUES, name="shadowserve-canary")
+
+
+@pytest.mark.parametrize("values", [{}, CANARY_VALUES], ids=["default", "canary"])
+def test_lint_is_clean(values):
+    from helm_python import lint
+
+    result = lint(str(CHART), values, strict=True)
+    assert result["errors"] == [], result
+
+
+def test_default_release_has_every_piece(stable):
+    kinds = sorted(d["kind"] for d in stable)
+    assert kinds == sorted(["Deployment", "Deployment", "Service", "Service", "HorizontalPodAutoscaler", "Secret",
+                            "ServiceMonitor", "PrometheusRule", "ConfigMap"])
+    for doc in stable:
+        assert doc["apiVersion"] and doc["metadata"]["name"].startswith("shadowserve-stable")
+        if doc["kind"] in CORE:
+            assert as_k8s(doc).metadata.name == doc["metadata"]["name"]
+        else:
+            assert doc["kind"] in CUSTOM and "spec" in doc
+
+
+def test_candidate_deployment(stable):
+    deployment = as_k8s(next(d for d in by_kind(stable, "Deployment") if d["metadata"]["name"].endswith("-candidate")))
+    container = deployment.spec.template.spec.containers[0]
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert container.readiness_probe.http_get.path == "/health"
+    assert container.startup_probe.http_get.path == "/health"
+    assert container.startup_probe.period_seconds * container.startup_probe.failure_threshold >= 600
+    assert deployment.spec.template.spec.volumes[0].persistent_volume_claim.claim_name == "models"
+    args = container.args
+    assert args[0] == "serve" and "--shadow-labels=variant=stable" in args
+    assert "--shadow-reference-url=http://shadowserve-stable-reference:8001" in args
+    assert {e.name for e in container.env} == {"SHADOWSERVE_API_KEYS", "SHADOWSERVE_SHADOW_REFERENCE_TOKEN"}
+
+
+def test_reference_runs_in_its_own_deployment_with_an_autoscaler(stable):
+    reference = as_k8s(next(d for d in by_kind(stable, "Deployment") if d["metadata"]["name"].endswith("-reference")))
+    assert reference.spec.template.spec.containers[0].args[0] == "reference"
+    assert reference.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
+    hpa = as_k8s(by_kind(stable, "HorizontalPodAutoscaler")[0])
+    assert hpa.spec.scale_target_ref.name == "shadowserve-stable-reference" and hpa.spec.max_replicas == 4
+
+
+def test_monitoring_objects(stable):
+    (monitor,) = by_kind(stable, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
+    (config_map,) = by_kind(stable, "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = dashboard(stable)
+    assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "model", "variant"}
+    titles = " | ".join(p["title"] for p in board["panels"])
+    for needle in ("First divergence", "P(diverged by position N)", "KL", "Δp", "drift", "Same top-1", "Hard vs near-tie",
+                   "queue", "Reference latency", "Serving latency", "Serving throughput"):
+        assert needle.lower() in titles.lower(), needle
+
+
+def test_canary_release(canary):
+    kinds = sorted(d["kind"] for d in canary)
+    assert kinds == sorted(["Deployment", "Service", "Secret", "ServiceMonitor", "AnalysisTemplate",
+                            "MetricTemplate", "MetricTemplate"])
+    candidate = as_k8s(by_kind(canary, "Deployment")[0]).spec.template.spec.containers[0]
+    assert "--shadow-labels=variant=canary" in candidate.args
+    assert "--shadow-reference-url=http://shadowserve-stable-reference:8001" in candidate.args
+    (analysis,) = by_kind(canary, "AnalysisTemplate")
+    conditions = {m["name"]: m["successCondition"] for m in analysis["spec"]["metrics"]}
+    assert conditions == {"hard-divergence-ratio": "result[0] <= 0.02", "mean-token-kl": "result[0] <= 0.01"}
+    for metric in analysis["spec"]["metrics"]:
+        assert 'variant="canary"' in metric["provider"]["prometheus"]["query"]
+
+
+BAD_VALUES = [
+    ({"candidate": {"shadow": {"rate": 2}}}, "/candidate/shadow/rate"),
+    ({"variant": "Canary!"}, "/variant"),
+    ({"candidate": {"dtype": "int3"}}, "/candidate/dtype"),
+    ({"candidate": {"port": 70000}}, "/candidate/port"),
+    ({"prometheusRule": {"hardDivergenceRatio": -0.1}}, "/prometheusRule/hardDivergenceRatio"),
+    ({"prometheusRule": {"window": "ten minutes"}}, "/prometheusRule/window"),
+    ({"analysis": {"prometheusAddress": "prometheus:9090"}}, "/analysis/prometheusAddress"),
+    ({"candidate": {"modelVolume": {"claimName": "", "path": "/m"}}}, "/candidate/modelVolume/claimName"),
+]
+
+
+@pytest.mark.parametrize("values, where", BAD_VALUES, ids=[w for _, w in BAD_VALUES])
+def test_schema_rejects_bad_values(values, where):
+    from helm_python import HelmValuesError
+
+    with pytest.raises(HelmValuesError, match=where):
+        render(values)
+
+
+def test_disabling_the_reference_requires_an_external_url():
+    from helm_python import HelmError
+
+    with pytest.raises(HelmError, match="reference.externalUrl is required"):
+        render({"reference": {"enabled": False}})
