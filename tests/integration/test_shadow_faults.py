@@ -22,7 +22,7 @@ from shadow.remote_scorer import RemoteScorer
 from shadow.scoring import ReferenceInfo
 from tests.conftest import MODEL_NAME
 from tests.servers import free_port
-from tests.unit.test_shadow_path import HangingScorer, RaisingScorer
+from tests.scorers import HangingScorer, RaisingScorer
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,55 @@
+"""Scorer doubles for fault injection: they stand in for the reference model only where
+a test needs it to agree exactly, flip a position, fail, hang or return NaN."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from shadow.compare import PositionStats
+from shadow.scoring import VocabInfo
+
+LP = {1: math.log(0.6), 2: math.log(0.4)}
+
+
+class EchoScorer:
+    """The reference agrees exactly with the candidate (or flips position `flip_at`)."""
+
+    name = "echo"
+    vocab = VocabInfo(3, "x")
+
+    def __init__(self, flip_at: int | None = None, delay: float = 0.0):
+        self.batches: list[int] = []
+        self.flip_at = flip_at
+        self.delay = delay
+
+    async def score(self, items, top_m):
+        self.batches.append(len(items))
+        await asyncio.sleep(self.delay)
+        out = []
+        for item in items:
+            positions = []
+            for i, ids in enumerate(item.candidate_ids):
+                dist = {1: 0.1, 2: 0.9} if i == self.flip_at else {1: 0.6, 2: 0.4}
+                top = sorted(dist, key=dist.get, reverse=True)
+                positions.append(PositionStats({t: math.log(dist[t]) for t in ids}, top, [math.log(dist[t]) for t in top]))
+            out.append(positions)
+        return out
+
+    async def close(self):
+        pass
+
+
+class RaisingScorer(EchoScorer):
+    async def score(self, items, top_m):
+        raise RuntimeError("reference exploded")
+
+
+class HangingScorer(EchoScorer):
+    async def score(self, items, top_m):
+        await asyncio.sleep(3600)
+
+
+class NanScorer(EchoScorer):
+    async def score(self, items, top_m):
+        return [[PositionStats({1: float("nan"), 2: -1.0}, [2], [-1.0]) for _ in item.candidate_ids] for item in items]
