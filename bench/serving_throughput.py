@@ -103,8 +103,8 @@ def main() -> None:
 
     print(f"\n{args.requests} streaming chat requests x {args.max_tokens} tokens, concurrency "
           f"{args.concurrency}, {args.dtype}, {name}\n")
-    print(f"| server | start-up s | wall s | output tokens | tokens/s | TTFT p50 s | TTFT p90 s |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| server | start-up s | wall s | output tokens | tokens/s | TTFT p50 s | TTFT p90 s |")
+    print("|---|---|---|---|---|---|---|")
     for label, startup, s in rows:
         print(f"| {label} | {startup:.1f} | {s['wall_s']:.1f} | {s['tokens']} | {s['tok_s']:.0f} | "
               f"{s['ttft_p50']:.2f} | {s['ttft_p90']:.2f} |")
