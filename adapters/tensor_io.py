@@ -80,14 +80,15 @@ _NAME_TO_DTYPE = {v: k for k, v in _DTYPES.items()}
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
+    """safetensors files, else PyTorch `.bin` files (read memory-mapped, weights only)."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors or *.bin weight files")
     return files
 
 
 def open_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
-    """Every tensor name of a (possibly sharded) safetensors checkpoint -> its file."""
+    """Every tensor name of a (possibly sharded) checkpoint -> its file."""
     sources = {}
     for path in checkpoint_files(model_dir):
         source = TensorSource(path)

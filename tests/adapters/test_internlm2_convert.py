@@ -120,3 +120,15 @@ def test_biased_checkpoint_and_unknown_keys_are_refused(internlm2_dir, tmp_path)
     save_file({"model.layers.0.attention.rotary_mystery.weight": torch.ones(4)}, odd / "model.safetensors")
     with pytest.raises(AdapterError, match="unknown key"):
         convert_internlm2_to_llama(odd, tmp_path / "out2")
+
+
+def test_pytorch_bin_checkpoints_convert_the_same(internlm2_dir, converted, tmp_path):
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save(load_file(internlm2_dir / "model.safetensors"), src / "pytorch_model.bin")
+    for item in internlm2_dir.iterdir():
+        if item.suffix != ".safetensors":
+            (src / item.name).write_bytes(item.read_bytes())
+    out = load_file(convert_internlm2_to_llama(src, tmp_path / "llama") / "model.safetensors")
+    want = load_file(converted / "model.safetensors")
+    assert out.keys() == want.keys() and all(torch.equal(out[k], want[k]) for k in want)
