@@ -42,11 +42,12 @@ async def cancel_on_disconnect(request: Request, work: Awaitable):
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         return Response(status_code=499)  # nginx's "client closed request"; seen only by /metrics
     finally:
         watcher.cancel()
+        if not task.done():  # client gone, or this request itself cancelled (shutdown)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _disconnected(request: Request) -> None:
