@@ -5,7 +5,7 @@ service listens only once it can answer."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -16,8 +16,11 @@ from starlette.responses import Response
 from server.auth import require_bearer
 from server.errors import InvalidRequestError, ServiceUnavailableError, install_error_handlers
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
-from shadow.local_scorer import LocalScorer
 from shadow.scoring import ReferenceBusyError, ReferenceInfo, ScoreItem, ScoreRequestBody, ScoreResponseBody, to_body
+
+
+if TYPE_CHECKING:  # torch stays out of the CLI's import path
+    from shadow.local_scorer import LocalScorer
 
 
 class ReferenceSettings(BaseSettings):
