@@ -92,6 +92,15 @@ def plan_conversion(sources: dict[str, TensorSource], config: dict, dtype: torch
     def out_dtype(name: str) -> torch.dtype:
         return dtype or sources[name].dtype(name)
 
+    last_split: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def split_once(name: str) -> tuple[torch.Tensor, ...]:
+        """q, k and v are written one after another: read and split each wqkv once."""
+        if name not in last_split:
+            last_split.clear()  # keep one layer's split in memory, not all of them
+            last_split[name] = split_wqkv(sources[name].get(name), heads, kv_heads)
+        return last_split[name]
+
     for name in sources:
         if name.endswith(".bias"):
             raise AdapterError(f"{name}: biased checkpoint; Llama's layout has no place for it")
@@ -113,11 +122,11 @@ def plan_conversion(sources: dict[str, TensorSource], config: dict, dtype: torch
                 raise AdapterError(
                     f"{name}: shape [{rows}, {hidden}] does not fit the config (expected "
                     f"[{(heads + 2 * kv_heads) * head_dim}, {hidden}] for {heads} heads / {kv_heads} KV heads of {head_dim})")
-            for part, size in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
+            for index, size in enumerate((heads, kv_heads, kv_heads)):
+                part = ("q_proj", "k_proj", "v_proj")[index]
                 plan.append(PlannedTensor(
                     f"{prefix}self_attn.{part}.weight", (size * head_dim, hidden), out_dtype(name),
-                    lambda n=name, p=part: cast(dict(zip(("q_proj", "k_proj", "v_proj"),
-                                                         split_wqkv(sources[n].get(n), heads, kv_heads)))[p]),
+                    lambda n=name, i=index: cast(split_once(n)[i]),
                 ))
         else:
             plan.append(PlannedTensor(prefix + LAYER_RENAMES[rest], sources[name].shape(name), out_dtype(name),
