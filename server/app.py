@@ -12,18 +12,19 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from server.auth import require_bearer
-from server.errors import ModelNotFoundError, ServiceUnavailableError, install_error_handlers
+from server.errors import ModelNotFoundError, NotFoundError, ServiceUnavailableError, install_error_handlers
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.serving.chat import ChatHandler
 from server.serving.completion import CompletionHandler
 from server.serving.context import ServingContext
 from server.settings import ServeSettings
+from shadow.report import ShadowReport
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,16 @@ def create_app(
         if model != ctx.model_name:
             raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
         return ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)
+
+    @app.get("/v1/shadow/verdict")
+    async def shadow_verdict(
+        window: Annotated[float | None, Query(gt=0, description="seconds; default: every sequence kept")] = None,
+    ) -> ShadowReport:
+        """The candidate judged against the noise floor, with the statistics behind it."""
+        ctx = state.require()
+        if ctx.shadow is None:
+            raise NotFoundError("the shadow path is off on this server (--shadow-rate 0): there is no verdict")
+        return await asyncio.to_thread(ctx.shadow.report, window)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, http: Request, x_shadow: ShadowHeader = None):

@@ -170,12 +170,14 @@ def run_reference(settings: ReferenceSettings) -> None:
 
     from server.reference_app import create_reference_app
     from shadow.local_scorer import LocalScorer
-    from shadow.scoring import ReferenceError
+    from shadow.scoring import ShadowReferenceError
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         scorer = LocalScorer.load(settings.model, settings.adapter, settings.device, settings.name)
-    except ReferenceError as exc:
+        if settings.noise_dtype != "none":
+            scorer.enable_noise_floor(settings.noise_dtype)
+    except ShadowReferenceError as exc:
         sys.exit(f"shadowserve reference: {exc}")
     app = create_reference_app(scorer, settings.tokens, CollectorRegistry())
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -5,7 +5,7 @@ service listens only once it can answer."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -32,6 +32,10 @@ class ReferenceSettings(BaseSettings):
     adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on top of the reference")
     name: str | None = Field(default=None, description="reference name reported to servers (default: directory[+adapter])")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    noise_dtype: Literal["bfloat16", "float16", "float32", "none"] = Field(
+        default="bfloat16",
+        description="the candidates' serving dtype: the reference also runs in it for the noise floor (none = off)",
+    )
     host: str = Field(default="127.0.0.1")
     port: int = Field(default=8001, ge=0, le=65535)
     tokens: Annotated[list[str], NoDecode] = Field(
@@ -52,6 +56,7 @@ def create_reference_app(scorer: LocalScorer, tokens: list[str], registry: Colle
     require_bearer(app, tokens)
     info = ReferenceInfo(
         name=scorer.name, vocab_size=scorer.vocab.size, vocab_sha256=scorer.vocab.sha256, dtype="float32",
+        noise_dtype=scorer.noise_dtype,
     )
 
     @app.get("/health")
@@ -73,11 +78,15 @@ def create_reference_app(scorer: LocalScorer, tokens: list[str], registry: Colle
             ids = [*item.prompt_ids, *item.output_ids, *(t for pos in item.candidate_ids for t in pos)]
             if any(not 0 <= t < info.vocab_size for t in ids):
                 raise InvalidRequestError(f"items.{n}: token id outside the vocabulary", param=f"items.{n}")
+        if body.noise_top_k is not None and scorer.noise_dtype is None:
+            raise InvalidRequestError("this reference computes no noise floor (started with --noise-dtype none)",
+                                      param="noise_top_k")
+        noise_top_k = None if body.noise_top_k is None else min(body.noise_top_k, info.vocab_size)
         try:
-            stats = await scorer.score(items, min(body.top_m, info.vocab_size))
+            scored = await scorer.score(items, min(body.top_m, info.vocab_size), noise_top_k)
         except ReferenceBusyError as exc:
             raise ServiceUnavailableError(str(exc)) from exc
-        reply = ScoreResponseBody(reference=scorer.name, items=[to_body(s) for s in stats])
+        reply = ScoreResponseBody(reference=scorer.name, items=[to_body(i, s) for i, s in zip(items, scored)])
         return Response(reply.model_dump_json(), media_type="application/json")
 
     return app

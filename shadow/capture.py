@@ -59,7 +59,7 @@ class DivergenceCapture:
                     "candidate_top1": max(cand, key=cand.get),
                     "reference_top1": ref.top_ids[0],
                     "candidate_logprob": cand[token],
-                    "reference_logprob": ref.candidate_logprobs[token],
+                    "reference_logprob": ref.logprobs[token],
                     "reference_top": dict(zip(ref.top_ids, ref.top_logprobs)),
                     "kl": float(t.kl[i]),
                     "delta_p": float(t.delta_p[i]),

@@ -35,7 +35,7 @@ class ComparisonError(ValueError):
 class PositionStats:
     """The reference's side of one completion position, as the scorer returns it."""
 
-    candidate_logprobs: dict[int, float]  # reference log-prob of each id in the candidate's entry
+    logprobs: dict[int, float]  # reference log-prob of each id asked for (the candidate's entry, at least)
     top_ids: list[int]  # the reference's own top-m, best first
     top_logprobs: list[float]
 
@@ -62,10 +62,6 @@ class SequenceComparison:
     @property
     def top1_agreement(self) -> float:
         return float(self.tokens.top1_same.mean()) if self.compared_tokens else 1.0
-
-    @property
-    def max_drift(self) -> float:
-        return float(self.tokens.drift.max()) if self.compared_tokens else 0.0
 
 
 def bucketed_kl(ref_logprobs: np.ndarray, cand_logprobs: np.ndarray) -> float:
@@ -108,7 +104,7 @@ def compare_sequence(
         ids = list(cand)
         try:
             cand_lp = np.array([cand[t] for t in ids], dtype=np.float64)
-            ref_lp = np.array([ref.candidate_logprobs[t] for t in ids], dtype=np.float64)
+            ref_lp = np.array([ref.logprobs[t] for t in ids], dtype=np.float64)
         except KeyError as exc:
             raise ComparisonError(f"position {i}: no reference log-prob for token {exc}") from exc
         ref_top = np.asarray(ref.top_logprobs, dtype=np.float64)
@@ -120,13 +116,13 @@ def compare_sequence(
         ref_top1 = ref.top_ids[0]
         top1_same[i] = cand_top1 == ref_top1
         kl[i] = bucketed_kl(ref_lp, cand_lp)
-        delta_p[i] = np.exp(cand[token]) - np.exp(ref.candidate_logprobs[token])
+        delta_p[i] = np.exp(cand[token]) - np.exp(ref.logprobs[token])
         diffs = np.abs(cand_lp - ref_lp)
         drift[i] = diffs.max()
         emitted_drift[i] = diffs[ids.index(token)]
         if first is None and not top1_same[i]:
             first = i
-            margin = float(ref_top[0] - ref.candidate_logprobs[cand_top1])
+            margin = float(ref_top[0] - ref.logprobs[cand_top1])
     if first is None:
         result: SequenceResult = "identical"
     else:

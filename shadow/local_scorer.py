@@ -1,6 +1,7 @@
 """The local reference: a Hugging Face model in fp32 (optionally + an unmerged PEFT
 adapter), teacher-forced in padded batches. Used in-process by the server (default)
-and behind `shadowserve reference`."""
+and behind `shadowserve reference`. With the noise floor enabled it also holds the same
+model in the candidate's serving dtype and runs it over the same batch."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 
 from shadow.compare import PositionStats
-from shadow.scoring import ReferenceBusyError, ReferenceError, ScoreItem, VocabInfo, vocab_fingerprint
+from shadow.noise_floor import DTYPES, fp32_accumulation, serving_dtype_copy
+from shadow.scoring import ReferenceBusyError, ScoredSequence, ScoreItem, ShadowReferenceError, VocabInfo, vocab_fingerprint
 
 
 def local_code_only(model_dir: Path) -> bool:
@@ -28,10 +30,10 @@ def local_code_only(model_dir: Path) -> bool:
     for target in auto_map.values():
         for ref in [target] if isinstance(target, str) else [t for t in target if t]:
             if "--" in ref:
-                raise ReferenceError(f"{model_dir}: auto_map '{ref}' points to code outside the directory; refusing")
+                raise ShadowReferenceError(f"{model_dir}: auto_map '{ref}' points to code outside the directory; refusing")
             module = ref.rsplit(".", 1)[0]
             if not (model_dir / f"{module.replace('.', '/')}.py").is_file():
-                raise ReferenceError(f"{model_dir}: auto_map names {module}.py, which is not in the directory")
+                raise ShadowReferenceError(f"{model_dir}: auto_map names {module}.py, which is not in the directory")
     return True
 
 
@@ -45,13 +47,15 @@ class LocalScorer:
         self._lock = threading.Lock()  # one forward at a time, also across timed-out calls
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference")
         self._keeps_logits = True  # until the model's forward refuses `logits_to_keep`
+        self.noise_dtype: str | None = None
+        self._noise_model = None  # the reference in the serving dtype (None for float32: the fp32 rows serve)
 
     @classmethod
     def load(cls, model_dir: Path, adapter: Path | None = None, device: str = "auto", name: str | None = None) -> LocalScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not (model_dir / "config.json").is_file():
-            raise ReferenceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+            raise ShadowReferenceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
         trust = local_code_only(model_dir)
         target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust)
@@ -63,29 +67,40 @@ class LocalScorer:
         default_name = model_dir.name + (f"+{adapter.name}" if adapter else "")
         return cls(model.to(target).eval(), tokenizer, name or default_name, target)
 
-    async def score(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
+    def enable_noise_floor(self, dtype: str) -> None:
+        """Blocking: a copy of the reference in the serving dtype (none for float32: the
+        noise floor of an fp32 candidate is the fp32 reference itself, exactly)."""
+        if dtype not in DTYPES:
+            raise ShadowReferenceError(f"no noise floor for dtype '{dtype}' (one of {', '.join(DTYPES)})")
+        with self._lock:
+            self._noise_model = None if dtype == "float32" else serving_dtype_copy(self._model, dtype)
+            self.noise_dtype = dtype
+
+    async def score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None) -> list[ScoredSequence]:
         """Refuses at once while an earlier pass still runs (one that timed out keeps its
         thread), so a slow reference sheds load instead of piling up forward passes."""
         if not self._lock.acquire(blocking=False):
             raise ReferenceBusyError("the reference is still busy with an earlier batch")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._score_locked, items, top_m)
+        return await loop.run_in_executor(self._thread, self._score_locked, items, top_m, noise_top_k)
 
     async def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
-    def _score_locked(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
+    def _score_locked(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None) -> list[ScoredSequence]:
         try:
-            return self._score(items, top_m)
+            return self._score(items, top_m, noise_top_k)
         finally:
             self._lock.release()
 
-    def score_sync(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
+    def score_sync(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None) -> list[ScoredSequence]:
         """Blocking, for benchmarks and tests: waits for the reference to be free."""
         with self._lock:
-            return self._score(items, top_m)
+            return self._score(items, top_m, noise_top_k)
 
-    def _score(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]:
+    def _score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None) -> list[ScoredSequence]:
+        if noise_top_k is not None and self.noise_dtype is None:
+            raise ShadowReferenceError("the noise floor was asked for but is not enabled on this reference")
         with torch.inference_mode():
             sequences = [item.prompt_ids + item.output_ids[:-1] for item in items]
             width = max(len(s) for s in sequences)
@@ -96,30 +111,54 @@ class LocalScorer:
                 mask[row, : len(seq)] = 1
             # Only completion positions need logits: skip the LM head over the prompts.
             first = min(len(item.prompt_ids) for item in items) - 1
-            logits = self._forward(input_ids.to(self._device), mask.to(self._device), first)
-            return [self._positions(logits[row], item, top_m, first) for row, item in enumerate(items)]
+            input_ids, mask = input_ids.to(self._device), mask.to(self._device)
+            logits = self._forward(self._model, input_ids, mask, first)
+            noise_logits = None
+            if noise_top_k is not None and self._noise_model is not None:
+                with fp32_accumulation(self._device):
+                    noise_logits = self._forward(self._noise_model, input_ids, mask, first)
+            return [
+                self._positions(logits[row], None if noise_logits is None else noise_logits[row], item, top_m,
+                                noise_top_k, first)
+                for row, item in enumerate(items)
+            ]
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
+    def _forward(self, model, input_ids: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
         """Logits from position `first` on; models without `logits_to_keep` compute all."""
         wanted = input_ids.shape[1] - first
         if self._keeps_logits:
             keep = torch.arange(first, input_ids.shape[1], device=input_ids.device)
             try:
-                logits = self._model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
+                logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
                 # A forward taking **kwargs may ignore the argument and return every position.
                 return logits if logits.shape[1] == wanted else logits[:, first:]
             except TypeError:
                 self._keeps_logits = False
-        return self._model(input_ids=input_ids, attention_mask=mask).logits[:, first:]
+        return model(input_ids=input_ids, attention_mask=mask).logits[:, first:]
 
     @staticmethod
-    def _positions(logits: torch.Tensor, item: ScoreItem, top_m: int, first: int) -> list[PositionStats]:
+    def _positions(
+        logits: torch.Tensor, noise_logits: torch.Tensor | None, item: ScoreItem, top_m: int,
+        noise_top_k: int | None, first: int,
+    ) -> ScoredSequence:
         start = len(item.prompt_ids) - 1 - first  # logits at t predict token t + 1
-        # fp32 like the reference itself; the comparison maths turns these into float64.
-        rows = torch.log_softmax(logits[start : start + len(item.output_ids)].float(), dim=-1).cpu()
+        span = slice(start, start + len(item.output_ids))
+        # Log-softmax in fp32 (as vLLM computes raw log-probs, whatever the model dtype);
+        # the comparison maths turns these into float64.
+        rows = torch.log_softmax(logits[span].float(), dim=-1).cpu()
         top_lp, top_ids = torch.topk(rows, top_m, dim=-1)
-        out = []
+        noise = None
+        if noise_top_k is not None:
+            noise_rows = rows if noise_logits is None else torch.log_softmax(noise_logits[span].float(), dim=-1).cpu()
+            noise_lp, noise_ids = torch.topk(noise_rows, noise_top_k, dim=-1)
+            noise = []
+            for i, token in enumerate(item.output_ids):
+                entry = dict(zip(noise_ids[i].tolist(), noise_lp[i].tolist()))
+                entry[token] = float(noise_rows[i, token])
+                noise.append(entry)
+        reference = []
         for i, ids in enumerate(item.candidate_ids):
-            values = rows[i, ids].tolist()
-            out.append(PositionStats(dict(zip(ids, values)), top_ids[i].tolist(), top_lp[i].tolist()))
-        return out
+            wanted = list(dict.fromkeys([*ids, *(noise[i] if noise else ())]))
+            values = rows[i, wanted].tolist()
+            reference.append(PositionStats(dict(zip(wanted, values)), top_ids[i].tolist(), top_lp[i].tolist()))
+        return ScoredSequence(reference, noise)

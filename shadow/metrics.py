@@ -1,8 +1,10 @@
 """Shadow metrics (DESIGN.md, "Metrics") on an injected CollectorRegistry.
 
 Every series carries `model`, `reference` and the operator's constant labels (e.g.
-`variant="canary"`); comparison series also carry `comparison` ("candidate" now; the
-noise-floor comparison, reference-in-serving-dtype vs fp32, will use "noise_floor").
+`variant="canary"`); comparison series also carry `comparison`: "candidate" (the served
+model vs the fp32 reference) and, with the noise floor on, "noise_floor" (the reference
+in the serving dtype vs itself in fp32, over the same positions), so every PromQL ratio
+between the two is paired.
 Per-token histograms let a dashboard compute llama.cpp's statistics live: the mean
 from _sum/_count, quantiles with histogram_quantile.
 """
@@ -26,6 +28,7 @@ _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 OUTCOMES = ("compared", "dropped", "skipped", "error")
 RESULTS = ("identical", "near_tie", "hard")
+CANDIDATE, NOISE_FLOOR = "candidate", "noise_floor"
 
 
 class ShadowMetrics:
@@ -35,7 +38,7 @@ class ShadowMetrics:
         model: str,
         reference: str,
         const_labels: Mapping[str, str] | None = None,
-        comparison: str = "candidate",
+        comparisons: tuple[str, ...] = (CANDIDATE,),
     ):
         base = {"model": model, "reference": reference, **(const_labels or {})}
         names = list(base)
@@ -70,18 +73,19 @@ class ShadowMetrics:
         self._reference_seconds = histogram("shadow_reference_seconds", "Reference scoring latency per batch.", _SECONDS)
 
         self._base = base
-        self._cmp = {**base, "comparison": comparison}
         # Create every labelled child now, so series exist (at 0) before the first event:
         # rate() and absent() behave from the first scrape.
         for outcome in OUTCOMES:
             self._samples.labels(**base, outcome=outcome)
-        for result in RESULTS:
-            self._sequences.labels(**self._cmp, result=result)
-        for top1 in ("same", "different"):
-            self._tokens.labels(**self._cmp, top1=top1)
-        for metric in (self._first_divergence, self._compared_len, self._kl, self._delta_p, self._drift,
-                       self._delta_p_gain, self._delta_p_loss, self._delta_p_squares):
-            metric.labels(**self._cmp)
+        for comparison in comparisons:
+            labels = {**base, "comparison": comparison}
+            for result in RESULTS:
+                self._sequences.labels(**labels, result=result)
+            for top1 in ("same", "different"):
+                self._tokens.labels(**labels, top1=top1)
+            for metric in (self._first_divergence, self._compared_len, self._kl, self._delta_p, self._drift,
+                           self._delta_p_gain, self._delta_p_loss, self._delta_p_squares):
+                metric.labels(**labels)
         self._queue_depth.labels(**base).set(0)
         self._reference_seconds.labels(**base)
 
@@ -94,8 +98,8 @@ class ShadowMetrics:
     def reference_latency(self, seconds: float) -> None:
         self._reference_seconds.labels(**self._base).observe(seconds)
 
-    def sequence(self, cmp: SequenceComparison) -> None:
-        labels = self._cmp
+    def sequence(self, cmp: SequenceComparison, comparison: str = CANDIDATE) -> None:
+        labels = {**self._base, "comparison": comparison}
         self._sequences.labels(**labels, result=cmp.result).inc()
         self._compared_len.labels(**labels).observe(cmp.compared_tokens)
         if cmp.first_divergence is not None:

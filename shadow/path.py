@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass
 
 from shadow.capture import DivergenceCapture
-from shadow.compare import PositionStats, SequenceComparison, compare_sequence
-from shadow.metrics import ShadowMetrics
-from shadow.scoring import MAX_BATCH_SEQUENCES, ScoreItem, Scorer
+from shadow.compare import SequenceComparison, compare_sequence
+from shadow.history import ComparedSequence, History
+from shadow.metrics import NOISE_FLOOR, ShadowMetrics
+from shadow.report import ShadowReport, build_report
+from shadow.scoring import MAX_BATCH_SEQUENCES, ScoredSequence, ScoreItem, Scorer
 from shadow.settings import ShadowSettings
 
 log = logging.getLogger(__name__)
@@ -50,11 +52,17 @@ class ShadowPath:
         metrics: ShadowMetrics,
         capture: DivergenceCapture | None = None,
         rng: random.Random | None = None,
+        *,
+        model_name: str = "candidate",
+        reference_name: str | None = None,
     ):
         self.settings = settings
         self.scorer = scorer
         self.metrics = metrics
         self.capture = capture
+        self.model_name = model_name
+        self.reference_name = reference_name or scorer.name
+        self.history = History(settings.shadow_verdict_max_sequences)
         self._rng = rng or random.Random()
         self._queue: asyncio.Queue[ShadowSample] = asyncio.Queue(settings.shadow_queue_size)
         self._worker: asyncio.Task | None = None
@@ -64,6 +72,20 @@ class ShadowPath:
     @property
     def top_k(self) -> int:
         return self.settings.shadow_top_k
+
+    @property
+    def noise_dtype(self) -> str | None:
+        """The serving dtype the noise floor is computed in; None when it is off."""
+        return self.scorer.noise_dtype if self.settings.shadow_noise_floor else None
+
+    def report(self, window_s: float | None = None, with_trajectory: bool = False) -> ShadowReport:
+        """The verdict and its statistics over the sequences of the last `window_s`
+        seconds (all that are kept when None). CPU work: call it off the event loop."""
+        return build_report(
+            self.history.snapshot(window_s), model=self.model_name, reference=self.reference_name,
+            noise_dtype=self.noise_dtype, policy=self.settings.verdict_policy, window_s=window_s,
+            evicted=self.history.evicted, with_trajectory=with_trajectory,
+        )
 
     # --- the request side: cheap and non-blocking ---------------------------------
 
@@ -167,10 +189,11 @@ class ShadowPath:
             for sample in batch
             for seq in sample.sequences
         ]
+        noise_top_k = self.top_k if self.noise_dtype is not None else None
         started = time.perf_counter()
         try:
             stats = await asyncio.wait_for(
-                self.scorer.score(items, self.settings.shadow_reference_top_m), self.settings.shadow_timeout_s
+                self.scorer.score(items, self.settings.shadow_reference_top_m, noise_top_k), self.settings.shadow_timeout_s
             )
         except Exception as exc:
             log.warning("shadow: reference failed on %d samples: %s", len(batch), exc or type(exc).__name__)
@@ -180,33 +203,38 @@ class ShadowPath:
         # Comparison, metrics and capture off the event loop: the server's requests share it.
         return asyncio.ensure_future(asyncio.to_thread(self._record, batch, stats))
 
-    def _record(self, batch: list[ShadowSample], stats: list[list[PositionStats]]) -> None:
+    def _record(self, batch: list[ShadowSample], stats: list[ScoredSequence]) -> None:
         margin = self.settings.shadow_near_tie_margin
         at = 0
         for sample in batch:
-            reference = stats[at : at + len(sample.sequences)]
+            scored = stats[at : at + len(sample.sequences)]
             at += len(sample.sequences)
             try:
+                # The candidate, and the noise floor over the same positions, by the same maths.
                 results = [
-                    compare_sequence(seq.output_ids, seq.logprobs, ref, margin)
-                    for seq, ref in zip(sample.sequences, reference)
+                    (compare_sequence(seq.output_ids, seq.logprobs, s.reference, margin),
+                     None if s.noise is None else compare_sequence(seq.output_ids, s.noise, s.reference, margin))
+                    for seq, s in zip(sample.sequences, scored)
                 ]
             except Exception as exc:  # ComparisonError, or a malformed reply that slipped through
                 log.warning("shadow: sample %s not comparable: %s", sample.request_id, exc)
                 self.metrics.sample("error")
                 continue
-            for index, (seq, ref, result) in enumerate(zip(sample.sequences, reference, results)):
-                self.metrics.sequence(result)
-                if self.capture is not None and result.first_divergence is not None:
-                    self._capture(sample, index, seq, ref, result)
+            for index, (seq, s, (candidate, noise)) in enumerate(zip(sample.sequences, scored, results)):
+                self.metrics.sequence(candidate)
+                if noise is not None:
+                    self.metrics.sequence(noise, NOISE_FLOOR)
+                self.history.add(ComparedSequence(time.time(), sample.request_id, candidate, noise))
+                if self.capture is not None and candidate.first_divergence is not None:
+                    self._capture(sample, index, seq, s, candidate)
             self.metrics.sample("compared")
 
-    def _capture(self, sample, index: int, seq: ShadowSequence, ref, result: SequenceComparison) -> None:
+    def _capture(self, sample, index: int, seq: ShadowSequence, scored: ScoredSequence, result: SequenceComparison) -> None:
         try:
             self.capture.write(
-                request_id=sample.request_id, model=sample.model, reference=self.scorer.name, sequence=index,
+                request_id=sample.request_id, model=sample.model, reference=self.reference_name, sequence=index,
                 prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, candidate=seq.logprobs,
-                reference_stats=ref, comparison=result,
+                reference_stats=scored.reference, comparison=result,
             )
         except Exception as exc:  # a full disk or a decode error must not lose the metrics
             log.warning("shadow: capture failed: %s", exc)

@@ -4,6 +4,11 @@ A scorer teacher-forces each sequence: one forward pass over `prompt + output[:-
 gives, at each completion position, the reference's distribution given exactly the
 prefix the candidate saw. It returns compact statistics (`PositionStats`), never vocab
 rows: the reference log-probs of the candidate's ids and the reference's own top-m.
+
+With the noise floor on, the same prefixes also go through the reference in the
+candidate's serving dtype; its top-k (+ the emitted token) comes back as a second
+"candidate", and the fp32 log-probs cover its ids too, so `compare_sequence` judges
+both the same way, over the same positions.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from shadow.compare import PositionStats
 MAX_BATCH_SEQUENCES = 256  # per reference batch, local or remote
 
 
-class ReferenceError(RuntimeError):
-    """The reference cannot be used (load failure, vocabulary mismatch, bad reply)."""
+class ShadowReferenceError(RuntimeError):
+    """The reference cannot be used (load failure, vocabulary or dtype mismatch, bad reply)."""
 
 
-class ReferenceBusyError(ReferenceError):
+class ReferenceBusyError(ShadowReferenceError):
     """The reference is still computing an earlier batch; this one is refused, not queued."""
 
 
@@ -35,6 +40,15 @@ class ScoreItem:
     output_ids: list[int]
     candidate_ids: list[list[int]]  # per output position: ids whose reference log-probs we need
 
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    """The reference's answer for one item."""
+
+    reference: list[PositionStats]  # fp32: at the candidate's ids (and the noise floor's), and its own top-m
+    # The reference in the serving dtype, per position: its own top-k plus the emitted
+    # token, {id: log-prob}. None when the noise floor was not asked for.
+    noise: list[dict[int, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,7 @@ def vocab_fingerprint(tokenizer) -> VocabInfo:
 
 def check_same_vocab(candidate: VocabInfo, reference: VocabInfo, reference_name: str) -> None:
     if candidate != reference:
-        raise ReferenceError(
+        raise ShadowReferenceError(
             f"the reference '{reference_name}' does not share the candidate's tokenizer "
             f"(vocabulary size {reference.size} vs {candidate.size}, sha256 {reference.sha256[:12]} vs "
             f"{candidate.sha256[:12]}); teacher forcing compares token ids, so both must use the same vocabulary"
@@ -62,8 +76,15 @@ def check_same_vocab(candidate: VocabInfo, reference: VocabInfo, reference_name:
 class Scorer(Protocol):
     name: str
     vocab: VocabInfo
+    noise_dtype: str | None  # the dtype the noise floor is computed in; None until enabled
 
-    async def score(self, items: list[ScoreItem], top_m: int) -> list[list[PositionStats]]: ...
+    def enable_noise_floor(self, dtype: str) -> None:
+        """Blocking: prepare the reference in the serving dtype, or raise ShadowReferenceError."""
+        ...
+
+    async def score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None) -> list[ScoredSequence]:
+        """`noise_top_k`: also score the noise floor, keeping its top-k per position."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -86,6 +107,7 @@ class ScoreItemBody(BaseModel):
 class ScoreRequestBody(BaseModel):
     items: list[ScoreItemBody] = Field(min_length=1, max_length=MAX_BATCH_SEQUENCES)
     top_m: int = Field(default=5, ge=1, le=100)
+    noise_top_k: int | None = Field(default=None, ge=1, le=100, description="also score the noise floor")
 
 
 class PositionBody(BaseModel):
@@ -95,6 +117,11 @@ class PositionBody(BaseModel):
     candidate_logprobs: list[float]  # aligned with the request's candidate_ids
     top_ids: list[int] = Field(min_length=1)
     top_logprobs: list[float] = Field(min_length=1)
+    # The noise floor (when asked): the serving-dtype reference's top-k + emitted token,
+    # its log-probs, and the fp32 reference's log-probs at the same ids.
+    noise_ids: list[int] | None = None
+    noise_logprobs: list[float] | None = None
+    noise_reference_logprobs: list[float] | None = None
 
 
 class ScoreResponseBody(BaseModel):
@@ -110,23 +137,35 @@ class ReferenceInfo(BaseModel):
     vocab_sha256: str
     dtype: str
     adapter: str | None = None
+    noise_dtype: str | None = None  # the serving dtype its noise floor is computed in
 
 
-def to_body(stats: list[PositionStats]) -> list[PositionBody]:
-    return [
-        PositionBody(
-            candidate_logprobs=list(s.candidate_logprobs.values()), top_ids=s.top_ids, top_logprobs=s.top_logprobs
-        )
-        for s in stats
-    ]
-
-
-def from_body(item: ScoreItem, positions: list[PositionBody]) -> list[PositionStats]:
-    if len(positions) != len(item.output_ids):
-        raise ReferenceError(f"reference returned {len(positions)} positions for {len(item.output_ids)} tokens")
+def to_body(item: ScoreItem, scored: ScoredSequence) -> list[PositionBody]:
     out = []
+    for i, (ids, s) in enumerate(zip(item.candidate_ids, scored.reference)):
+        body = PositionBody(candidate_logprobs=[s.logprobs[t] for t in ids], top_ids=s.top_ids, top_logprobs=s.top_logprobs)
+        if scored.noise is not None:
+            noise = scored.noise[i]
+            body.noise_ids = list(noise)
+            body.noise_logprobs = list(noise.values())
+            body.noise_reference_logprobs = [s.logprobs[t] for t in noise]
+        out.append(body)
+    return out
+
+
+def from_body(item: ScoreItem, positions: list[PositionBody], noise: bool) -> ScoredSequence:
+    if len(positions) != len(item.output_ids):
+        raise ShadowReferenceError(f"reference returned {len(positions)} positions for {len(item.output_ids)} tokens")
+    reference, noise_side = [], [] if noise else None
     for ids, body in zip(item.candidate_ids, positions):
         if len(body.candidate_logprobs) != len(ids):
-            raise ReferenceError("reference returned misaligned candidate log-probs")
-        out.append(PositionStats(dict(zip(ids, body.candidate_logprobs)), body.top_ids, body.top_logprobs))
-    return out
+            raise ShadowReferenceError("reference returned misaligned candidate log-probs")
+        logprobs = dict(zip(ids, body.candidate_logprobs))
+        if noise:
+            n_ids, n_lp, n_ref = body.noise_ids, body.noise_logprobs, body.noise_reference_logprobs
+            if n_ids is None or n_lp is None or n_ref is None or not len(n_ids) == len(n_lp) == len(n_ref):
+                raise ShadowReferenceError("reference returned no or misaligned noise-floor log-probs")
+            noise_side.append(dict(zip(n_ids, n_lp)))
+            logprobs.update(zip(n_ids, n_ref))
+        reference.append(PositionStats(logprobs, body.top_ids, body.top_logprobs))
+    return ScoredSequence(reference, noise_side)

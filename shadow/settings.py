@@ -9,8 +9,49 @@ from typing import Annotated
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
+from shadow.verdict import VerdictPolicy
 
-class ShadowSettings(BaseModel):
+_DEFAULT = VerdictPolicy()
+
+
+class VerdictSettings(BaseModel):
+    """The verdict's limits (shared by `serve` and `verify`); README.md, "The verdict",
+    says why each default is what it is."""
+
+    verdict_kl_ratio_max: float = Field(
+        default=_DEFAULT.kl_ratio_max, gt=0, description="fail when mean token KL exceeds this multiple of the noise floor's"
+    )
+    verdict_excess_top1_max: float = Field(
+        default=_DEFAULT.excess_top1_max, ge=0, le=1,
+        description="fail when top-1 disagreement exceeds the noise floor's by more than this share of tokens",
+    )
+    verdict_excess_hard_max: float = Field(
+        default=_DEFAULT.excess_hard_max, ge=0, le=1,
+        description="fail when hard divergences exceed the noise floor's by more than this share of sequences",
+    )
+    verdict_min_sequences: int = Field(default=_DEFAULT.min_sequences, ge=2, description="inconclusive below this many sequences")
+    verdict_min_tokens: int = Field(default=_DEFAULT.min_tokens, ge=1, description="inconclusive below this many compared tokens")
+    verdict_confidence: float = Field(
+        default=_DEFAULT.confidence, gt=0.5, lt=1, description="confidence of the bootstrap intervals over sequences"
+    )
+    verdict_noise_kl_floor: float = Field(
+        default=_DEFAULT.noise_kl_floor, gt=0, description="nats/token: smallest noise-floor KL a ratio is taken against (fp32)"
+    )
+
+    @property
+    def verdict_policy(self) -> VerdictPolicy:
+        return VerdictPolicy(
+            kl_ratio_max=self.verdict_kl_ratio_max,
+            excess_top1_max=self.verdict_excess_top1_max,
+            excess_hard_max=self.verdict_excess_hard_max,
+            min_sequences=self.verdict_min_sequences,
+            min_tokens=self.verdict_min_tokens,
+            confidence=self.verdict_confidence,
+            noise_kl_floor=self.verdict_noise_kl_floor,
+        )
+
+
+class ShadowSettings(VerdictSettings):
     shadow_rate: float = Field(
         default=0.0, ge=0.0, le=1.0, description="share of requests replayed against the reference (0 = off)"
     )
@@ -21,6 +62,13 @@ class ShadowSettings(BaseModel):
     shadow_reference_top_m: int = Field(default=5, ge=1, description="reference's own top-m kept per position (capture, top-1)")
     shadow_near_tie_margin: float = Field(
         default=0.25, ge=0.0, description="nats: a first divergence within this reference margin is `near_tie`, else `hard`"
+    )
+    shadow_noise_floor: bool = Field(
+        default=True,
+        description="also score the reference in the serving dtype (comparison=noise_floor): the scale the verdict judges by",
+    )
+    shadow_verdict_max_sequences: int = Field(
+        default=2048, ge=1, description="compared sequences kept in memory for GET /v1/shadow/verdict"
     )
     shadow_reference_model: Path | None = Field(
         default=None, description="local reference directory, run in fp32 (default: the candidate's own directory)"

@@ -7,13 +7,14 @@ import asyncio
 import math
 
 from shadow.compare import PositionStats
-from shadow.scoring import VocabInfo
+from shadow.scoring import ScoredSequence, VocabInfo
 
 LP = {1: math.log(0.6), 2: math.log(0.4)}
 
 
 class EchoScorer:
-    """The reference agrees exactly with the candidate (or flips position `flip_at`)."""
+    """The reference agrees exactly with the candidate (or flips position `flip_at`). Its
+    noise floor, when enabled, is the reference's own distribution (no noise)."""
 
     name = "echo"
     vocab = VocabInfo(3, "x")
@@ -22,18 +23,23 @@ class EchoScorer:
         self.batches: list[int] = []
         self.flip_at = flip_at
         self.delay = delay
+        self.noise_dtype: str | None = None
 
-    async def score(self, items, top_m):
+    def enable_noise_floor(self, dtype: str) -> None:
+        self.noise_dtype = dtype
+
+    async def score(self, items, top_m, noise_top_k=None):
         self.batches.append(len(items))
         await asyncio.sleep(self.delay)
         out = []
         for item in items:
-            positions = []
+            positions, noise = [], []
             for i, ids in enumerate(item.candidate_ids):
                 dist = {1: 0.1, 2: 0.9} if i == self.flip_at else {1: 0.6, 2: 0.4}
                 top = sorted(dist, key=dist.get, reverse=True)
-                positions.append(PositionStats({t: math.log(dist[t]) for t in ids}, top, [math.log(dist[t]) for t in top]))
-            out.append(positions)
+                positions.append(PositionStats({t: math.log(dist[t]) for t in dist}, top, [math.log(dist[t]) for t in top]))
+                noise.append({t: math.log(dist[t]) for t in dist})
+            out.append(ScoredSequence(positions, noise if noise_top_k is not None else None))
         return out
 
     async def close(self):
@@ -41,15 +47,16 @@ class EchoScorer:
 
 
 class RaisingScorer(EchoScorer):
-    async def score(self, items, top_m):
+    async def score(self, items, top_m, noise_top_k=None):
         raise RuntimeError("reference exploded")
 
 
 class HangingScorer(EchoScorer):
-    async def score(self, items, top_m):
+    async def score(self, items, top_m, noise_top_k=None):
         await asyncio.sleep(3600)
 
 
 class NanScorer(EchoScorer):
-    async def score(self, items, top_m):
-        return [[PositionStats({1: float("nan"), 2: -1.0}, [2], [-1.0]) for _ in item.candidate_ids] for item in items]
+    async def score(self, items, top_m, noise_top_k=None):
+        return [ScoredSequence([PositionStats({1: float("nan"), 2: -1.0}, [2], [-1.0]) for _ in item.candidate_ids])
+                for item in items]

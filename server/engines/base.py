@@ -45,6 +45,7 @@ class EngineChunk:
 class Engine(Protocol):
     name: str
     max_model_len: int
+    dtype: str  # the dtype the model really runs in ("bfloat16", ...), `auto` resolved
 
     def generate(
         self, prompt_ids: list[int], options: SamplingOptions, request_id: str

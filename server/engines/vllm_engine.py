@@ -15,9 +15,10 @@ from server.settings import ServeSettings
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, llm, max_model_len: int):
+    def __init__(self, llm, max_model_len: int, dtype: str):
         self._llm = llm
         self.max_model_len = max_model_len
+        self.dtype = dtype
 
     @classmethod
     def load(cls, settings: ServeSettings) -> VllmEngine:
@@ -38,7 +39,8 @@ class VllmEngine:
             disable_log_stats=False,  # keeps vLLM's Prometheus metrics on
         )
         llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, llm.model_config.max_model_len)
+        # `auto` is resolved by vLLM (an fp32 checkpoint is served in bf16/fp16).
+        return cls(llm, llm.model_config.max_model_len, str(llm.model_config.dtype).removeprefix("torch."))
 
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, request_id: str

@@ -16,8 +16,8 @@ from server.engines import Engine, load_engine
 from server.errors import APIError, ModelNotFoundError
 from server.serving.prompts import PromptRenderer
 from server.settings import ServeSettings
+from shadow.factory import build_shadow_path, load_reference
 from shadow.path import ShadowPath
-from shadow.setup import build_shadow_path
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,20 @@ class ServingContext:
 
     @classmethod
     def load(cls, settings: ServeSettings, registry: CollectorRegistry) -> ServingContext:
-        """Blocking: tokenizer, the shadow's reference (checked first: a mismatch fails
-        fast), then the engine (weights, and vLLM's engine-core process)."""
+        """Blocking: tokenizer, the shadow's reference (checked first: a vocabulary
+        mismatch fails fast), the engine (weights, and vLLM's engine-core process), then
+        the noise floor in the dtype the engine really serves in."""
         renderer = PromptRenderer.load(settings.model)
+        scorer = load_reference(settings, settings.model, renderer.tokenizer) if settings.shadow_enabled else None
+        engine = load_engine(settings)
         shadow = None
-        if settings.shadow_enabled:
+        if scorer is not None:
             shadow = build_shadow_path(
-                settings, candidate_dir=settings.model, model_name=settings.model_name,
+                settings, scorer, model_name=settings.model_name, serving_dtype=engine.dtype,
                 candidate_tokenizer=renderer.tokenizer, registry=registry,
             )
         return cls(
-            engine=load_engine(settings),
+            engine=engine,
             renderer=renderer,
             model_name=settings.model_name,
             max_n=settings.max_n,

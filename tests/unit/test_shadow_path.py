@@ -33,7 +33,7 @@ def outcome(path: ShadowPath, name: str) -> float:
 
 
 def result(path: ShadowPath, name: str) -> float:
-    return path.metrics._sequences.labels(**path.metrics._cmp, result=name)._value.get()
+    return path.metrics._sequences.labels(**path.metrics._base, comparison="candidate", result=name)._value.get()
 
 
 async def run(path: ShadowPath, samples: list[ShadowSample]) -> None:
@@ -171,3 +171,35 @@ def test_batches_are_bounded_by_padded_size():
     # Cost = sequences x longest sequence. short (7) + long (34) costs 2 x 34 = 68 > 40, so
     # each goes alone; the two remaining short ones cost 2 x 7 = 14 and share a batch.
     assert scorer.batches == [1, 1, 2]
+
+
+def test_the_noise_floor_is_recorded_beside_the_candidate_and_judged():
+    registry = CollectorRegistry()
+    scorer = EchoScorer(flip_at=1)
+    scorer.enable_noise_floor("bfloat16")
+    settings = ShadowSettings(shadow_rate=1.0, shadow_timeout_s=5.0, verdict_min_sequences=2, verdict_min_tokens=8)
+    metrics = ShadowMetrics(registry, "cand", scorer.name, comparisons=("candidate", "noise_floor"))
+    path = ShadowPath(settings, scorer, metrics, model_name="cand")
+    asyncio.run(run(path, [sample(request_id=f"r{i}") for i in range(3)]))
+
+    def get(name, comparison, **labels):
+        return registry.get_sample_value(name, {"model": "cand", "reference": "echo", "comparison": comparison, **labels})
+
+    # Same positions on both sides; the candidate flips position 1 hard, the noise floor agrees everywhere.
+    assert get("shadow_token_kl_divergence_count", "candidate") == get("shadow_token_kl_divergence_count", "noise_floor") == 12
+    assert get("shadow_sequences_total", "candidate", result="hard") == 3
+    assert get("shadow_sequences_total", "noise_floor", result="identical") == 3
+    report = path.report()
+    assert report.noise_dtype == "bfloat16" and report.candidate.hard == 3 and report.noise_floor.identical == 3
+    assert report.verdict.status == "fail" and report.verdict.checks["excess_hard"] == "fail"
+    assert [r.request_id for r in path.history.snapshot()] == ["r0", "r1", "r2"]
+    assert path.report(window_s=1e-9).candidate is None  # nothing that recent
+
+
+def test_with_the_noise_floor_off_no_noise_is_asked_for():
+    scorer = EchoScorer()
+    scorer.enable_noise_floor("bfloat16")
+    path = make(scorer, shadow_noise_floor=False)
+    asyncio.run(run(path, [sample()]))
+    assert path.noise_dtype is None and path.history.snapshot()[0].noise is None
+    assert path.report().verdict.status == "inconclusive"

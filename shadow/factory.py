@@ -1,0 +1,64 @@
+"""Build the shadow path from settings: the scorer (local or remote) with its vocabulary
+check, the noise floor in the candidate's serving dtype, metrics on the caller's
+registry, and the optional capture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from shadow.capture import DivergenceCapture
+from shadow.metrics import CANDIDATE, NOISE_FLOOR, ShadowMetrics
+from shadow.path import ShadowPath
+from shadow.scoring import Scorer, check_same_vocab, vocab_fingerprint
+from shadow.settings import ShadowSettings
+
+
+def load_reference(settings: ShadowSettings, candidate_dir: Path, candidate_tokenizer) -> Scorer:
+    """Blocking (loads or connects to the reference). Raises ShadowReferenceError when it
+    cannot be used, e.g. when it does not share the candidate's vocabulary."""
+    if settings.shadow_reference_url:
+        from shadow.remote_scorer import RemoteScorer
+
+        token = settings.shadow_reference_token.get_secret_value() if settings.shadow_reference_token else None
+        scorer = RemoteScorer.connect(settings.shadow_reference_url, token, settings.shadow_timeout_s)
+    else:
+        from shadow.local_scorer import LocalScorer
+
+        scorer = LocalScorer.load(
+            settings.shadow_reference_model or candidate_dir,
+            settings.shadow_reference_adapter,
+            settings.shadow_reference_device,
+        )
+    check_same_vocab(vocab_fingerprint(candidate_tokenizer), scorer.vocab, scorer.name)
+    return scorer
+
+
+def build_shadow_path(
+    settings: ShadowSettings,
+    scorer: Scorer,
+    *,
+    model_name: str,
+    serving_dtype: str,
+    candidate_tokenizer,
+    registry: CollectorRegistry,
+) -> ShadowPath:
+    """Blocking (builds the serving-dtype copy of a local reference). `serving_dtype` is
+    the dtype the engine really runs in (vLLM's `auto` resolves it at load)."""
+    comparisons = (CANDIDATE,)
+    if settings.shadow_noise_floor:
+        scorer.enable_noise_floor(serving_dtype)
+        comparisons = (CANDIDATE, NOISE_FLOOR)
+    reference = settings.shadow_reference_name or scorer.name
+    metrics = ShadowMetrics(registry, model_name, reference, settings.shadow_labels, comparisons)
+    capture = None
+    if settings.shadow_capture_path is not None:
+        decode = (lambda ids: candidate_tokenizer.decode(ids)) if settings.shadow_capture_text else None
+        capture = DivergenceCapture(
+            settings.shadow_capture_path,
+            int(settings.shadow_capture_max_mb * 2**20),
+            settings.shadow_capture_backups,
+            decode,
+        )
+    return ShadowPath(settings, scorer, metrics, capture, model_name=model_name, reference_name=reference)

@@ -1,0 +1,173 @@
+"""The verdict maths on synthetic paired statistics (shadow/verdict.py), and the report
+built from compared sequences (shadow/report.py) against direct numpy computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shadow.compare import SequenceComparison, TokenDrift
+from shadow.history import ComparedSequence
+from shadow.report import build_report, paired, verdict_trajectory
+from shadow.verdict import PairedSequences, VerdictPolicy, judge
+
+TOKENS = 64
+
+
+def noise_like(n: int, seed: int, scale: float = 1.0) -> np.ndarray:
+    """Per-sequence KL sums as precision noise gives them: heavy-tailed across sequences
+    (a few near-ties carry most of the mass), ~8e-4 nats per token on average."""
+    rng = np.random.default_rng(seed)
+    return scale * TOKENS * 8e-4 * rng.lognormal(0.0, 1.0, n) / np.exp(0.5)
+
+
+def pairs(n: int = 32, *, candidate_kl=None, noise_kl=None, cand_diff=1, noise_diff=1, cand_hard=0, noise_hard=0):
+    noise_kl = noise_like(n, 1) if noise_kl is None else noise_kl
+    return PairedSequences(
+        tokens=np.full(n, TOKENS),
+        candidate_kl=noise_like(n, 2) if candidate_kl is None else candidate_kl,
+        noise_kl=noise_kl,
+        candidate_top1_different=np.broadcast_to(cand_diff, n),
+        noise_top1_different=np.broadcast_to(noise_diff, n),
+        candidate_hard=np.broadcast_to(cand_hard, n),
+        noise_hard=np.broadcast_to(noise_hard, n),
+    )
+
+
+def test_a_candidate_identical_to_the_noise_floor_passes():
+    noise = noise_like(32, 1)
+    verdict = judge(pairs(candidate_kl=noise, noise_kl=noise))
+    assert verdict.status == "pass"
+    assert verdict.kl_ratio.estimate == pytest.approx(1.0)
+    assert verdict.kl_ratio.low == pytest.approx(1.0) and verdict.kl_ratio.high == pytest.approx(1.0)
+
+
+def test_a_candidate_drawn_from_the_same_noise_passes():
+    verdict = judge(pairs())
+    assert verdict.status == "pass", verdict.reasons
+    assert verdict.kl_ratio.low < 1.0 < verdict.kl_ratio.high < 2.0
+
+
+def test_a_candidate_at_five_times_the_noise_kl_fails():
+    verdict = judge(pairs(candidate_kl=noise_like(32, 2, scale=5.0)))
+    assert verdict.status == "fail"
+    assert verdict.checks["kl_ratio"] == "fail"
+    assert verdict.kl_ratio.low > 2.0
+    assert verdict.reasons[0].startswith("above the limit: mean token KL is")
+
+
+def test_too_few_tokens_are_inconclusive():
+    verdict = judge(pairs(n=4, candidate_kl=noise_like(4, 2, scale=50.0)))
+    assert verdict.status == "inconclusive"
+    assert "a verdict needs at least 8 sequences and 256 tokens" in verdict.reasons[0]
+    assert judge(pairs(n=8), VerdictPolicy(min_tokens=10_000)).status == "inconclusive"
+
+
+def test_an_interval_that_straddles_the_limit_is_inconclusive():
+    # Two sequences dominate: the ratio could be anywhere between ~1 and ~3.
+    noise = np.full(10, 0.05)
+    candidate = np.full(10, 0.05)
+    candidate[:2] = 0.4
+    verdict = judge(pairs(n=10, candidate_kl=candidate, noise_kl=noise))
+    assert verdict.status == "inconclusive", verdict.reasons
+    assert verdict.kl_ratio.low < 2.0 < verdict.kl_ratio.high
+    assert verdict.reasons[0].startswith("undecided: mean token KL")
+
+
+def test_excess_top1_disagreement_fails_with_noise_level_kl():
+    # Same KL scale, but 3 of 64 tokens per sequence flip where the noise flips 1.
+    verdict = judge(pairs(cand_diff=3, noise_diff=1))
+    assert verdict.checks["kl_ratio"] == "pass"
+    assert verdict.checks["excess_top1"] == "fail" and verdict.status == "fail"
+    assert verdict.excess_top1.estimate == pytest.approx(2 / 64)
+
+
+def test_hard_divergences_count_only_in_excess_of_the_noise_floor():
+    rng = np.random.default_rng(3)
+    noisy_hard = (rng.random(32) < 0.3).astype(float)
+    # The dtype itself flips wide ties in ~30% of sequences, the candidate the same ones: pass.
+    assert judge(pairs(cand_hard=noisy_hard, noise_hard=noisy_hard)).status == "pass"
+    # The candidate diverges hard in every sequence: fail, whatever the KL says.
+    verdict = judge(pairs(cand_hard=1, noise_hard=noisy_hard))
+    assert verdict.checks["excess_hard"] == "fail" and verdict.status == "fail"
+    assert verdict.excess_hard.estimate == pytest.approx(1 - noisy_hard.mean())
+
+
+def test_an_fp32_noise_floor_of_zero_is_judged_against_the_floor():
+    zero = np.zeros(32)
+    exact = judge(pairs(candidate_kl=np.full(32, TOKENS * 2e-9), noise_kl=zero, cand_diff=0, noise_diff=0))
+    assert exact.status == "pass" and exact.kl_ratio.estimate == pytest.approx(2e-3)
+    assert "ratio is taken against that floor" in " ".join(exact.reasons)
+    broken = judge(pairs(candidate_kl=np.full(32, TOKENS * 1e-3), noise_kl=zero, cand_diff=0, noise_diff=0))
+    assert broken.status == "fail" and broken.kl_ratio.estimate == pytest.approx(1000)
+
+
+def test_the_same_data_always_gives_the_same_verdict():
+    a, b = judge(pairs()), judge(pairs())
+    assert a == b
+
+
+def test_non_finite_statistics_are_refused():
+    with pytest.raises(ValueError, match="not finite"):
+        pairs(candidate_kl=np.full(32, np.nan))
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+def comparison(kl: np.ndarray, delta_p: np.ndarray, top1_same: np.ndarray, first: int | None, result: str,
+               margin: float | None = None) -> SequenceComparison:
+    return SequenceComparison(len(kl), first, result, margin, TokenDrift(kl, delta_p, np.sqrt(kl), np.sqrt(kl), top1_same))
+
+
+def records(n: int, scale: float, seed: int = 0) -> list[ComparedSequence]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        noise_kl, cand_kl = rng.exponential(8e-4, TOKENS), scale * rng.exponential(8e-4, TOKENS)
+        same = np.ones(TOKENS, dtype=bool)
+        first = int(rng.integers(0, TOKENS)) if i % 2 else None
+        if first is not None:
+            same[first] = False
+        cand = comparison(cand_kl, rng.normal(0, 0.01, TOKENS), same, first, "near_tie" if first is not None else "identical",
+                          0.05 if first is not None else None)
+        noise = comparison(noise_kl, rng.normal(0, 0.01, TOKENS), np.ones(TOKENS, dtype=bool), None, "identical")
+        out.append(ComparedSequence(1000.0 + i, f"r{i}", cand, noise))
+    return out
+
+
+def test_report_statistics_match_a_direct_computation():
+    recs = records(16, scale=1.0)
+    report = build_report(recs, model="m", reference="r", noise_dtype="bfloat16", policy=VerdictPolicy())
+    kl = np.concatenate([r.candidate.tokens.kl for r in recs])
+    dp = np.concatenate([r.candidate.tokens.delta_p for r in recs])
+    assert report.candidate.tokens == 16 * TOKENS and report.candidate.sequences == 16
+    assert report.candidate.kl.mean == pytest.approx(kl.mean())
+    assert report.candidate.kl.stderr == pytest.approx(kl.std(ddof=1) / np.sqrt(kl.size))
+    assert report.candidate.kl.percentiles["99.9"] == pytest.approx(np.percentile(kl, 99.9))
+    assert report.candidate.kl.percentiles["100"] == pytest.approx(kl.max())
+    assert report.candidate.delta_p.rms == pytest.approx(np.sqrt(np.mean(dp**2)))
+    assert report.candidate.same_top1.value == pytest.approx(1 - 8 / kl.size)
+    firsts = [r.candidate.first_divergence for r in recs if r.candidate.first_divergence is not None]
+    assert report.candidate.diverged_by["16"] == pytest.approx(sum(f <= 16 for f in firsts) / 16)
+    assert (report.candidate.identical, report.candidate.near_tie, report.candidate.hard) == (8, 8, 0)
+    assert report.noise_floor.same_top1.value == 1.0 and report.noise_floor.max_flip_margin is None
+    assert report.window.first == 1000.0 and report.window.last == 1015.0
+    # The verdict in the report is the pure verdict on the paired columns.
+    assert report.verdict.status == judge(paired(recs)).status
+    assert report.verdict.kl_ratio.estimate == pytest.approx(kl.sum() / np.concatenate([r.noise.tokens.kl for r in recs]).sum())
+
+
+def test_without_a_noise_floor_the_verdict_is_inconclusive_and_says_why():
+    recs = [ComparedSequence(r.time, r.request_id, r.candidate, None) for r in records(16, scale=5.0)]
+    report = build_report(recs, model="m", reference="r", noise_dtype=None, policy=VerdictPolicy())
+    assert report.verdict.status == "inconclusive" and "noise floor is off" in report.verdict.reasons[0]
+    assert report.noise_floor is None and report.candidate.sequences == 16
+
+
+def test_the_trajectory_replays_the_verdict_in_arrival_order():
+    recs = records(24, scale=6.0)
+    points = verdict_trajectory(recs, VerdictPolicy())
+    assert [p.sequences for p in points] == list(range(1, 25))
+    assert all(p.status == "inconclusive" for p in points[:7])  # below min_sequences
+    assert points[-1].status == judge(paired(recs)).status == "fail"
