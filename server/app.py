@@ -139,12 +139,13 @@ def create_app(
     @app.get("/v1/shadow/verdict")
     async def shadow_verdict(
         window: Annotated[float | None, Query(gt=0, description="seconds; default: every sequence kept")] = None,
+        trajectory: Annotated[bool, Query(description="also the verdict after each sequence, in arrival order")] = False,
     ) -> ShadowReport:
         """The candidate judged against the noise floor, with the statistics behind it."""
         ctx = state.require()
         if ctx.shadow is None:
             raise NotFoundError("the shadow path is off on this server (--shadow-rate 0): there is no verdict")
-        return await asyncio.to_thread(ctx.shadow.report, window)
+        return await asyncio.to_thread(ctx.shadow.report, window, trajectory)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, http: Request, x_shadow: ShadowHeader = None):

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubComm
 
 from server.reference_app import ReferenceSettings
 from server.settings import ServeSettings
+from server.verify.settings import VerifySettings
 
 
 class Serve(ServeSettings):
@@ -36,6 +37,13 @@ class DemoModel(BaseModel):
             print(ensure_demo_model(self.cache_dir))
         except DemoModelError as exc:
             sys.exit(f"shadowserve demo-model: {exc}")
+
+
+class Verify(VerifySettings):
+    __doc__ = VerifySettings.__doc__
+
+    def cli_cmd(self) -> None:
+        run_verify(self)
 
 
 class Reference(ReferenceSettings):
@@ -130,6 +138,7 @@ class Shadowserve(BaseSettings, cli_prog_name="shadowserve", cli_kebab_case=True
     """OpenAI-compatible vLLM server with an fp32 shadow path for converted models."""
 
     serve: CliSubCommand[Serve]
+    verify: CliSubCommand[Verify]
     reference: CliSubCommand[Reference]
     demo_model: CliSubCommand[DemoModel]
     convert: CliSubCommand[Convert]
@@ -183,12 +192,48 @@ def run_reference(settings: ReferenceSettings) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
+VERDICT_EXIT = {"pass": 0, "fail": 1, "inconclusive": 3}
+USAGE_EXIT = 2  # argparse's code for bad flags; also verify's "could not judge"
+
+
+def run_verify(settings: VerifySettings) -> None:
+    """Exit 0 pass, 1 fail, 3 inconclusive; 2 when the run itself failed (a load error,
+    a bad input, samples that could not be compared): never a verdict by accident."""
+    import asyncio
+    import os
+
+    # vLLM logs to stdout by default; keep stdout for the report (--json pipes cleanly).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from server.verify.run import verify
+    from server.verify.text import header, render_text
+
+    try:
+        result = asyncio.run(verify(settings))
+        if settings.html is not None:
+            from server.verify.html import write_html
+
+            write_html(result, settings, settings.html)
+    except Exception as exc:  # anything that stops the run is a usage/load error, not a verdict
+        logging.getLogger("shadowserve.verify").debug("verify failed", exc_info=True)
+        print(f"shadowserve verify: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+    report = result.report
+    if settings.json_report:
+        print(report.model_dump_json(indent=2))
+    else:
+        print(render_text(report, header(settings, report)))
+    sys.exit(VERDICT_EXIT[report.verdict.status])
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         CliApp.run(Shadowserve, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        sys.exit(f"shadowserve: invalid settings: {problems}")
+        print(f"shadowserve: invalid settings: {problems}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Server settings: one pydantic-settings class, read from `--flags` and `SHADOWSERVE_*` env."""
+"""Settings, read from `--flags` and `SHADOWSERVE_*` env: the engine's (shared by `serve`
+and `verify`), and the server's, which add the HTTP side and the shadow path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shadow.settings import ShadowSettings
@@ -14,12 +15,8 @@ EngineName = Literal["vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class ServeSettings(BaseSettings, ShadowSettings):
-    """Run the OpenAI-compatible server on a candidate model, with the shadow path."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="SHADOWSERVE_", cli_kebab_case=True, extra="ignore", frozen=True
-    )
+class EngineSettings(BaseModel):
+    """What an engine needs to load a candidate."""
 
     model: Path = Field(description="local Hugging Face model directory (config.json, safetensors, tokenizer)")
     served_model_name: str | None = Field(
@@ -30,20 +27,40 @@ class ServeSettings(BaseSettings, ShadowSettings):
     max_model_len: int | None = Field(
         default=None, ge=16, description="context length, prompt + completion (default: the model's)"
     )
-    host: str = Field(default="127.0.0.1", description="bind address")
-    port: int = Field(default=8000, ge=0, le=65535, description="bind port")
-    api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="accepted bearer keys for /v1/* (env: comma-separated); none = no auth",
-    )
     max_logprobs: int = Field(default=20, ge=0, description="largest top_logprobs/logprobs a client may ask for")
-    max_n: int = Field(default=16, ge=1, description="largest `n` (choices per request)")
     enforce_eager: bool = Field(default=False, description="vLLM: skip graph compilation (faster start, slower decode)")
     kv_cache_gib: float | None = Field(
         default=None, gt=0, description="vLLM: KV-cache size in GiB (default: vLLM's share of memory; set it on CPU)"
     )
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM on GPU: memory share")
     seed: int = Field(default=0, description="engine seed (requests without `seed` still vary)")
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir_exists(cls, value: Path) -> Path:
+        if not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a Hugging Face model directory (no config.json)")
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.name
+
+
+class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
+    """Run the OpenAI-compatible server on a candidate model, with the shadow path."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHADOWSERVE_", cli_kebab_case=True, extra="ignore", frozen=True
+    )
+
+    host: str = Field(default="127.0.0.1", description="bind address")
+    port: int = Field(default=8000, ge=0, le=65535, description="bind port")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accepted bearer keys for /v1/* (env: comma-separated); none = no auth",
+    )
+    max_n: int = Field(default=16, ge=1, description="largest `n` (choices per request)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
 
     @field_validator("api_keys", mode="before")
@@ -53,19 +70,8 @@ class ServeSettings(BaseSettings, ShadowSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("model")
-    @classmethod
-    def _model_dir_exists(cls, value: Path) -> Path:
-        if not (value / "config.json").is_file():
-            raise ValueError(f"{value} is not a Hugging Face model directory (no config.json)")
-        return value
-
     @model_validator(mode="after")
     def _shadow_fits(self) -> ServeSettings:
         if self.shadow_enabled and self.shadow_top_k > self.max_logprobs:
             raise ValueError(f"shadow-top-k ({self.shadow_top_k}) cannot exceed max-logprobs ({self.max_logprobs})")
         return self
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model.name

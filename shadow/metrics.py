@@ -73,6 +73,7 @@ class ShadowMetrics:
         self._reference_seconds = histogram("shadow_reference_seconds", "Reference scoring latency per batch.", _SECONDS)
 
         self._base = base
+        self._registry = registry
         # Create every labelled child now, so series exist (at 0) before the first event:
         # rate() and absent() behave from the first scrape.
         for outcome in OUTCOMES:
@@ -88,6 +89,11 @@ class ShadowMetrics:
                 metric.labels(**labels)
         self._queue_depth.labels(**base).set(0)
         self._reference_seconds.labels(**base)
+
+    def outcomes(self) -> dict[str, float]:
+        """Samples so far by outcome (compared, dropped, skipped, error)."""
+        return {o: self._registry.get_sample_value("shadow_samples_total", {**self._base, "outcome": o}) or 0.0
+                for o in OUTCOMES}
 
     def sample(self, outcome: str, count: int = 1) -> None:
         self._samples.labels(**self._base, outcome=outcome).inc(count)

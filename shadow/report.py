@@ -139,11 +139,16 @@ def paired(records: list[ComparedSequence]) -> PairedSequences:
     )
 
 
+MAX_TRAJECTORY_POINTS = 256
+
+
 def verdict_trajectory(records: list[ComparedSequence], policy: VerdictPolicy) -> list[TrajectoryPoint]:
     """The verdict as it would have read after each sequence arrived: where it first left
-    `inconclusive`, and whether it ever changed its mind."""
-    return [TrajectoryPoint(sequences=n, status=judge(paired(records[:n]), policy).status)
-            for n in range(1, len(records) + 1)]
+    `inconclusive`, and whether it ever changed its mind. Past 256 sequences it is read
+    every few sequences (and at the last), so the cost stays bounded."""
+    step = -(-len(records) // MAX_TRAJECTORY_POINTS) or 1
+    points = [*range(step, len(records), step), len(records)] if records else []
+    return [TrajectoryPoint(sequences=n, status=judge(paired(records[:n]), policy).status) for n in points]
 
 
 def side_report(comparisons: list[SequenceComparison]) -> SideReport:

@@ -42,7 +42,7 @@ class VerdictPolicy:
 
     kl_ratio_max: float = 2.0
     excess_top1_max: float = 0.01
-    excess_hard_max: float = 0.05
+    excess_hard_max: float = 0.1
     min_sequences: int = 8
     min_tokens: int = 256
     confidence: float = 0.95

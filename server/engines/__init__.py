@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from server.engines.base import Engine, EngineChunk, EngineInputError, SamplingOptions
-from server.settings import ServeSettings
+from server.settings import EngineSettings
 
 __all__ = ["Engine", "EngineChunk", "EngineInputError", "SamplingOptions", "load_engine"]
 
 
-def load_engine(settings: ServeSettings) -> Engine:
+def load_engine(settings: EngineSettings) -> Engine:
     """Blocking: loads weights (and for vLLM starts the engine-core process)."""
     if settings.engine == "vllm":
         from server.engines.vllm_engine import VllmEngine

@@ -53,4 +53,9 @@ class Engine(Protocol):
         """Stream one sequence. Closing the iterator early aborts the request."""
         ...
 
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
+        """Teacher-forced over the prompt: for each position 1..n-1, the raw top-k
+        log-probs plus the prompt's own token there (llama.cpp's perplexity mode)."""
+        ...
+
     async def shutdown(self) -> None: ...

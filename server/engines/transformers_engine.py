@@ -65,8 +65,18 @@ class TransformersEngine:
             cancelled.set()
             await asyncio.shield(asyncio.wrap_future(job)) if not job.done() else None
 
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self._prompt_logprobs, prompt_ids, k)
+
     async def shutdown(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+
+    def _prompt_logprobs(self, prompt_ids: list[int], k: int) -> list[dict[int, float]]:
+        with torch.inference_mode():
+            logits = self._model(input_ids=torch.tensor([prompt_ids])).logits[0, :-1].float()
+            rows = torch.log_softmax(logits, dim=-1)
+            return [_top_logprobs(row, token, k)[0] for row, token in zip(rows, prompt_ids[1:])]
 
     # --- the worker thread ------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from server.engines.base import EngineChunk, EngineInputError, SamplingOptions
-from server.settings import ServeSettings
+from server.settings import EngineSettings
 
 
 class VllmEngine:
@@ -21,7 +21,7 @@ class VllmEngine:
         self.dtype = dtype
 
     @classmethod
-    def load(cls, settings: ServeSettings) -> VllmEngine:
+    def load(cls, settings: EngineSettings) -> VllmEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -70,8 +70,25 @@ class VllmEngine:
         except VLLMValidationError as exc:
             raise EngineInputError(str(exc)) from exc
 
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        # Prompt log-probs skip the sampler's processors: raw, like the sampled ones.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+            final = out
+        if final is None or final.prompt_logprobs is None:
+            raise RuntimeError("vLLM returned no prompt log-probs")
+        return [{tid: lp.logprob for tid, lp in pos.items()} for pos in final.prompt_logprobs[1:]]
+
     async def shutdown(self) -> None:
         self._llm.shutdown()
+        # Drop it now: collected at interpreter exit, AsyncLLM.__del__ shuts down again
+        # with its module globals already gone and prints a TypeError.
+        self._llm = None
 
 
 def _chunk(output, finished: bool) -> EngineChunk:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import yaml
@@ -38,15 +37,17 @@ def rule_groups(docs: list[dict]) -> dict:
 
 
 def all_queries(stable: list[dict], canary: list[dict]) -> dict[str, str]:
-    """Every PromQL expression the chart ships: dashboard targets, alert rules (the
-    measured side, without the threshold), canary analyses. Keyed by where it lives."""
+    """Every PromQL expression the chart ships that should return data: dashboard targets,
+    recording rules, canary analyses. Keyed by where it lives. (Alert expressions return
+    data only when they fire; their evaluation is checked through Prometheus's rule API.)"""
     queries = {}
     for panel in dashboard(stable)["panels"]:
         for target in panel["targets"]:
             queries[f"dashboard: {panel['title']} [{target['legendFormat']}]"] = target["expr"]
     for group in rule_groups(stable)["groups"]:
         for rule in group["rules"]:
-            queries[f"alert: {rule['alert']}"] = re.split(r"\s>\s", rule["expr"].strip())[0]
+            if "record" in rule:
+                queries[f"record: {rule['record']}"] = rule["expr"]
     for template in by_kind(canary, "AnalysisTemplate"):
         for metric in template["spec"]["metrics"]:
             queries[f"argo: {metric['name']}"] = metric["provider"]["prometheus"]["query"]

@@ -87,15 +87,39 @@ def test_monitoring_objects(stable):
 def test_canary_release(canary):
     kinds = sorted(d["kind"] for d in canary)
     assert kinds == sorted(["Deployment", "Service", "Secret", "ServiceMonitor", "AnalysisTemplate",
-                            "MetricTemplate", "MetricTemplate"])
+                            "MetricTemplate", "MetricTemplate", "MetricTemplate"])
     candidate = as_k8s(by_kind(canary, "Deployment")[0]).spec.template.spec.containers[0]
     assert "--shadow-labels=variant=canary" in candidate.args
     assert "--shadow-reference-url=http://shadowserve-stable-reference:8001" in candidate.args
+    assert "--shadow-noise-floor=true" in candidate.args and "--verdict-kl-ratio-max=2" in candidate.args
     (analysis,) = by_kind(canary, "AnalysisTemplate")
-    conditions = {m["name"]: m["successCondition"] for m in analysis["spec"]["metrics"]}
-    assert conditions == {"hard-divergence-ratio": "result[0] <= 0.02", "mean-token-kl": "result[0] <= 0.01"}
+    conditions = {m["name"]: (m["successCondition"], m["failureCondition"]) for m in analysis["spec"]["metrics"]}
+    assert conditions == {  # noise-relative: the verdict's limits; NaN (too little data) meets neither
+        "kl-noise-ratio": ("result[0] <= 2", "result[0] > 2"),
+        "excess-top1-disagreement": ("result[0] <= 0.01", "result[0] > 0.01"),
+        "excess-hard-divergence": ("result[0] <= 0.1", "result[0] > 0.1"),
+    }
     for metric in analysis["spec"]["metrics"]:
-        assert 'variant="canary"' in metric["provider"]["prometheus"]["query"]
+        query = metric["provider"]["prometheus"]["query"]
+        assert 'variant="canary"' in query and 'comparison="noise_floor"' in query and "vector(NaN)" in query
+    assert {t["metadata"]["name"] for t in by_kind(canary, "MetricTemplate")} == {
+        f"shadowserve-canary-{name}" for name in conditions}
+
+
+def test_the_absolute_gates_are_only_a_fallback():
+    docs = render({**CANARY_VALUES, "analysis": {"enabled": True, "noiseFloor": False}}, name="shadowserve-canary")
+    (analysis,) = by_kind(docs, "AnalysisTemplate")
+    assert {m["name"]: m["successCondition"] for m in analysis["spec"]["metrics"]} == {
+        "hard-divergence-ratio": "result[0] <= 0.02", "mean-token-kl": "result[0] <= 0.01"}
+    assert by_kind(docs, "MetricTemplate") == []
+
+
+def test_the_reference_computes_the_noise_floor_in_the_serving_dtype(stable):
+    reference = next(d for d in by_kind(stable, "Deployment") if d["metadata"]["name"].endswith("-reference"))
+    assert "--noise-dtype=bfloat16" in reference["spec"]["template"]["spec"]["containers"][0]["args"]
+    fp16 = render({"candidate": {"dtype": "float16"}})
+    reference = next(d for d in by_kind(fp16, "Deployment") if d["metadata"]["name"].endswith("-reference"))
+    assert "--noise-dtype=float16" in reference["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 BAD_VALUES = [
@@ -103,7 +127,10 @@ BAD_VALUES = [
     ({"variant": "Canary!"}, "/variant"),
     ({"candidate": {"dtype": "int3"}}, "/candidate/dtype"),
     ({"candidate": {"port": 70000}}, "/candidate/port"),
-    ({"prometheusRule": {"hardDivergenceRatio": -0.1}}, "/prometheusRule/hardDivergenceRatio"),
+    ({"prometheusRule": {"fallbackHardDivergenceRatio": -0.1}}, "/prometheusRule/fallbackHardDivergenceRatio"),
+    ({"prometheusRule": {"hardDivergenceRatio": 0.05}}, "/prometheusRule"),  # the old absolute key, gone
+    ({"verdict": {"excessTop1Max": 1.5}}, "/verdict/excessTop1Max"),
+    ({"verdict": {"klRatioMax": 0}}, "/verdict/klRatioMax"),
     ({"prometheusRule": {"window": "ten minutes"}}, "/prometheusRule/window"),
     ({"analysis": {"prometheusAddress": "prometheus:9090"}}, "/analysis/prometheusAddress"),
     ({"candidate": {"modelVolume": {"claimName": "", "path": "/m"}}}, "/candidate/modelVolume/claimName"),
@@ -116,6 +143,14 @@ def test_schema_rejects_bad_values(values, where):
 
     with pytest.raises(HelmValuesError, match=where):
         render(values)
+
+
+def test_an_auto_dtype_cannot_give_the_reference_its_noise_floor_dtype():
+    from helm_python import HelmError
+
+    with pytest.raises(HelmError, match="candidate.dtype must be explicit"):
+        render({"candidate": {"dtype": "auto"}})
+    assert render({"candidate": {"dtype": "auto", "shadow": {"noiseFloor": False}}})
 
 
 def test_disabling_the_reference_requires_an_external_url():

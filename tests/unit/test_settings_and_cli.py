@@ -27,7 +27,8 @@ def test_model_dir_must_hold_a_config(tmp_path):
 def test_cli_rejects_bad_settings_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--model", str(tmp_path), "--engine", "tensorrt"])
-    message = str(exit_info.value.code)
+    assert exit_info.value.code == 2  # a usage error, as argparse reports one
+    message = capsys.readouterr().err
     assert message.startswith("shadowserve: invalid settings:")
     assert "no config.json" in message and "engine" in message
 
@@ -35,3 +36,27 @@ def test_cli_rejects_bad_settings_with_a_message(tmp_path, capsys):
 def test_demo_model_command_prints_the_directory(demo_model, capsys):
     main(["demo-model"])
     assert capsys.readouterr().out.strip() == str(demo_model)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["verify", "/nowhere", "/nowhere"], "is not a Hugging Face model directory"),
+    (["verify", "{demo}", "{demo}", "--prompts", "/no/such/file"], "is not a file"),
+    (["verify", "{demo}", "{demo}", "--prompts", "{demo}/config.json", "--corpus", "{demo}/config.json"],
+     "give --prompts or --corpus, not both"),
+    (["verify", "{demo}", "{demo}", "--verdict-confidence", "1.5"], "verdict_confidence"),
+])
+def test_verify_usage_errors_exit_2_with_a_message(demo_model, capsys, args, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(demo=demo_model) for a in args])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_verify_refuses_a_prompts_file_it_cannot_use(demo_model, tmp_path, capsys):
+    """Bad input found after start-up is still a usage error (2), never a verdict."""
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"messages": [{"content": "no role"}]}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", str(demo_model), str(demo_model), "--prompts", str(bad), "--engine", "transformers"])
+    assert exit_info.value.code == 2
+    assert "expected a list of chat messages" in capsys.readouterr().err

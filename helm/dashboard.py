@@ -1,0 +1,273 @@
+"""Builds the chart's Grafana dashboard (helm/shadowserve/dashboards/shadowserve.json)
+and the panel table of docs/kubernetes.md from one description, so the two never
+disagree. Run `python helm/dashboard.py` after changing a panel; a test checks that the
+committed files are what this script writes.
+
+Every comparison series carries `comparison`: "candidate" (the served model vs the fp32
+reference) and "noise_floor" (the reference in the serving dtype vs fp32, on the same
+positions). Panels show the two side by side; the verdict panels show their ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DASHBOARD = HERE / "shadowserve" / "dashboards" / "shadowserve.json"
+DOCS = HERE.parent / "docs" / "kubernetes.md"
+SEL = 'model=~"$model",variant=~"$variant"'
+RI = "$__rate_interval"
+BY = "variant, comparison"
+
+
+def s(extra: str = "") -> str:
+    return "{" + SEL + ("," + extra if extra else "") + "}"
+
+
+def rate(metric: str, extra: str = "", window: str = RI) -> str:
+    return f"rate({metric}{s(extra)}[{window}])"
+
+
+def side(comparison: str, extra: str = "") -> str:
+    return f'comparison="{comparison}"' + (f",{extra}" if extra else "")
+
+
+def ratio_to_noise(metric: str) -> str:
+    """candidate / noise floor of a per-(model, variant) sum: the paired ratio (both sides
+    cover the same tokens, so a ratio of sums is a ratio of means)."""
+    candidate = rate(metric, side("candidate"))
+    noise = rate(metric, side("noise_floor"))
+    return f"sum by (model, variant) ({candidate}) / sum by (model, variant) ({noise})"
+
+
+def excess(metric: str, label: str, per: str) -> str:
+    """(candidate - noise floor) per compared unit, by (model, variant)."""
+    candidate = rate(metric, side("candidate", label))
+    noise = rate(metric, side("noise_floor", label))
+    total = rate(per, side("candidate"))
+    return f"(sum by (model, variant) ({candidate}) - sum by (model, variant) ({noise})) / sum by (model, variant) ({total})"
+
+
+def diverged_by(n: int) -> str:
+    bucket = s(f'le="{n}.0"')
+    return (f"sum by (comparison) (increase(shadow_first_divergence_position_tokens_bucket{bucket}[$__range]))"
+            f" / sum by (comparison) (increase(shadow_compared_sequence_tokens_count{s()}[$__range]))")
+
+
+def target(expr: str, legend: str, **extra) -> dict:
+    return {"expr": expr, "legendFormat": legend, **extra}
+
+
+def quantile(q: float, metric: str) -> str:
+    return f"histogram_quantile({q}, sum by (le, {BY}) ({rate(metric + '_bucket')}))"
+
+
+def by_comparison_ratio(num: str, num_extra: str, den: str) -> str:
+    return f"sum by ({BY}) ({rate(num, num_extra)}) / sum by ({BY}) ({rate(den)})"
+
+
+PANELS = [
+    dict(
+        title="Verdict: token KL, candidate over noise floor",
+        description=(
+            "Mean token KL of the candidate divided by the noise floor's (the reference in the serving dtype vs itself in "
+            "fp32, on the same positions). About 1 for precision noise; the verdict and the canary gates fail above "
+            "the limit (2x by default). Paired: both sides cover the same tokens."),
+        unit="short", w=8,
+        targets=[target(ratio_to_noise("shadow_token_kl_divergence_sum"), "{{variant}} KL ratio")],
+    ),
+    dict(
+        title="Verdict: excess top-1 disagreement over the noise floor",
+        description=("Top-1 disagreements per compared token, candidate minus noise floor. The verdict fails above "
+                     "1 point (0.01) by default."),
+        unit="percentunit", w=8,
+        targets=[target(excess("shadow_tokens_total", 'top1="different"', "shadow_tokens_total"), "{{variant}} excess top-1")],
+    ),
+    dict(
+        title="Verdict: excess hard divergences over the noise floor",
+        description=("Hard divergences per compared sequence, candidate minus noise floor (the same near-tie margin on "
+                     "both sides). The verdict fails above 10 points (0.1) by default."),
+        unit="percentunit", w=8,
+        targets=[target(excess("shadow_sequences_total", 'result="hard"', "shadow_sequences_total"), "{{variant}} excess hard")],
+    ),
+    dict(
+        title="Hard vs near-tie divergences per compared sequence",
+        description=("Share of compared sequences whose first divergence is hard (beyond the near-tie margin) or a "
+                     "near-tie, for the candidate and for the noise floor. A first divergence is not an alarm by itself: "
+                     "in bf16 most sequences diverge at a near-tie from precision alone."),
+        unit="percentunit",
+        targets=[
+            target(by_comparison_ratio("shadow_sequences_total", 'result="hard"', "shadow_sequences_total"),
+                   "{{variant}} {{comparison}} hard"),
+            target(by_comparison_ratio("shadow_sequences_total", 'result="near_tie"', "shadow_sequences_total"),
+                   "{{variant}} {{comparison}} near-tie"),
+        ],
+    ),
+    dict(
+        title="Same top-1 rate",
+        description=("Share of compared positions where the top-1 agrees with the fp32 reference's (llama.cpp's "
+                     "'same top p'), candidate and noise floor side by side."),
+        unit="percentunit",
+        targets=[target(by_comparison_ratio("shadow_tokens_total", 'top1="same"', "shadow_tokens_total"),
+                        "{{variant}} {{comparison}}")],
+    ),
+    dict(
+        title="First divergence position",
+        description="Distribution of the candidate's first divergence position, over diverged sequences.",
+        type="heatmap", unit="short",
+        targets=[target(f"sum by (le) ({rate('shadow_first_divergence_position_tokens_bucket', side('candidate'))})",
+                        "{{le}}", format="heatmap")],
+    ),
+    dict(
+        title="P(diverged by position N)",
+        description=("Share of compared sequences whose first divergence is at or before position N, over the "
+                     "dashboard's time range: candidate and noise floor side by side."),
+        type="bargauge", unit="percentunit",
+        targets=[
+            target(diverged_by(n), f"{{{{comparison}}}} N={n}", instant=True) for n in (1, 4, 16, 64)
+        ],
+    ),
+    dict(
+        title="Token KL(ref || ·): mean and quantiles",
+        description=("Per compared token, KL over the top-k plus the rest (a lower bound of the full-vocabulary KL), "
+                     "nats; candidate and noise floor. llama.cpp's --kl-divergence statistics, live."),
+        unit="short", log=True,
+        targets=[
+            target(f"sum by ({BY}) ({rate('shadow_token_kl_divergence_sum')}) / sum by ({BY}) "
+                   f"({rate('shadow_token_kl_divergence_count')})", "{{variant}} {{comparison}} mean"),
+            *[target(quantile(q, "shadow_token_kl_divergence"), f"{{{{variant}}}} {{{{comparison}}}} p{p}")
+              for q, p in ((0.5, "50"), (0.99, "99"), (0.999, "99.9"))],
+        ],
+    ),
+    dict(
+        title="Δp of the emitted token: mean, RMS and tails",
+        description="p(·) − p_ref of the emitted token (llama.cpp's Δp). A heavier negative tail means real degradation.",
+        unit="percentunit",
+        targets=[
+            target(f"(sum by ({BY}) ({rate('shadow_token_delta_p_gain_total')}) - sum by ({BY}) "
+                   f"({rate('shadow_token_delta_p_loss_total')})) / sum by ({BY}) ({rate('shadow_token_delta_p_count')})",
+                   "{{variant}} {{comparison}} mean"),
+            target(f"sqrt(sum by ({BY}) ({rate('shadow_token_delta_p_squares_total')}) / sum by ({BY}) "
+                   f"({rate('shadow_token_delta_p_count')}))", "{{variant}} {{comparison}} RMS"),
+            target(quantile(0.01, "shadow_token_delta_p"), "{{variant}} {{comparison}} p1"),
+            target(quantile(0.99, "shadow_token_delta_p"), "{{variant}} {{comparison}} p99"),
+        ],
+    ),
+    dict(
+        title="Log-prob drift over the top-k",
+        description="Per token, max |logprob − logprob_ref| over the top-k, nats; candidate and noise floor.",
+        unit="short",
+        targets=[
+            target(f"sum by ({BY}) ({rate('shadow_token_logprob_drift_sum')}) / sum by ({BY}) "
+                   f"({rate('shadow_token_logprob_drift_count')})", "{{variant}} {{comparison}} mean"),
+            target(quantile(0.99, "shadow_token_logprob_drift"), "{{variant}} {{comparison}} p99"),
+        ],
+    ),
+    dict(
+        title="Shadow samples by outcome",
+        description=("compared; dropped (queue full or shutdown); skipped (aborted, failed or empty generation); error "
+                     "(reference failed, timed out or returned NaN)."),
+        unit="reqps",
+        targets=[target(f"sum by (outcome) ({rate('shadow_samples_total')})", "{{outcome}}")],
+    ),
+    dict(
+        title="Shadow queue depth", description="Samples waiting for the reference.", unit="short", w=6,
+        targets=[target(f"sum by (variant) (shadow_queue_depth{s()})", "{{variant}}")],
+    ),
+    dict(
+        title="Reference latency per batch",
+        description="Teacher-forced scoring time of one reference batch (fp32 pass, plus the noise-floor pass).",
+        unit="s", w=6,
+        targets=[target(f"histogram_quantile({q}, sum by (le) ({rate('shadow_reference_seconds_bucket')}))", f"p{p}")
+                 for q, p in ((0.5, "50"), (0.99, "99"))],
+    ),
+    dict(
+        title="Serving throughput (vLLM)",
+        description="Finished requests and generated tokens per second, from vLLM's own metrics.",
+        unit="short",
+        targets=[
+            target(f'sum(rate(vllm:request_success_total{{model_name=~"$model"}}[{RI}]))', "requests/s"),
+            target(f'sum(rate(vllm:generation_tokens_total{{model_name=~"$model"}}[{RI}]))', "output tokens/s"),
+        ],
+    ),
+    dict(
+        title="Serving latency (vLLM)",
+        description="Time to first token and end-to-end request latency quantiles, from vLLM's own metrics.",
+        unit="s",
+        targets=[
+            target(f'histogram_quantile({q}, sum by (le) (rate(vllm:{metric}_bucket{{model_name=~"$model"}}[{RI}])))',
+                   f"{name} p{p}")
+            for metric, name in (("time_to_first_token_seconds", "TTFT"), ("e2e_request_latency_seconds", "e2e"))
+            for q, p in ((0.5, "50"), (0.99, "99"))
+        ],
+    ),
+]
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def variable(name: str, label: str, query: str) -> dict:
+    return {"name": name, "label": label, "type": "query", "datasource": DATASOURCE,
+            "query": {"query": query, "refId": name}, "definition": query, "includeAll": True, "multi": True,
+            "allValue": ".*", "refresh": 2, "current": {"text": "All", "value": "$__all"}}
+
+
+def dashboard() -> dict:
+    panels, x, y, row_h = [], 0, 0, 8
+    for number, spec in enumerate(PANELS, start=1):
+        w = spec.get("w", 12)
+        if x + w > 24:
+            x, y = 0, y + row_h
+        field = {"defaults": {"unit": spec["unit"]}, "overrides": []}
+        if spec.get("log"):
+            field["defaults"]["custom"] = {"scaleDistribution": {"type": "log", "log": 10}}
+        panels.append({
+            "id": number, "type": spec.get("type", "timeseries"), "title": spec["title"],
+            "description": spec["description"], "datasource": DATASOURCE,
+            "gridPos": {"x": x, "y": y, "w": w, "h": row_h},
+            "targets": [{"refId": chr(ord("A") + i), **t} for i, t in enumerate(spec["targets"])],
+            "fieldConfig": field, "options": {},
+        })
+        x += w
+    return {
+        "uid": "shadowserve-drift", "title": "shadowserve: candidate vs reference drift", "schemaVersion": 39,
+        "version": 2, "tags": ["shadowserve", "vllm"], "time": {"from": "now-6h", "to": "now"}, "refresh": "30s",
+        "templating": {"list": [
+            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus", "current": {}, "hide": 0},
+            variable("model", "Model", "label_values(shadow_samples_total, model)"),
+            variable("variant", "Variant", 'label_values(shadow_samples_total{model=~"$model"}, variant)'),
+        ]},
+        "panels": panels,
+    }
+
+
+def docs_table(board: dict) -> str:
+    rows = ["| panel | PromQL |", "|---|---|"]
+    for panel in board["panels"]:
+        queries = "<br>".join(f"`{t['legendFormat']}`: `{t['expr']}`" for t in panel["targets"])
+        cell = f"**{panel['title']}** — {panel['description']}"
+        rows.append(f"| {cell.replace('|', '&#124;')} | {queries.replace('|', '&#124;')} |")
+    return "\n".join(rows)
+
+
+BEGIN, END = "<!-- panels: generated by helm/dashboard.py -->", "<!-- end of panels -->"
+
+
+def render_docs(text: str, board: dict) -> str:
+    block = f"{BEGIN}\n{docs_table(board)}\n{END}"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{DOCS}: no '{BEGIN}' … '{END}' block to fill")
+    return pattern.sub(lambda _: block, text)
+
+
+def main() -> None:
+    board = dashboard()
+    DASHBOARD.write_text(json.dumps(board, indent=1, ensure_ascii=False) + "\n")
+    DOCS.write_text(render_docs(DOCS.read_text(), board))
+
+
+if __name__ == "__main__":
+    main()

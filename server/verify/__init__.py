@@ -1,0 +1,1 @@
+"""`shadowserve verify`: the shadow pipeline offline, for CI before a deploy."""

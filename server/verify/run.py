@@ -1,0 +1,147 @@
+"""verify's pipeline: the server's own pieces, offline. The candidate runs in the real
+engine behind the real chat handler (admission, shadow tap); the shadow path scores it
+and the noise floor on the reference, compares, keeps the history and judges it. Nothing
+here computes a statistic of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from tqdm import tqdm
+
+from server.engines import load_engine
+from server.protocol import ChatCompletionRequest
+from server.serving.chat import ChatHandler
+from server.serving.context import ServingContext
+from server.serving.prompts import PromptRenderer
+from server.settings import EngineSettings
+from server.verify.inputs import corpus_windows, load_prompts
+from server.verify.settings import VerifySettings
+from shadow.factory import build_shadow_path, load_reference
+from shadow.path import ShadowPath, ShadowSample, ShadowSequence
+from shadow.report import ShadowReport
+from shadow.history import ComparedSequence
+from shadow.settings import ShadowSettings, VerdictSettings
+
+log = logging.getLogger(__name__)
+CANDIDATE_NAME = "candidate"
+
+
+class VerifyError(RuntimeError):
+    """The run cannot give a verdict one can trust (samples that failed to compare)."""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    report: ShadowReport
+    sequences: list[ComparedSequence]  # per-token detail, in arrival order, for the plots
+
+
+def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:
+    """The shadow path as the server runs it, sampling every request, never dropping one."""
+    return ShadowSettings(
+        shadow_rate=1.0,
+        shadow_top_k=settings.top_k,
+        shadow_near_tie_margin=settings.near_tie_margin,
+        shadow_reference_model=settings.reference,
+        shadow_reference_adapter=settings.adapter,
+        shadow_reference_device=settings.reference_device,
+        shadow_queue_size=samples + 1,
+        shadow_timeout_s=3600.0,
+        shadow_drain_s=0.0,
+        shadow_verdict_max_sequences=samples + 1,
+        **settings.model_dump(include=set(VerdictSettings.model_fields)),
+    )
+
+
+async def verify(settings: VerifySettings) -> VerifyResult:
+    """Blocking loads run in threads; raises ShadowReferenceError, InputError, VerifyError."""
+    renderer = await asyncio.to_thread(PromptRenderer.load, settings.candidate)
+    if settings.corpus is None:
+        work = load_prompts(settings.prompts, settings.samples)
+    else:
+        text = settings.corpus.read_text(encoding="utf-8")
+        work = corpus_windows(renderer.text(text), settings.context, settings.samples)
+    config = shadow_settings(settings, len(work))
+    scorer = await asyncio.to_thread(load_reference, config, settings.candidate, renderer.tokenizer)
+    engine_settings = EngineSettings(
+        model=settings.candidate, served_model_name=CANDIDATE_NAME, engine=settings.engine, dtype=settings.dtype,
+        max_model_len=settings.max_model_len, max_logprobs=settings.top_k, enforce_eager=settings.enforce_eager,
+        kv_cache_gib=settings.kv_cache_gib,
+    )
+    engine = await asyncio.to_thread(load_engine, engine_settings)
+    try:
+        shadow = await asyncio.to_thread(
+            build_shadow_path, config, scorer, model_name=CANDIDATE_NAME, serving_dtype=engine.dtype,
+            candidate_tokenizer=renderer.tokenizer, registry=CollectorRegistry(),
+        )
+        shadow.start()
+        try:
+            ctx = ServingContext(engine, renderer, CANDIDATE_NAME, max_n=1, max_logprobs=settings.top_k, shadow=shadow)
+            if settings.corpus is None:
+                await _generate(ctx, work, settings.max_tokens)
+            else:
+                await _teacher_force(ctx, work, settings.top_k)
+            await _scored(shadow, len(work))
+        finally:
+            await shadow.stop()
+        report = await asyncio.to_thread(shadow.report, None, True)
+        return VerifyResult(report, shadow.history.snapshot())
+    finally:
+        await engine.shutdown()
+
+
+async def _generate(ctx: ServingContext, conversations: list[list[dict]], max_tokens: int) -> None:
+    """Greedy chat completions through the server's chat handler; each finished one is
+    handed to the shadow path by the handler's own tap."""
+    handler = ChatHandler(ctx)
+    bar = tqdm(total=len(conversations), desc="generate", unit="prompt", leave=False)
+
+    async def one(messages: list[dict]) -> None:
+        body = {"model": CANDIDATE_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        await handler.create(ChatCompletionRequest.model_validate_json(json.dumps(body)))
+        bar.update()
+
+    try:
+        await asyncio.gather(*(one(m) for m in conversations))
+    finally:
+        bar.close()
+
+
+async def _teacher_force(ctx: ServingContext, windows: list[tuple[list[int], list[int]]], k: int) -> None:
+    """llama.cpp's mode: the candidate's prompt log-probs over each window; its scored half
+    goes to the shadow path as if generated, so the reference sees exactly the same text."""
+    bar = tqdm(total=len(windows), desc="candidate", unit="window", leave=False)
+
+    async def one(n: int, context: list[int], scored: list[int]) -> None:
+        entries = await ctx.engine.prompt_logprobs(context + scored, k, f"corpus-{n}")
+        ctx.shadow.submit(ShadowSample(f"corpus-{n}", CANDIDATE_NAME,
+                                       [ShadowSequence(context, scored, entries[len(context) - 1:])]))
+        bar.update()
+
+    try:
+        await asyncio.gather(*(one(n, c, s) for n, (c, s) in enumerate(windows)))
+    finally:
+        bar.close()
+
+
+async def _scored(shadow: ShadowPath, expected: int) -> None:
+    """Wait for the reference to score every sample; refuse a verdict on a subset."""
+    bar = tqdm(total=expected, desc="reference", unit="seq", leave=False)
+    try:
+        while (done := shadow.metrics.outcomes()) and sum(done.values()) < expected:
+            bar.n = done["compared"]
+            bar.refresh()
+            await asyncio.sleep(0.2)
+    finally:
+        bar.close()
+    failed = {k: int(v) for k, v in done.items() if k != "compared" and v}
+    if failed.get("error") or failed.get("dropped"):
+        raise VerifyError(
+            f"{sum(failed.values())} of {expected} samples were not compared ({failed}); see the warnings above. "
+            "A verdict on the rest could hide exactly what failed."
+        )

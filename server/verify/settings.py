@@ -1,0 +1,63 @@
+"""`shadowserve verify` settings: the candidate's engine, the reference, the inputs, the
+report formats, and the verdict's limits (the same settings `serve` has)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import CliImplicitFlag, CliPositionalArg
+
+from server.settings import DType, EngineName
+from shadow.settings import VerdictSettings
+
+
+class VerifySettings(VerdictSettings):
+    """Judge a candidate against its reference offline: the shadow pipeline on fixed prompts
+    (or a corpus), the noise floor beside it, a report and a verdict. Exit code 0 pass,
+    1 fail, 3 inconclusive, 2 usage or load error."""
+
+    candidate: CliPositionalArg[Path] = Field(description="the candidate's Hugging Face directory")
+    reference: CliPositionalArg[Path] = Field(description="the reference's Hugging Face directory (run in fp32)")
+    adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on the reference (merged-LoRA candidates)")
+    engine: EngineName = Field(default="vllm", description="the candidate's engine: vllm or transformers")
+    dtype: DType = Field(default="auto", description="the candidate's serving dtype; the noise floor runs the reference in it")
+    prompts: Path | None = Field(
+        default=None, description="prompts file: JSONL of chat messages, or plain lines (default: a built-in set of 32)"
+    )
+    samples: int | None = Field(default=None, ge=1, description="use only the first N prompts (or corpus windows)")
+    max_tokens: int = Field(default=64, ge=1, description="greedy tokens generated per prompt")
+    corpus: Path | None = Field(
+        default=None, description="text file: llama.cpp's mode, both sides teacher-forced over fixed text (nothing compounds)"
+    )
+    context: int = Field(default=256, ge=4, description="corpus window in tokens; its second half is scored")
+    top_k: int = Field(default=20, ge=1, le=100, description="candidate (and noise-floor) log-probs compared per token")
+    near_tie_margin: float = Field(default=0.25, ge=0, description="nats: a first divergence within it is near_tie, else hard")
+    reference_device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    enforce_eager: bool = Field(default=True, description="vLLM: skip graph compilation (a one-off run starts faster)")
+    kv_cache_gib: float | None = Field(default=None, gt=0, description="vLLM KV-cache size in GiB (set it on CPU hosts)")
+    max_model_len: int | None = Field(default=None, ge=16, description="context length (default: the model's)")
+    json_report: CliImplicitFlag[bool] = Field(
+        default=False, alias="json", description="print the report as JSON (the schema of GET /v1/shadow/verdict)"
+    )
+    html: Path | None = Field(default=None, description="also write a self-contained HTML report with plots here")
+
+    @field_validator("candidate", "reference")
+    @classmethod
+    def _model_dir(cls, value: Path) -> Path:
+        if not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a Hugging Face model directory (no config.json)")
+        return value
+
+    @field_validator("prompts", "corpus")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> VerifySettings:
+        if self.corpus is not None and self.prompts is not None:
+            raise ValueError("give --prompts or --corpus, not both")
+        return self

@@ -1,0 +1,85 @@
+"""verify's text report, laid out like llama.cpp's `--kl-divergence` summary, with the
+noise floor in a column beside the candidate, then the verdict and its reasons."""
+
+from __future__ import annotations
+
+from shadow.report import ShadowReport, SideReport, TrajectoryPoint
+
+KL_ROWS = ("100", "99.9", "99", "90", "50", "10", "5", "1", "0")
+DP_ROWS = ("100", "99.9", "99", "95", "90", "75", "50", "25", "10", "5", "1", "0.1", "0")
+_LABEL = {"100": "Maximum", "0": "Minimum", "50": "Median"}
+
+Row = tuple[str, str, str]  # label, candidate, noise floor ("" label: a blank separator)
+
+
+def summary_rows(report: ShadowReport) -> list[Row]:
+    """The statistics table, shared by the text and the HTML report."""
+    c, n = report.candidate, report.noise_floor
+    rows: list[Row] = []
+
+    def row(label: str, fn) -> None:
+        rows.append((label, fn(c), fn(n) if n is not None else "-"))
+
+    row("Mean    KLD", lambda s: f"{s.kl.mean:.6f} ± {s.kl.stderr:.6f}")
+    for p in KL_ROWS:
+        row(f"{_LABEL.get(p, p + '%'):7} KLD", lambda s, p=p: f"{s.kl.percentiles[p]:.6f}")
+    row("Mean    Δp", lambda s: f"{100 * s.delta_p.mean:.3f} ± {100 * s.delta_p.stderr:.3f} %")
+    for p in DP_ROWS:
+        row(f"{_LABEL.get(p, p + '%'):7} Δp", lambda s, p=p: f"{100 * s.delta_p.percentiles[p]:.3f} %")
+    row("RMS Δp", lambda s: f"{100 * s.delta_p.rms:.3f} %")
+    row("Same top p", lambda s: f"{100 * s.same_top1.value:.3f} ± {100 * s.same_top1.stderr:.3f} %")
+    row("Mean drift (nats)", lambda s: f"{s.drift.mean:.4f}")
+    rows.append(("", "", ""))
+    row("identical/near_tie/hard", lambda s: f"{s.identical}/{s.near_tie}/{s.hard}")
+    row("first divergence, median", lambda s: "-" if s.first_divergence_median is None else f"{s.first_divergence_median:g}")
+    for k in ("8", "16", "32", "64"):
+        row(f"P(diverged by {k})", lambda s, k=k: f"{s.diverged_by[k]:.2f}")
+    row("widest flip margin", _margin)
+    return rows
+
+
+def intro(report: ShadowReport) -> str:
+    c = report.candidate
+    return (f"{c.sequences} sequences, {c.tokens} tokens compared; noise floor: the reference in "
+            f"{report.noise_dtype or '(off)'} vs itself in fp32, over the same positions")
+
+
+def header(settings, report: ShadowReport) -> str:
+    """One line naming what was compared (`settings`: the run's VerifySettings)."""
+    mode = (f"corpus {settings.corpus}, windows of {settings.context} tokens (second half scored)"
+            if settings.corpus else f"{settings.max_tokens} greedy tokens per prompt")
+    adapter = f" + adapter {settings.adapter}" if settings.adapter else ""
+    return (f"shadowserve verify: {settings.candidate} ({settings.engine}, {report.noise_dtype or settings.dtype}) "
+            f"vs {settings.reference}{adapter} (fp32); {mode}")
+
+
+def render_text(report: ShadowReport, title: str) -> str:
+    lines = [title, ""]
+    if report.candidate is None:
+        return "\n".join([*lines, "nothing was compared", "", *verdict_lines(report)])
+    lines += [intro(report), "", f"{'':26}{'candidate':>24}{'noise floor':>24}"]
+    lines += [f"{label:26}{cand:>24}{noise:>24}" if label else "" for label, cand, noise in summary_rows(report)]
+    return "\n".join([*lines, "", *verdict_lines(report)])
+
+
+def _margin(side: SideReport) -> str:
+    return "-" if side.max_flip_margin is None else f"{side.max_flip_margin:.3f} nats"
+
+
+def verdict_lines(report: ShadowReport) -> list[str]:
+    v = report.verdict
+    lines = [f"Verdict: {v.status.upper()}"]
+    lines += [f"  - {reason}" for reason in v.reasons]
+    if report.trajectory:
+        lines.append(f"  {describe_trajectory(report.trajectory)}")
+    return lines
+
+
+def describe_trajectory(points: list[TrajectoryPoint]) -> str:
+    """When the verdict first left `inconclusive`, and whether it later changed."""
+    decided = next((p for p in points if p.status != "inconclusive"), None)
+    if decided is None:
+        return f"still inconclusive after {len(points)} sequences"
+    later = {p.status for p in points if p.sequences >= decided.sequences}
+    steady = "and held it to the end" if later == {decided.status} else f"then read {'/'.join(sorted(later))}"
+    return f"first decided '{decided.status}' after {decided.sequences} of {points[-1].sequences} sequences, {steady}"

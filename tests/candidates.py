@@ -1,0 +1,182 @@
+"""Candidates built from the real SmolLM2 weights: conversion bugs of the kinds people
+report, and noise controls that only change precision. Each is a Hugging Face directory
+served as it is, with the reference (and adapter) it must be judged against.
+
+Bugs (the verdict must fail them):
+- rope_theta: config rope theta 1e4 instead of 1e5 (a config mapping that lost the value)
+- attention_scale: attention logits x 16/14.96, the TransformerLens case (q_proj scaled)
+- kv_swapped: k and v swapped when splitting a packed wqkv
+- tp_rank_order: tensor-parallel shards merged in the wrong rank order (real `merge-tp`)
+- rotary_layout: q/k left in the interleaved rotary layout (the HF permutation not applied)
+- lora_bf16_merge_fp16: a LoRA merged into a bf16 base, saved in bf16 and served in fp16
+  (the report in DESIGN.md: wrong answers in fp16 inference)
+
+Controls (precision only; the verdict must pass them):
+- bf16 / fp16: the reference's own weights served in that dtype
+- lora_fp32_merge_bf16: the LoRA merged in fp32 (`merge-lora`), served in bf16, judged
+  against base + the unmerged adapter
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+NON_WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    kind: str  # "bug" or "control"
+    path: Path
+    reference: Path
+    dtype: str
+    adapter: Path | None = None
+
+
+def _copy_non_weights(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in NON_WEIGHT_FILES:
+        shutil.copy2(src / name, dst / name)
+
+
+def _with_weights(src: Path, dst: Path, change) -> Path:
+    _copy_non_weights(src, dst)
+    weights = load_file(src / "model.safetensors")
+    change(weights, json.loads((src / "config.json").read_text()))
+    save_file({k: v.contiguous() for k, v in weights.items()}, dst / "model.safetensors")
+    return dst
+
+
+def _layers(config: dict):
+    return [f"model.layers.{i}.self_attn." for i in range(config["num_hidden_layers"])]
+
+
+def rope_theta(src: Path, dst: Path) -> Path:
+    _copy_non_weights(src, dst)
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 10000.0
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def attention_scale(src: Path, dst: Path) -> Path:
+    def change(w, config):
+        for p in _layers(config):  # q.k scales with q: every attention logit x 16/14.96
+            w[p + "q_proj.weight"] = w[p + "q_proj.weight"] * (16 / 14.96)
+    return _with_weights(src, dst, change)
+
+
+def kv_swapped(src: Path, dst: Path) -> Path:
+    def change(w, config):
+        for p in _layers(config):
+            w[p + "k_proj.weight"], w[p + "v_proj.weight"] = w[p + "v_proj.weight"], w[p + "k_proj.weight"]
+    return _with_weights(src, dst, change)
+
+
+def rotary_layout(src: Path, dst: Path) -> Path:
+    """Meta's interleaved rotary layout left in place: the inverse of the row permutation
+    transformers' Llama converter applies to q_proj and k_proj."""
+    def unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+        rows, cols = weight.shape
+        return weight.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    def change(w, config):
+        for p in _layers(config):
+            w[p + "q_proj.weight"] = unpermute(w[p + "q_proj.weight"], config["num_attention_heads"])
+            w[p + "k_proj.weight"] = unpermute(w[p + "k_proj.weight"], config["num_key_value_heads"])
+    return _with_weights(src, dst, change)
+
+
+def tp_rank_order(src: Path, dst: Path, tp: int = 3, order: tuple[int, ...] = (1, 0, 2)) -> Path:
+    """Split into `tp` ranks by the tensor-parallel rules, write rank r's file under the
+    name of rank order[r], and merge with the real `merge-tp`."""
+    from adapters.tp_merge import merge_tp, rule_for
+
+    shards = dst.with_name(dst.name + "-shards")
+    _copy_non_weights(src, shards)
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for name, tensor in load_file(src / "model.safetensors").items():
+        _, dim = rule_for(name)
+        parts = [tensor] * tp if dim is None else list(torch.chunk(tensor, tp, dim=dim))
+        for rank, part in zip(ranks, parts):
+            rank[name] = part.contiguous().clone()
+    for r, state in enumerate(ranks):
+        save_file(state, shards / f"model_tp{order[r]}.safetensors")
+    return merge_tp(shards, dst)
+
+
+def lora_adapter(base: Path, dst: Path, scale: float = 0.15, seed: int = 1234) -> Path:
+    """A seeded rank-8 adapter on every linear layer whose effect on the model is well
+    above bf16 noise (KL(base || base + adapter) ~ 10x the bf16 noise KL), so judging a
+    merged candidate against the base alone would fail."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    model.save_pretrained(dst)
+    return dst
+
+
+def lora_bf16_merge(base: Path, adapter: Path, dst: Path) -> Path:
+    """The naive merge: base loaded in bf16, peft merges into the bf16 weights, saved bf16."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapter)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(base).save_pretrained(dst)
+    return dst
+
+
+def lora_fp32_merge(base: Path, adapter: Path, dst: Path) -> Path:
+    """The right merge: shadowserve's `merge-lora` (fp32 merge, one cast to bf16)."""
+    from adapters.lora_merge import merge_lora
+
+    merge_lora(base, adapter, dst, "bf16")
+    return dst
+
+
+# name -> (kind, serving dtype, judged against base + adapter, maker(demo, adapter, out) or None for the demo itself)
+SPECS = {
+    "rope_theta": ("bug", "bfloat16", False, lambda demo, adapter, out: rope_theta(demo, out)),
+    "attention_scale": ("bug", "bfloat16", False, lambda demo, adapter, out: attention_scale(demo, out)),
+    "kv_swapped": ("bug", "bfloat16", False, lambda demo, adapter, out: kv_swapped(demo, out)),
+    "tp_rank_order": ("bug", "bfloat16", False, lambda demo, adapter, out: tp_rank_order(demo, out)),
+    "rotary_layout": ("bug", "bfloat16", False, lambda demo, adapter, out: rotary_layout(demo, out)),
+    "lora_bf16_merge_fp16": ("bug", "float16", True, lora_bf16_merge),
+    "bf16": ("control", "bfloat16", False, None),
+    "fp16": ("control", "float16", False, None),
+    "lora_fp32_merge_bf16": ("control", "bfloat16", True, lora_fp32_merge),
+}
+BUGS = tuple(name for name, spec in SPECS.items() if spec[0] == "bug")
+CONTROLS = tuple(name for name, spec in SPECS.items() if spec[0] == "control")
+
+
+def build(name: str, demo: Path, root: Path) -> Candidate:
+    """Build candidate `name` under `root` once; later calls reuse the directory."""
+    kind, dtype, with_adapter, maker = SPECS[name]
+    adapter = root / "adapter" if with_adapter else None
+    if adapter is not None and not adapter.exists():
+        lora_adapter(demo, adapter)
+    path = demo if maker is None else root / name
+    if maker is not None and not path.exists():
+        maker(demo, adapter, path)
+    return Candidate(name, kind, path, demo, dtype, adapter)

@@ -1,0 +1,125 @@
+"""The verdict on broken and healthy candidates built from SmolLM2 (tests/candidates.py),
+both ways it is given: offline by `shadowserve verify` (the real CLI, vLLM engine, exit
+code and --json) and live by a server's `GET /v1/shadow/verdict` after real traffic.
+
+Every bug must fail, every precision-only control must pass, and the first decision the
+verdict takes (replayed in arrival order: `trajectory`) must be the right one and must
+not change afterwards. Bugs are judged on 10 prompts x 48 tokens, controls on 24 x 64
+(DESIGN's budget is 32 x 64): a bug is obvious sooner, a pass needs a tighter interval.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.verify.inputs import BUILTIN_PROMPTS
+from tests.candidates import BUGS, CONTROLS, Candidate, build
+from tests.conftest import MODEL_NAME
+from tests.servers import RunningServer, start_server
+
+pytestmark = pytest.mark.integration
+
+VLLM = ["--enforce-eager", "true", "--max-model-len", "2048", "--kv-cache-gib", "1"]
+SIZE = {"bug": (10, 48), "control": (24, 64)}  # prompts, tokens
+EXPECTED = {"bug": ("fail", 1), "control": ("pass", 0)}
+TABLE: dict[str, dict] = {}  # name -> verify's and the live server's figures, printed at the end
+
+
+@pytest.fixture(scope="module")
+def candidates_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("candidates")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_table():
+    yield
+    if TABLE:
+        print("\n\ncandidate | kind | where | verdict | KL ratio [95% CI] | excess top-1 (pts) | hard cand/noise | "
+              "decided after (sequences)")
+        for name, rows in TABLE.items():
+            for where, row in rows.items():
+                print(f"{name} | {row['kind']} | {where} | {row['status']} | {row['kl_ratio']} | {row['top1']} | "
+                      f"{row['hard']} | {row['decided']}")
+
+
+def candidate(name: str, demo_model: Path, root: Path) -> Candidate:
+    return build(name, demo_model, root)
+
+
+def check(report: dict, c: Candidate, where: str) -> None:
+    """The verdict is right, taken at the first decision, and never changed after it."""
+    verdict = report["verdict"]
+    want = EXPECTED[c.kind][0]
+    points = report["trajectory"]
+    first = next((p for p in points if p["status"] != "inconclusive"), None)
+    kl = verdict["kl_ratio"]
+    TABLE.setdefault(c.name, {})[where] = {
+        "kind": c.kind, "status": verdict["status"],
+        "kl_ratio": f"{kl['estimate']:.2f} [{kl['low']:.2f}, {kl['high']:.2f}]",
+        "top1": f"{100 * verdict['excess_top1']['estimate']:.2f}",
+        "hard": f"{report['candidate']['hard']}/{report['noise_floor']['hard']} of {report['candidate']['sequences']}",
+        "decided": first["sequences"] if first else "never",
+    }
+    assert verdict["status"] == want, (c.name, where, verdict["reasons"])
+    assert first is not None and first["status"] == want, (c.name, where, points)
+    after = {p["status"] for p in points if p["sequences"] >= first["sequences"]}
+    assert after == {want}, f"{c.name} ({where}): the verdict changed its mind: {points}"
+    if c.name in ("bf16", "fp16"):
+        # The noise floor reproduces the real serving noise of vLLM in that dtype.
+        assert 1 / 3 <= kl["estimate"] <= 3, kl
+
+
+def verify_args(c: Candidate) -> list[str]:
+    prompts, tokens = SIZE[c.kind]
+    args = [str(c.path), str(c.reference), "--dtype", c.dtype, "--samples", str(prompts), "--max-tokens", str(tokens),
+            "--kv-cache-gib", "1", "--max-model-len", "2048", "--json"]
+    return args + (["--adapter", str(c.adapter)] if c.adapter else [])
+
+
+@pytest.mark.parametrize("name", [*BUGS, *CONTROLS])
+def test_verify(name, demo_model, candidates_root, tmp_path):
+    c = candidate(name, demo_model, candidates_root)
+    run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c)],
+                         capture_output=True, text=True, timeout=900)
+    (tmp_path / "verify.err").write_text(run.stderr)
+    assert run.returncode in (0, 1, 3), run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    check(report, c, "verify")
+    assert run.returncode == EXPECTED[c.kind][1]
+
+
+def chat(server: RunningServer, prompt: str, tokens: int) -> None:
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0}
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=server.headers, timeout=600)
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize("name", [*BUGS, *CONTROLS])
+def test_live_verdict(name, demo_model, candidates_root, tmp_path):
+    c = candidate(name, demo_model, candidates_root)
+    prompts, tokens = SIZE[c.kind]
+    args = ["--model", str(c.path), "--served-model-name", MODEL_NAME, "--dtype", c.dtype, *VLLM,
+            "--shadow-rate", "1.0", "--shadow-reference-model", str(c.reference)]
+    server = start_server(args + (["--shadow-reference-adapter", str(c.adapter)] if c.adapter else []),
+                          tmp_path / "server.log")
+    try:
+        early = httpx.get(f"{server.url}/v1/shadow/verdict", timeout=30).json()
+        assert early["verdict"]["status"] == "inconclusive" and early["candidate"] is None
+        with ThreadPoolExecutor(prompts) as pool:  # concurrent, as live traffic is
+            list(pool.map(lambda p: chat(server, p, tokens), BUILTIN_PROMPTS[:prompts]))
+        deadline = time.monotonic() + 600
+        while (report := httpx.get(f"{server.url}/v1/shadow/verdict", params={"trajectory": "true"}, timeout=60).json()) \
+                and (report["candidate"] or {}).get("sequences", 0) < prompts:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(1)
+    finally:
+        server.stop()
+    check(report, c, "live")
