@@ -9,7 +9,7 @@ PORT   ?= 8000
 SHADOW_RATE ?= 1.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo-model serve test bench clean prometheus
+.PHONY: install demo-model serve test bench clean system-packages
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,15 +37,16 @@ serve: install
 
 # The test suite (unit + integration with real vLLM servers). pytest's exit code 5
 # ("no tests collected") is reported and treated as success, any other failure fails.
-test: install prometheus
+test: install system-packages
 	$(BIN)/shadowserve demo-model >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-# Debian's prometheus package: `prometheus` and `promtool` for the monitoring tests.
-prometheus:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+# Debian packages the tests use: `prometheus` and `promtool` (monitoring tests) and
+# `chromium` (the HTML report, opened in a real headless browser).
+system-packages:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v chromium >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus chromium; }
 
 bench: install
 	$(BIN)/python bench/serving_throughput.py --model "$$($(BIN)/shadowserve demo-model)" --baseline

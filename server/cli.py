@@ -207,7 +207,7 @@ def run_verify(settings: VerifySettings) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from server.verify.run import verify
-    from server.verify.text import header, render_text
+    from server.verify.text import header, render_text, sequence_rows
 
     try:
         result = asyncio.run(verify(settings))
@@ -223,7 +223,8 @@ def run_verify(settings: VerifySettings) -> None:
     if settings.json_report:
         print(report.model_dump_json(indent=2))
     else:
-        print(render_text(report, header(settings, report)))
+        rows = sequence_rows(result.sequences, result.labels, result.decode)
+        print(render_text(report, header(settings, report), rows))
     sys.exit(VERDICT_EXIT[report.verdict.status])
 
 

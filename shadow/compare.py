@@ -58,6 +58,7 @@ class SequenceComparison:
     result: SequenceResult
     margin: float | None  # reference log-prob gap at the first divergence (nats)
     tokens: TokenDrift
+    diverged: tuple[int, int] | None = None  # (candidate's top-1, reference's top-1) at the first divergence
 
     @property
     def top1_agreement(self) -> float:
@@ -99,7 +100,7 @@ def compare_sequence(
     n = len(emitted)
     kl, delta_p, drift, emitted_drift = (np.zeros(n) for _ in range(4))
     top1_same = np.zeros(n, dtype=bool)
-    first, margin = None, None
+    first, margin, diverged = None, None, None
     for i, (token, cand, ref) in enumerate(zip(emitted, candidate, reference)):
         ids = list(cand)
         try:
@@ -121,10 +122,10 @@ def compare_sequence(
         drift[i] = diffs.max()
         emitted_drift[i] = diffs[ids.index(token)]
         if first is None and not top1_same[i]:
-            first = i
+            first, diverged = i, (cand_top1, ref_top1)
             margin = float(ref_top[0] - ref.logprobs[cand_top1])
     if first is None:
         result: SequenceResult = "identical"
     else:
         result = "near_tie" if margin <= near_tie_margin else "hard"
-    return SequenceComparison(n, first, result, margin, TokenDrift(kl, delta_p, drift, emitted_drift, top1_same))
+    return SequenceComparison(n, first, result, margin, TokenDrift(kl, delta_p, drift, emitted_drift, top1_same), diverged)

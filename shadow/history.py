@@ -20,6 +20,7 @@ class ComparedSequence:
     request_id: str
     candidate: SequenceComparison
     noise: SequenceComparison | None  # the noise floor over the same positions; None when off
+    output_ids: tuple[int, ...] = ()  # what the candidate emitted (token ids only, never text)
 
 
 class History:

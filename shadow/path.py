@@ -224,7 +224,7 @@ class ShadowPath:
                 self.metrics.sequence(candidate)
                 if noise is not None:
                     self.metrics.sequence(noise, NOISE_FLOOR)
-                self.history.add(ComparedSequence(time.time(), sample.request_id, candidate, noise))
+                self.history.add(ComparedSequence(time.time(), sample.request_id, candidate, noise, tuple(seq.output_ids)))
                 if self.capture is not None and candidate.first_divergence is not None:
                     self._capture(sample, index, seq, s, candidate)
             self.metrics.sample("compared")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.verify.text import describe_trajectory, header, intro, summary_rows
+from server.verify.text import describe_trajectory, header, intro, sequence_rows, summary_rows
 from shadow.history import ComparedSequence
 
 COLOURS = {"candidate": "#c0392b", "noise floor": "#2471a3"}
@@ -20,10 +20,11 @@ STATUS_COLOURS = {"pass": "#1e8449", "fail": "#c0392b", "inconclusive": "#b9770e
 
 def write_html(result, settings, path: Path) -> None:
     """`result` is a VerifyResult; `settings` the VerifySettings the run used."""
-    path.write_text(render_html(result.report, result.sequences, header(settings, result.report)), encoding="utf-8")
+    rows = sequence_rows(result.sequences, result.labels, result.decode)
+    path.write_text(render_html(result.report, result.sequences, header(settings, result.report), rows), encoding="utf-8")
 
 
-def render_html(report, sequences: list[ComparedSequence], title: str) -> str:
+def render_html(report, sequences: list[ComparedSequence], title: str, rows=()) -> str:
     v = report.verdict
     parts = [
         "<!DOCTYPE html>",
@@ -42,6 +43,9 @@ def render_html(report, sequences: list[ComparedSequence], title: str) -> str:
         parts.append("<div class=plots>")
         parts += [_figure(title, draw, sides) for title, draw in PLOTS]
         parts.append("</div>")
+        if rows:
+            parts.append("<h2>First divergence per sequence</h2>")
+            parts.append(_table(rows, ("sequence", "candidate", "noise floor"), align="left"))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -53,13 +57,14 @@ def _sides(sequences: list[ComparedSequence]) -> dict:
     return sides
 
 
-def _table(rows) -> str:
+def _table(rows, head=("", "candidate", "noise floor"), align: str = "right") -> str:
     body = "".join(
         f"<tr><th>{html.escape(label)}</th><td>{html.escape(c)}</td><td>{html.escape(n)}</td></tr>" if label
         else "<tr class=gap><td colspan=3></td></tr>"
         for label, c, n in rows
     )
-    return f"<table><tr><th></th><th>candidate</th><th>noise floor</th></tr>{body}</table>"
+    heading = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f'<table class="{align}"><tr>{heading}</tr>{body}</table>'
 
 
 def _diverged_by(ax, sides) -> None:
@@ -143,6 +148,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 .verdict { display: inline-block; color: white; padding: 0.3em 0.8em; border-radius: 4px; font-weight: bold; }
 table { border-collapse: collapse; font-family: monospace; margin: 1em 0; }
 th, td { padding: 0.15em 0.8em; text-align: right; border-bottom: 1px solid #eee; }
+table.left td { text-align: left; }
 th:first-child { text-align: left; }
 .gap td { border: none; height: 0.6em; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1em; }

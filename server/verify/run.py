@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -39,6 +40,8 @@ class VerifyError(RuntimeError):
 class VerifyResult:
     report: ShadowReport
     sequences: list[ComparedSequence]  # per-token detail, in arrival order, for the plots
+    labels: dict[str, str]  # request id -> what was asked (the prompt, or the corpus window), in input order
+    decode: Callable[[list[int]], str]  # the candidate's tokenizer, for token text in reports
 
 
 def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:
@@ -83,36 +86,38 @@ async def verify(settings: VerifySettings) -> VerifyResult:
         try:
             ctx = ServingContext(engine, renderer, CANDIDATE_NAME, max_n=1, max_logprobs=settings.top_k, shadow=shadow)
             if settings.corpus is None:
-                await _generate(ctx, work, settings.max_tokens)
+                labels = await _generate(ctx, work, settings.max_tokens)
             else:
-                await _teacher_force(ctx, work, settings.top_k)
+                labels = await _teacher_force(ctx, work, settings.top_k)
             await _scored(shadow, len(work))
         finally:
             await shadow.stop()
         report = await asyncio.to_thread(shadow.report, None, True)
-        return VerifyResult(report, shadow.history.snapshot())
+        return VerifyResult(report, shadow.history.snapshot(), labels, renderer.tokenizer.decode)
     finally:
         await engine.shutdown()
 
 
-async def _generate(ctx: ServingContext, conversations: list[list[dict]], max_tokens: int) -> None:
+async def _generate(ctx: ServingContext, conversations: list[list[dict]], max_tokens: int) -> dict[str, str]:
     """Greedy chat completions through the server's chat handler; each finished one is
     handed to the shadow path by the handler's own tap."""
     handler = ChatHandler(ctx)
     bar = tqdm(total=len(conversations), desc="generate", unit="prompt", leave=False)
 
-    async def one(messages: list[dict]) -> None:
+    async def one(messages: list[dict]) -> str:
         body = {"model": CANDIDATE_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
-        await handler.create(ChatCompletionRequest.model_validate_json(json.dumps(body)))
+        response = await handler.create(ChatCompletionRequest.model_validate_json(json.dumps(body)))
         bar.update()
+        return response.id
 
     try:
-        await asyncio.gather(*(one(m) for m in conversations))
+        ids = await asyncio.gather(*(one(m) for m in conversations))
     finally:
         bar.close()
+    return {request_id: str(messages[-1].get("content")) for request_id, messages in zip(ids, conversations)}
 
 
-async def _teacher_force(ctx: ServingContext, windows: list[tuple[list[int], list[int]]], k: int) -> None:
+async def _teacher_force(ctx: ServingContext, windows: list[tuple[list[int], list[int]]], k: int) -> dict[str, str]:
     """llama.cpp's mode: the candidate's prompt log-probs over each window; its scored half
     goes to the shadow path as if generated, so the reference sees exactly the same text."""
     bar = tqdm(total=len(windows), desc="candidate", unit="window", leave=False)
@@ -127,6 +132,7 @@ async def _teacher_force(ctx: ServingContext, windows: list[tuple[list[int], lis
         await asyncio.gather(*(one(n, c, s) for n, (c, s) in enumerate(windows)))
     finally:
         bar.close()
+    return {f"corpus-{n}": f"window {n}" for n in range(len(windows))}
 
 
 async def _scored(shadow: ShadowPath, expected: int) -> None:

@@ -20,9 +20,10 @@ def summary_rows(report: ShadowReport) -> list[Row]:
     def row(label: str, fn) -> None:
         rows.append((label, fn(c), fn(n) if n is not None else "-"))
 
-    row("Mean    KLD", lambda s: f"{s.kl.mean:.6f} ± {s.kl.stderr:.6f}")
+    # KL in scientific notation: fp16 noise (~1e-5) and fp32 (~1e-10) vanish at 6 decimals.
+    row("Mean    KLD", lambda s: f"{s.kl.mean:.3e} ± {s.kl.stderr:.1e}")
     for p in KL_ROWS:
-        row(f"{_LABEL.get(p, p + '%'):7} KLD", lambda s, p=p: f"{s.kl.percentiles[p]:.6f}")
+        row(f"{_LABEL.get(p, p + '%'):7} KLD", lambda s, p=p: f"{s.kl.percentiles[p]:.3e}")
     row("Mean    Δp", lambda s: f"{100 * s.delta_p.mean:.3f} ± {100 * s.delta_p.stderr:.3f} %")
     for p in DP_ROWS:
         row(f"{_LABEL.get(p, p + '%'):7} Δp", lambda s, p=p: f"{100 * s.delta_p.percentiles[p]:.3f} %")
@@ -53,13 +54,33 @@ def header(settings, report: ShadowReport) -> str:
             f"vs {settings.reference}{adapter} (fp32); {mode}")
 
 
-def render_text(report: ShadowReport, title: str) -> str:
+def render_text(report: ShadowReport, title: str, sequences: list[Row] = ()) -> str:
     lines = [title, ""]
     if report.candidate is None:
         return "\n".join([*lines, "nothing was compared", "", *verdict_lines(report)])
     lines += [intro(report), "", f"{'':26}{'candidate':>24}{'noise floor':>24}"]
     lines += [f"{label:26}{cand:>24}{noise:>24}" if label else "" for label, cand, noise in summary_rows(report)]
+    if sequences:
+        lines += ["", "First divergence per sequence (position: kind, reference margin, the two top-1 tokens)", ""]
+        lines += [f"{label[:34]:36}{cand:54}  {noise}" for label, cand, noise in [("", "candidate", "noise floor"), *sequences]]
     return "\n".join([*lines, "", *verdict_lines(report)])
+
+
+def sequence_rows(sequences, labels: dict[str, str], decode) -> list[Row]:
+    """One row per sequence, in input order: where each side first left the reference's
+    top-1, how wide the reference's margin was there, and which tokens competed."""
+    order = {request_id: n for n, request_id in enumerate(labels)}
+
+    def first(c) -> str:
+        if c is None:
+            return "-"
+        if c.first_divergence is None:
+            return f"identical over {c.compared_tokens}"
+        mine, theirs = (repr(decode([t])) for t in c.diverged)
+        return f"@{c.first_divergence}: {c.result}, {c.margin:.3f} nats, {mine} vs {theirs}"
+
+    rows = sorted(sequences, key=lambda s: order.get(s.request_id, len(order)))
+    return [(labels.get(s.request_id, s.request_id), first(s.candidate), first(s.noise)) for s in rows]
 
 
 def _margin(side: SideReport) -> str:

@@ -1,0 +1,83 @@
+"""`shadowserve verify` with the transformers engine (fast, fp32): llama.cpp's corpus mode
+on a broken and an exact candidate, the text report's layout, and the HTML report opened
+in a real headless browser (Debian's chromium): a screenshot, no console errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.candidates import attention_scale
+
+pytestmark = pytest.mark.integration
+
+CORPUS = """The history of Rome spans over two and a half thousand years. It began as a small settlement on the
+Tiber river in the eighth century before the common era and grew into a republic, then an empire that dominated
+the Mediterranean world. Roman law, engineering and language shaped Europe for centuries after the fall of the
+western empire. Aqueducts carried water across valleys, roads linked distant provinces, and Latin became the root
+of many modern languages. The city itself, built on seven hills, was home to about a million people at its height.
+Water covers most of the surface of the Earth. It evaporates from the oceans, rises as vapour, cools into clouds and
+falls again as rain or snow. Rivers carry it back to the sea, and the cycle begins again. Plants draw water from the
+soil through their roots and release it through their leaves, which is one reason forests shape the weather around them.
+""" * 8
+
+
+def verify(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", "verify", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "rome.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def broken(demo_model, tmp_path_factory) -> Path:
+    return attention_scale(demo_model, tmp_path_factory.mktemp("cand") / "attention_scale")
+
+
+FAST = ["--engine", "transformers", "--dtype", "float32", "--context", "128", "--samples", "8"]
+
+
+def test_corpus_mode_fails_a_broken_candidate(broken, demo_model, corpus):
+    """Both sides teacher-forced over fixed text: the TransformerLens scale bug in fp32,
+    where the noise floor is exactly 0, stands far above the floor."""
+    run = verify(str(broken), str(demo_model), "--corpus", str(corpus), *FAST, "--json")
+    assert run.returncode == 1, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["verdict"]["status"] == "fail" and report["noise_dtype"] == "float32"
+    assert report["noise_floor"]["kl"]["mean"] == 0.0 and report["noise_floor"]["identical"] == 8
+    assert report["candidate"]["sequences"] == 8 and report["candidate"]["tokens"] == 8 * 64
+    assert "ratio is taken against that floor" in " ".join(report["verdict"]["reasons"])
+
+
+def test_corpus_mode_passes_the_same_weights_and_writes_a_report(demo_model, corpus, tmp_path):
+    html = tmp_path / "report.html"
+    run = verify(str(demo_model), str(demo_model), "--corpus", str(corpus), *FAST, "--html", str(html))
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = run.stdout
+    # llama.cpp's rows, candidate beside the noise floor, then the verdict and its reasons.
+    for row in ("Mean    KLD", "99.9%   KLD", "Median  KLD", "Mean    Δp", "RMS Δp", "Same top p", "P(diverged by 16)"):
+        assert row in text, row
+    assert "candidate" in text and "noise floor" in text
+    assert "Verdict: PASS" in text and "within the limit: mean token KL" in text
+    assert "first decided 'pass' after 8 of 8 sequences, and held it to the end" in text
+    page = html.read_text()
+    assert page.count("<svg") == 4 and "<script" not in page and "Verdict: PASS" in page
+    shot = tmp_path / "report.png"
+    browser = shutil.which("chromium")
+    assert browser, "chromium not found: `make test` installs Debian's chromium package"
+    run = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         "--window-size=1400,2200", f"--screenshot={shot}", html.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000, run.stderr[-2000:]
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == [], console
