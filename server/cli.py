@@ -205,6 +205,9 @@ def run_verify(settings: VerifySettings) -> None:
     # vLLM logs to stdout by default; keep stdout for the report (--json pipes cleanly).
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM's CPU backend keeps a core for its API front end; verify is a batch job with no
+    # front end to serve, so the engine gets every core (decode ~1.7x faster on 2 cores).
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from server.verify.run import verify
     from server.verify.text import header, render_text, sequence_rows

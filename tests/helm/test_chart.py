@@ -79,9 +79,27 @@ def test_monitoring_objects(stable):
     board = dashboard(stable)
     assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "model", "variant"}
     titles = " | ".join(p["title"] for p in board["panels"])
-    for needle in ("First divergence", "P(diverged by position N)", "KL", "Δp", "drift", "Same top-1", "Hard vs near-tie",
-                   "queue", "Reference latency", "Serving latency", "Serving throughput"):
+    for needle in ("Verdict: token KL, candidate over noise floor", "excess top-1", "excess hard", "First divergence",
+                   "P(diverged by position N)", "KL", "Δp", "drift", "Same top-1", "Hard vs near-tie", "queue",
+                   "Reference latency", "Serving latency", "Serving throughput"):
         assert needle.lower() in titles.lower(), needle
+    # Candidate and noise floor side by side: split by `comparison` wherever a comparison series is drawn.
+    for title in ("Same top-1 rate", "P(diverged by position N)", "Token KL(ref || ·): mean and quantiles"):
+        panel = next(p for p in board["panels"] if p["title"] == title)
+        assert all("comparison" in t["expr"] for t in panel["targets"]), title
+
+
+def test_the_dashboard_and_its_docs_are_what_the_generator_writes():
+    """helm/dashboard.py is the one source of the dashboard JSON and of the docs' panel table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dashboard", CHART.parent / "dashboard.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    board = generator.dashboard()
+    assert json.loads(generator.DASHBOARD.read_text()) == board, "run `python helm/dashboard.py`"
+    assert generator.render_docs(generator.DOCS.read_text(), board) == generator.DOCS.read_text(), \
+        "run `python helm/dashboard.py`"
 
 
 def test_canary_release(canary):

@@ -13,7 +13,7 @@ import pytest
 
 from shadow.local_scorer import LocalScorer
 from shadow.remote_scorer import RemoteScorer
-from shadow.scoring import ReferenceError, ScoreItem
+from shadow.scoring import ScoreItem, ShadowReferenceError
 from tests.conftest import MODEL_NAME, REFERENCE_TOKEN
 from tests.servers import start_server
 
@@ -34,20 +34,24 @@ def test_remote_and_local_scorers_agree(reference_server, demo_model, tokenizer)
     local = LocalScorer.load(demo_model, device="cpu")
     remote = RemoteScorer.connect(reference_server.url, REFERENCE_TOKEN, timeout=60)
     assert (remote.name, remote.vocab) == (local.name, local.vocab)
+    assert remote.info.noise_dtype == "bfloat16"  # the service's default: the usual serving dtype
+    local.enable_noise_floor("bfloat16")
+    remote.enable_noise_floor("bfloat16")
     batch = items(tokenizer)
-    here = local.score_sync(batch, top_m=5)
-    there = asyncio.run(remote.score(batch, top_m=5))
-    for a, b in zip(here, there):
-        assert len(a) == len(b)
-        for p, q in zip(a, b):
+    here = local.score_sync(batch, top_m=5, noise_top_k=4)
+    there = asyncio.run(remote.score(batch, top_m=5, noise_top_k=4))
+    for item, a, b in zip(batch, here, there):
+        assert len(a.reference) == len(b.reference) == len(a.noise) == len(b.noise) == len(item.output_ids)
+        for ids, p, q, n, m in zip(item.candidate_ids, a.reference, b.reference, a.noise, b.noise):
             assert p.top_ids == q.top_ids
-            assert list(p.candidate_logprobs) == list(q.candidate_logprobs)
-            assert list(p.candidate_logprobs.values()) == pytest.approx(list(q.candidate_logprobs.values()), abs=1e-6)
+            assert set(p.logprobs) == set(q.logprobs) == set(ids) | set(n)  # the candidate's ids and the noise floor's
+            assert [p.logprobs[t] for t in p.logprobs] == pytest.approx([q.logprobs[t] for t in p.logprobs], abs=1e-6)
             assert p.top_logprobs == pytest.approx(q.top_logprobs, abs=1e-6)
+            assert list(n) == list(m) and list(n.values()) == pytest.approx(list(m.values()), abs=1e-6)
 
 
 def test_reference_service_requires_its_token(reference_server):
-    with pytest.raises(ReferenceError, match="401"):
+    with pytest.raises(ShadowReferenceError, match="401"):
         RemoteScorer.connect(reference_server.url, "wrong", timeout=10)
     reply = httpx.post(f"{reference_server.url}/v1/shadow/score", json={"items": []}, headers=reference_server.headers)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "items"
@@ -56,6 +60,7 @@ def test_reference_service_requires_its_token(reference_server):
 def test_server_with_remote_reference_compares_traffic(reference_server, demo_model, tmp_path):
     server = start_server(
         ["--model", str(demo_model), "--engine", "transformers", "--dtype", "float32", "--shadow-rate", "1.0",
+         "--shadow-noise-floor", "off",
          "--shadow-reference-url", reference_server.url, "--shadow-reference-token", REFERENCE_TOKEN],
         tmp_path / "server.log",
     )
@@ -72,6 +77,35 @@ def test_server_with_remote_reference_compares_traffic(reference_server, demo_mo
         assert _value(text, "shadow_tokens_total", 'top1="different"') == 0
     finally:
         server.stop()
+
+
+def test_the_remote_noise_floor_runs_in_the_serving_dtype(reference_server, demo_model, tmp_path):
+    """A bf16 candidate gets its noise floor from the service, on the same positions."""
+    server = start_server(
+        ["--model", str(demo_model), "--engine", "transformers", "--dtype", "bfloat16", "--shadow-rate", "1.0",
+         "--shadow-reference-url", reference_server.url, "--shadow-reference-token", REFERENCE_TOKEN],
+        tmp_path / "server.log",
+    )
+    try:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        deadline = time.monotonic() + 60
+        while _value(text := httpx.get(f"{server.url}/metrics").text, "shadow_samples_total", 'outcome="compared"') < 1:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.5)
+        tokens = {c: _value(text, "shadow_token_kl_divergence_count", f'comparison="{c}"') for c in ("candidate", "noise_floor")}
+        assert tokens["candidate"] == tokens["noise_floor"] > 0
+        report = httpx.get(f"{server.url}/v1/shadow/verdict", timeout=30).json()
+        assert report["noise_dtype"] == "bfloat16" and report["noise_floor"]["tokens"] == tokens["candidate"]
+    finally:
+        server.stop()
+
+
+def test_a_noise_floor_in_another_dtype_refuses_to_start(reference_server, demo_model, tmp_path):
+    with pytest.raises(RuntimeError, match="computes its noise floor in bfloat16: start it with `--noise-dtype float32`"):
+        start_server(["--model", str(demo_model), "--engine", "transformers", "--dtype", "float32", "--shadow-rate", "1.0",
+                      "--shadow-reference-url", reference_server.url, "--shadow-reference-token", REFERENCE_TOKEN],
+                     tmp_path / "server.log", timeout=120)
 
 
 def test_vocabulary_mismatch_refuses_to_start(reference_server, demo_model, tmp_path):

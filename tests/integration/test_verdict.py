@@ -4,8 +4,8 @@ code and --json) and live by a server's `GET /v1/shadow/verdict` after real traf
 
 Every bug must fail, every precision-only control must pass, and the first decision the
 verdict takes (replayed in arrival order: `trajectory`) must be the right one and must
-not change afterwards. Bugs are judged on 10 prompts x 48 tokens, controls on 24 x 64
-(DESIGN's budget is 32 x 64): a bug is obvious sooner, a pass needs a tighter interval.
+not change afterwards. Bugs are judged on 10 prompts x 48 tokens, controls on 16 x 64
+(the issue's budget is 32 x 64): a bug is obvious sooner, a pass needs a tighter interval.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.servers import RunningServer, start_server
 pytestmark = pytest.mark.integration
 
 VLLM = ["--enforce-eager", "true", "--max-model-len", "2048", "--kv-cache-gib", "1"]
-SIZE = {"bug": (10, 48), "control": (24, 64)}  # prompts, tokens
+SIZE = {"bug": (10, 48), "control": (16, 64)}  # prompts, tokens
 EXPECTED = {"bug": ("fail", 1), "control": ("pass", 0)}
 TABLE: dict[str, dict] = {}  # name -> verify's and the live server's figures, printed at the end
 
@@ -48,10 +48,6 @@ def print_table():
             for where, row in rows.items():
                 print(f"{name} | {row['kind']} | {where} | {row['status']} | {row['kl_ratio']} | {row['top1']} | "
                       f"{row['hard']} | {row['decided']}")
-
-
-def candidate(name: str, demo_model: Path, root: Path) -> Candidate:
-    return build(name, demo_model, root)
 
 
 def check(report: dict, c: Candidate, where: str) -> None:
@@ -86,7 +82,7 @@ def verify_args(c: Candidate) -> list[str]:
 
 @pytest.mark.parametrize("name", [*BUGS, *CONTROLS])
 def test_verify(name, demo_model, candidates_root, tmp_path):
-    c = candidate(name, demo_model, candidates_root)
+    c = build(name, demo_model, candidates_root)
     run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c)],
                          capture_output=True, text=True, timeout=900)
     (tmp_path / "verify.err").write_text(run.stderr)
@@ -104,7 +100,7 @@ def chat(server: RunningServer, prompt: str, tokens: int) -> None:
 
 @pytest.mark.parametrize("name", [*BUGS, *CONTROLS])
 def test_live_verdict(name, demo_model, candidates_root, tmp_path):
-    c = candidate(name, demo_model, candidates_root)
+    c = build(name, demo_model, candidates_root)
     prompts, tokens = SIZE[c.kind]
     args = ["--model", str(c.path), "--served-model-name", MODEL_NAME, "--dtype", c.dtype, *VLLM,
             "--shadow-rate", "1.0", "--shadow-reference-model", str(c.reference)]
