@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,8 +170,3 @@ def write_provenance(out_dir: Path, *, tool: str, source: str, rules: list[str],
     path = out_dir / "provenance.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
-
-
-def iter_layers(names: list[str], prefix: str = "model.layers.") -> Iterator[int]:
-    seen = sorted({int(n[len(prefix):].split(".", 1)[0]) for n in names if n.startswith(prefix)})
-    yield from seen

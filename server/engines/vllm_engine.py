@@ -40,7 +40,11 @@ class VllmEngine:
         )
         llm = AsyncLLM.from_engine_args(args)
         # `auto` is resolved by vLLM (an fp32 checkpoint is served in bf16/fp16).
-        return cls(llm, llm.model_config.max_model_len, str(llm.model_config.dtype).removeprefix("torch."))
+        engine = cls(llm, llm.model_config.max_model_len, str(llm.model_config.dtype).removeprefix("torch."))
+        # vLLM keeps this frame alive; a local reference would outlive shutdown() and end
+        # in AsyncLLM.__del__ at interpreter exit, when its module globals are gone.
+        del llm
+        return engine
 
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, request_id: str
@@ -86,9 +90,7 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
-        # Drop it now: collected at interpreter exit, AsyncLLM.__del__ shuts down again
-        # with its module globals already gone and prints a TypeError.
-        self._llm = None
+        self._llm = None  # finalised now, not at interpreter exit (see load)
 
 
 def _chunk(output, finished: bool) -> EngineChunk:
