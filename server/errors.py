@@ -69,11 +69,11 @@ _TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "function-", "tagge
 
 
 def _param(loc: tuple) -> str | None:
-    """`body.messages.0.content.list[TextPart].0` -> `messages.0.content.0`: drop the body
-    prefix and the union-branch tags pydantic adds to locations."""
+    """`body.messages.0.content.list[TextPart].0` -> `messages.0.content.0`: drop where the
+    value came from (body, query) and the union-branch tags pydantic adds to locations."""
     parts = [
-        str(part) for part in loc
-        if part != "body" and not (isinstance(part, str) and part.startswith(_TYPE_TAGS))
+        str(part) for n, part in enumerate(loc)
+        if not (n == 0 and part in ("body", "query")) and not (isinstance(part, str) and part.startswith(_TYPE_TAGS))
     ]
     return ".".join(parts) or None
 

@@ -64,3 +64,19 @@ def test_fp32_pipeline_is_exact_and_shadowing_changes_nothing_for_clients(vllm_s
     print(f"\n[fp32 vs fp32] tokens {tokens:.0f}, mean KL {kl / tokens:.2e}")
     assert total(after, "shadow_sequences_total", result="hard") == 0
     assert kl / tokens < 1e-6
+
+
+def test_the_verdict_endpoint_needs_the_key_and_passes_an_exact_candidate(vllm_server):
+    """After the fp32 traffic above: the noise floor of an fp32 deployment is the fp32
+    reference itself (exactly 0), and the candidate sits at it."""
+    assert httpx.get(f"{vllm_server.url}/v1/shadow/verdict", timeout=30).status_code == 401
+    reply = httpx.get(f"{vllm_server.url}/v1/shadow/verdict", headers=vllm_server.headers, timeout=60)
+    assert reply.status_code == 200, reply.text
+    report = reply.json()
+    assert report["noise_dtype"] == "float32"
+    assert report["noise_floor"]["kl"]["mean"] == 0.0 and report["noise_floor"]["hard"] == 0
+    assert report["candidate"]["sequences"] >= 10 and report["candidate"]["hard"] == 0
+    assert report["verdict"]["status"] == "pass", report["verdict"]["reasons"]
+    assert "ratio is taken against that floor" in " ".join(report["verdict"]["reasons"])
+    bad = httpx.get(f"{vllm_server.url}/v1/shadow/verdict", params={"window": "-1"}, headers=vllm_server.headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "window"

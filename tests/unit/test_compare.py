@@ -110,7 +110,9 @@ def test_bucketed_kl_never_exceeds_the_full_kl(seed, vocab, spread, k):
     q = np.exp(rng.normal(0, spread, vocab)); q /= q.sum()
     ids = np.argsort(-q)[: min(k, vocab)]  # the candidate's top-k
     bucketed = bucketed_kl(np.log(p[ids]), np.log(q[ids]))
-    assert 0.0 <= bucketed <= full_kl(p, q) + 1e-9
+    # Relative slack: a rest bucket of ~5e-9 is 1 - sum(q), whose float64 cancellation
+    # error (~2e-8 relative) shows in the last digits of a KL of ~19 nats.
+    assert 0.0 <= bucketed <= full_kl(p, q) * (1 + 1e-7) + 1e-9
 
 
 def test_extreme_candidate_logprobs_give_a_finite_kl():
