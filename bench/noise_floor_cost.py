@@ -12,9 +12,7 @@ accumulation (what the noise floor would cost without it on a CPU without bf16 u
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,17 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import shadow.local_scorer as local_scorer  # noqa: E402
 from server.verify.inputs import BUILTIN_PROMPTS  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 from shadow.local_scorer import LocalScorer  # noqa: E402
 from shadow.scoring import ScoreItem  # noqa: E402
-
-
-def median_seconds(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -11,9 +11,7 @@ then LocalScorer's throughput for batches of such sequences.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,17 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from bench.timing import median_seconds  # noqa: E402
 from shadow.local_scorer import LocalScorer  # noqa: E402
 from shadow.scoring import ScoreItem  # noqa: E402
-
-
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -59,8 +49,8 @@ def main() -> None:
     output = regenerate().tolist()
     item = ScoreItem(prompt, output, [[t] for t in output])
     scorer.score_sync([item], top_m=5)  # warm-up
-    autoregressive = best_of(args.repeats, regenerate)
-    forced = best_of(args.repeats, lambda: scorer.score_sync([item], top_m=5))
+    autoregressive = median_seconds(args.repeats, regenerate)
+    forced = median_seconds(args.repeats, lambda: scorer.score_sync([item], top_m=5))
 
     print(f"\n{args.model.name}, fp32, CPU threads {torch.get_num_threads()}, prompt {len(prompt)} + completion {n} tokens\n")
     print("| method | seconds | speed-up |")
@@ -72,7 +62,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for size in (int(b) for b in args.batches.split(",")):
         batch = [item] * size
-        seconds = best_of(args.repeats, lambda: scorer.score_sync(batch, top_m=5))
+        seconds = median_seconds(args.repeats, lambda: scorer.score_sync(batch, top_m=5))
         total = size * (len(prompt) + n)
         print(f"| {size} | {total} | {seconds:.3f} | {total / seconds:.0f} | {size * n / seconds:.0f} |")
 

@@ -44,7 +44,7 @@ class VerdictPolicy:
     excess_top1_max: float = 0.01
     excess_hard_max: float = 0.1
     min_sequences: int = 8
-    min_tokens: int = 64
+    min_tokens: int = 32
     confidence: float = 0.95
     noise_kl_floor: float = 1e-6
     resamples: int = 1000

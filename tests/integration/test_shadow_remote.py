@@ -57,6 +57,18 @@ def test_reference_service_requires_its_token(reference_server):
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "items"
 
 
+def chat_and_wait(server, max_tokens: int) -> str:
+    """One shadowed chat; returns /metrics once the reference has compared it."""
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": max_tokens,
+            "temperature": 0}
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+    deadline = time.monotonic() + 60
+    while _value(text := httpx.get(f"{server.url}/metrics").text, "shadow_samples_total", 'outcome="compared"') < 1:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.5)
+    return text
+
+
 def test_server_with_remote_reference_compares_traffic(reference_server, demo_model, tmp_path):
     server = start_server(
         ["--model", str(demo_model), "--engine", "transformers", "--dtype", "float32", "--shadow-rate", "1.0",
@@ -65,13 +77,7 @@ def test_server_with_remote_reference_compares_traffic(reference_server, demo_mo
         tmp_path / "server.log",
     )
     try:
-        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10, "temperature": 0}
-        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
-        deadline = time.monotonic() + 60
-        while 'outcome="compared"' not in (text := httpx.get(f"{server.url}/metrics").text) or \
-                _value(text, 'shadow_samples_total', 'outcome="compared"') < 1:
-            assert time.monotonic() < deadline, server.log_tail()
-            time.sleep(0.5)
+        text = chat_and_wait(server, max_tokens=10)
         # Same weights, both fp32: every token agrees.
         assert _value(text, "shadow_sequences_total", 'result="identical"') == 1
         assert _value(text, "shadow_tokens_total", 'top1="different"') == 0
@@ -87,12 +93,7 @@ def test_the_remote_noise_floor_runs_in_the_serving_dtype(reference_server, demo
         tmp_path / "server.log",
     )
     try:
-        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
-        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code == 200
-        deadline = time.monotonic() + 60
-        while _value(text := httpx.get(f"{server.url}/metrics").text, "shadow_samples_total", 'outcome="compared"') < 1:
-            assert time.monotonic() < deadline, server.log_tail()
-            time.sleep(0.5)
+        text = chat_and_wait(server, max_tokens=8)
         tokens = {c: _value(text, "shadow_token_kl_divergence_count", f'comparison="{c}"') for c in ("candidate", "noise_floor")}
         assert tokens["candidate"] == tokens["noise_floor"] > 0
         report = httpx.get(f"{server.url}/v1/shadow/verdict", timeout=30).json()

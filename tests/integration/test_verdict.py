@@ -6,6 +6,8 @@ Every bug must fail, every precision-only control must pass, and the first decis
 verdict takes (replayed in arrival order: `trajectory`) must be the right one and must
 not change afterwards. Bugs are judged on 10 prompts x 48 tokens, controls on 16 x 64
 (the issue's budget is 32 x 64): a bug is obvious sooner, a pass needs a tighter interval.
+(The rotary-layout bug ends most answers after a few tokens: ~5 compared tokens per
+sequence, still above the verdict's minimum of 32 tokens by its 8th sequence.)
 """
 
 from __future__ import annotations
@@ -56,12 +58,13 @@ def check(report: dict, c: Candidate, where: str) -> None:
     want = EXPECTED[c.kind][0]
     points = report["trajectory"]
     first = next((p for p in points if p["status"] != "inconclusive"), None)
-    kl = verdict["kl_ratio"]
+    kl, top1 = verdict["kl_ratio"], verdict["excess_top1"]
     TABLE.setdefault(c.name, {})[where] = {
         "kind": c.kind, "status": verdict["status"],
-        "kl_ratio": f"{kl['estimate']:.2f} [{kl['low']:.2f}, {kl['high']:.2f}]",
-        "top1": f"{100 * verdict['excess_top1']['estimate']:.2f}",
-        "hard": f"{report['candidate']['hard']}/{report['noise_floor']['hard']} of {report['candidate']['sequences']}",
+        "kl_ratio": f"{kl['estimate']:.3g} [{kl['low']:.3g}, {kl['high']:.3g}]" if kl else "-",
+        "top1": f"{100 * top1['estimate']:.2f}" if top1 else "-",
+        "hard": f"{report['candidate']['hard']}/{report['noise_floor']['hard']} of {report['candidate']['sequences']}"
+                f" ({report['candidate']['tokens']} tokens)",
         "decided": first["sequences"] if first else "never",
     }
     assert verdict["status"] == want, (c.name, where, verdict["reasons"])

@@ -59,7 +59,7 @@ def test_a_candidate_at_five_times_the_noise_kl_fails():
 def test_too_few_tokens_are_inconclusive():
     verdict = judge(pairs(n=4, candidate_kl=noise_like(4, 2, scale=50.0)))
     assert verdict.status == "inconclusive"
-    assert "a verdict needs at least 8 sequences and 64 tokens" in verdict.reasons[0]
+    assert "a verdict needs at least 8 sequences and 32 tokens" in verdict.reasons[0]
     assert judge(pairs(n=8), VerdictPolicy(min_tokens=10_000)).status == "inconclusive"
 
 
