@@ -148,7 +148,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 .verdict { display: inline-block; color: white; padding: 0.3em 0.8em; border-radius: 4px; font-weight: bold; }
 table { border-collapse: collapse; font-family: monospace; margin: 1em 0; }
 th, td { padding: 0.15em 0.8em; text-align: right; border-bottom: 1px solid #eee; }
-table.left td { text-align: left; }
+table.left th, table.left td { text-align: left; }
 th:first-child { text-align: left; }
 .gap td { border: none; height: 0.6em; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1em; }
