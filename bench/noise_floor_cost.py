@@ -12,6 +12,7 @@ accumulation (what the noise floor would cost without it on a CPU without bf16 u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def main() -> None:
     native = LocalScorer(model, tokenizer, "ref", torch.device("cpu"))
     native.enable_noise_floor("bfloat16")
     original = local_scorer.fp32_accumulation
-    local_scorer.fp32_accumulation = lambda device: __import__("contextlib").nullcontext()
+    local_scorer.fp32_accumulation = lambda device: contextlib.nullcontext()
     try:
         rows.append(("fp32 + noise floor in bfloat16, native CPU bf16 kernels",
                      median_seconds(min(args.repeats, 2), lambda: native.score_sync(items, 5, 20))))

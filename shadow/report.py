@@ -102,7 +102,7 @@ def build_report(
             status="inconclusive",
             reasons=["the noise floor is off (--shadow-noise-floor off): there is nothing to judge the drift against; "
                      "the candidate's statistics are reported as they are"],
-            policy=_policy(policy),
+            policy=asdict(policy),
         )
         trajectory = None
     else:
@@ -148,7 +148,8 @@ def verdict_trajectory(records: list[ComparedSequence], policy: VerdictPolicy) -
     every few sequences (and at the last), so the cost stays bounded."""
     step = -(-len(records) // MAX_TRAJECTORY_POINTS) or 1
     points = [*range(step, len(records), step), len(records)] if records else []
-    return [TrajectoryPoint(sequences=n, status=judge(paired(records[:n]), policy).status) for n in points]
+    table = paired(records)
+    return [TrajectoryPoint(sequences=n, status=judge(table.head(n), policy).status) for n in points]
 
 
 def side_report(comparisons: list[SequenceComparison]) -> SideReport:
@@ -195,10 +196,6 @@ def _interval(value: Interval | None) -> IntervalBody | None:
     return None if value is None else IntervalBody(**asdict(value))
 
 
-def _policy(policy: VerdictPolicy) -> dict[str, float]:
-    return {k: v for k, v in asdict(policy).items()}
-
-
 def _verdict_body(verdict, policy: VerdictPolicy) -> VerdictBody:
     return VerdictBody(
         status=verdict.status,
@@ -207,5 +204,5 @@ def _verdict_body(verdict, policy: VerdictPolicy) -> VerdictBody:
         excess_top1=_interval(verdict.excess_top1),
         excess_hard=_interval(verdict.excess_hard),
         checks=verdict.checks,
-        policy=_policy(policy),
+        policy=asdict(policy),
     )

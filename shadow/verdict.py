@@ -79,6 +79,10 @@ class PairedSequences:
     def sequences(self) -> int:
         return len(self.tokens)
 
+    def head(self, n: int) -> PairedSequences:
+        """The first n sequences (the verdict as it read after n arrived)."""
+        return PairedSequences(**{name: getattr(self, name)[:n] for name in self.__dataclass_fields__})
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -105,12 +109,7 @@ def judge(paired: PairedSequences, policy: VerdictPolicy = VerdictPolicy()) -> V
             f"sequences and {policy.min_tokens} tokens"
         ])
     weights = _resample_weights(n, policy)
-    intervals = {
-        "kl_ratio": _interval(_kl_ratio, paired, weights, policy),
-        "excess_top1": _interval(_excess_top1, paired, weights, policy),
-        "excess_hard": _interval(_excess_hard, paired, weights, policy),
-    }
-    kl, top1, hard = intervals["kl_ratio"], intervals["excess_top1"], intervals["excess_hard"]
+    kl, top1, hard = (_interval(stat, paired, weights, policy) for stat in (_kl_ratio, _excess_top1, _excess_hard))
     checks: dict[str, Status] = {
         "kl_ratio": _decide(kl, policy.kl_ratio_max, by_upper_bound=True),
         "excess_top1": _decide(top1, policy.excess_top1_max, by_upper_bound=False),
