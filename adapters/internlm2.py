@@ -148,7 +148,7 @@ def convert_internlm2_to_llama(src: Path, dst: Path, dtype: str | None = None) -
     sources = open_checkpoint(src)
     plan, skipped = plan_conversion(sources, config, torch_dtype)
     dst.mkdir(parents=True, exist_ok=True)
-    write_safetensors(plan, dst)
+    write_safetensors(plan, dst, progress="convert")
     (dst / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
     for item in src.iterdir():  # tokenizer, generation config, chat template
         if item.is_file() and not _NOT_WEIGHTS.match(item.name):

@@ -97,9 +97,13 @@ def open_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
     return sources
 
 
-def write_safetensors(plan: list[PlannedTensor], out_dir: Path, max_shard_bytes: int = 4 * 2**30) -> list[Path]:
+def write_safetensors(plan: list[PlannedTensor], out_dir: Path, max_shard_bytes: int = 4 * 2**30,
+                      progress: str | None = None) -> list[Path]:
     """Write the plan as `model.safetensors`, or as shards with an HF index when larger
-    than `max_shard_bytes`. Returns the files written."""
+    than `max_shard_bytes`; with `progress`, a tqdm bar (bytes) under that name. Returns
+    the files written."""
+    from tqdm import tqdm
+
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for item in plan:
@@ -113,8 +117,10 @@ def write_safetensors(plan: list[PlannedTensor], out_dir: Path, max_shard_bytes:
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     written = []
-    for name, shard in zip(names, shards):
-        written.append(_write_shard(shard, out_dir / name))
+    with tqdm(total=sum(item.nbytes for item in plan), desc=progress, unit="B", unit_scale=True,
+              disable=progress is None, leave=False) as bar:
+        for name, shard in zip(names, shards):
+            written.append(_write_shard(shard, out_dir / name, bar.update))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(item.nbytes for item in plan)},
@@ -124,7 +130,7 @@ def write_safetensors(plan: list[PlannedTensor], out_dir: Path, max_shard_bytes:
     return written
 
 
-def _write_shard(shard: list[PlannedTensor], path: Path) -> Path:
+def _write_shard(shard: list[PlannedTensor], path: Path, advance=lambda nbytes: None) -> Path:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for item in shard:
@@ -142,6 +148,7 @@ def _write_shard(shard: list[PlannedTensor], path: Path) -> Path:
                 raise ValueError(f"{item.name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {item.shape} {item.dtype}")
             f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
             del tensor
+            advance(item.nbytes)
     return path
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
+from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand
 
 from server.reference_app import ReferenceSettings
 from server.settings import ServeSettings
@@ -79,15 +79,31 @@ class Convert(BaseModel):
 
 
 class MergeTp(BaseModel):
-    """Merge tensor-parallel (and pipeline-parallel) shards model_tp{t}_pp{p}.pt|.safetensors into one checkpoint."""
+    """Merge tensor-parallel (and pipeline-parallel) shards model_tp{t}_pp{p}.pt|.safetensors into one
+    Hugging Face checkpoint. InternEvo's model_config.pt, when beside the shards, decides the layout;
+    the flags declare it when it is absent (and must agree with it when present)."""
 
     src: CliPositionalArg[Path]
     dst: CliPositionalArg[Path]
+    rotary_layout: Literal["hf", "internevo"] | None = Field(
+        default=None, description="q/k rotary layout of the shards: internevo (trained with adapt_hf=False: rows "
+        "re-ordered per head) or hf (adapt_hf=True). Required for InternEvo shards without model_config.pt")
+    embed_split: Literal["vocab", "hidden"] | None = Field(
+        default=None, description="the dim the embedding is split on (checked against the shard shapes)")
+    norm_head: CliImplicitFlag[bool] = Field(
+        default=False, description="the model used InternEvo's norm head (output rows L2-normalised); "
+        "--no-norm-head: it did not. One of the two is required for InternEvo shards without model_config.pt")
+    max_position_embeddings: int | None = Field(
+        default=None, gt=0, description="for a config.json written from model_config.pt (default: its value, else 4096)")
 
     def cli_cmd(self) -> None:
+        from adapters.internevo import LayoutFlags
         from adapters.tp_merge import merge_tp
 
-        print(run_tool("merge-tp", lambda: merge_tp(self.src, self.dst)))
+        # --norm-head / --no-norm-head / neither: only a flag given on the command line declares.
+        norm_head = self.norm_head if "norm_head" in self.model_fields_set else None
+        flags = LayoutFlags(self.rotary_layout, self.embed_split, norm_head)
+        print(run_tool("merge-tp", lambda: merge_tp(self.src, self.dst, flags, self.max_position_embeddings)))
 
 
 class MergeLora(BaseModel):
