@@ -252,14 +252,14 @@ def _embed_split(model_config: dict | None, flags: LayoutFlags, shape: tuple[int
 
 def unpermute_rotary(wqkv: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
     """InternEvo (adapt_hf=False) -> Hugging Face rotary layout: within every q and k head,
-    rows (0, 2, 4, ..., 1, 3, 5, ...). Values move, none change: exact in any dtype."""
+    rows (0, 2, 4, ..., 1, 3, 5, ...); v heads stay. Values move, none change (exact in any
+    dtype), into one new tensor."""
     groups = heads // kv_heads
-    hidden = wqkv.shape[1]
     head_dim = wqkv.shape[0] // (kv_heads * (groups + 2))
-    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    packed = wqkv.reshape(kv_heads, groups + 2, head_dim, hidden).clone()
-    packed[:, : groups + 1] = packed[:, : groups + 1, order]  # q heads and the k head; v is not rotated
-    return packed.reshape(wqkv.shape)
+    rotated = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    rows = [start + (rotated if (start // head_dim) % (groups + 2) <= groups else torch.arange(head_dim))
+            for start in range(0, wqkv.shape[0], head_dim)]  # per KV group: g query heads, k, then v
+    return wqkv.index_select(0, torch.cat(rows))
 
 
 def normalise_head(output: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def _write_shard(shard: list[PlannedTensor], path: Path, advance=lambda nbytes: 
             tensor = item.produce()
             if tuple(tensor.shape) != item.shape or tensor.dtype != item.dtype:
                 raise ValueError(f"{item.name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {item.shape} {item.dtype}")
-            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))  # no copy
             del tensor
             advance(item.nbytes)
     return path

@@ -113,3 +113,30 @@ def tp_shards_dir(internlm2_dir, smol_weights, smol_config, tmp_path_factory) ->
     shutil.copy2(internlm2_dir / "config.json", out / "config.json")
     copy_tokenizer(internlm2_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def internevo_sets(demo_model, smol_weights, smol_config, tmp_path_factory):
+    """Lazily, per case of `internevo_shards.CASES`: (shard dir, merged dir, Llama dir,
+    the full InternEvo state the shards were cut from)."""
+    from adapters.internlm2 import convert_internlm2_to_llama
+    from adapters.tp_merge import merge_tp
+    from tests.adapters.internevo_shards import CASES, copy_beside, head_scale, internevo_state, write_shards
+
+    cache = {}
+
+    def build(case: str):
+        if case not in cache:
+            spec, flags = CASES[case]
+            state = internevo_state(smol_weights, smol_config, spec,
+                                    head_scale(smol_config["vocab_size"]) if spec.norm_head else None)
+            root = tmp_path_factory.mktemp(case)
+            src = write_shards(state, smol_config, spec, root / "shards")
+            copy_beside(demo_model, src, TOKENIZER_FILES)
+            if spec.model_config is None:
+                (src / "config.json").write_text(json.dumps(internlm2_config(smol_config)))
+            merged = merge_tp(src, root / "merged", flags)
+            cache[case] = (src, merged, convert_internlm2_to_llama(merged, root / "llama"), state)
+        return cache[case]
+
+    return build

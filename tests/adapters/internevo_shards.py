@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.internevo import LayoutFlags
+
 # Megatron-style split dim of each InternEvo weight (None: replicated on every rank).
 SPLIT = {"attention.wqkv": 0, "attention.wo": 1, "feed_forward.w1": 0, "feed_forward.w3": 0, "feed_forward.w2": 1,
          "attention_norm": None, "ffn_norm": None, "norm": None, "output": 0}
@@ -41,6 +43,11 @@ class Spec:
     model_config: str | None = "pickle"  # "pickle" (InternEvo's Config class), "dict", or None
     model_config_extra: dict = field(default_factory=dict)
     training_files: bool = False  # optimizer / context / md5 / topo files beside the shards
+
+
+def head_scale(vocab: int) -> torch.Tensor:
+    """A norm-head model's stored output rows: seeded lengths in [0.25, 3.25)."""
+    return torch.rand(vocab, generator=torch.Generator().manual_seed(0)) * 3 + 0.25
 
 
 def interleave_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -251,3 +258,17 @@ def internevo_forward(state: dict[str, torch.Tensor], config: dict, ids: list[in
 def copy_beside(src_dir: Path, dst: Path, names: tuple[str, ...]) -> None:
     for name in names:
         shutil.copy2(src_dir / name, dst / name)
+
+
+# name -> (how the shards are laid out, what the user declares on the command line)
+CASES = {
+    # InternEvo's internlm2_7B config: adapt_hf=False, embed_split_hidden=True; its own key
+    # names; uneven TP=3 x PP=3 (7/13/10 layers); optimizer, context, md5 and topo files beside.
+    "native-interleaved-rotary": (Spec(tp=3, stages=(7, 13, 10), training_files=True), LayoutFlags()),
+    # Behind the AMP wrapper (`model.` everywhere, model.output.weight), flash-attn's
+    # vocab-parallel embedding, adapt_hf=True, no model_config.pt: declared by flags.
+    "amp-vocab-split": (Spec(tp=3, stages=(15, 15), keys="internevo-amp", adapt_hf=True, embed_split_hidden=False,
+                             model_config=None), LayoutFlags(rotary_layout="hf", norm_head=False)),
+    # norm_head=True (output rows stored unnormalised), model_config.pt as a plain dict.
+    "norm-head": (Spec(tp=3, stages=(30,), norm_head=True, model_config="dict"), LayoutFlags()),
+}

@@ -18,52 +18,11 @@ from adapters.errors import AdapterError
 from adapters.internevo import LayoutFlags
 from adapters.internlm2 import convert_internlm2_to_llama
 from adapters.tp_merge import merge_tp
-from tests.adapters.conftest import TOKENIZER_FILES, internlm2_config
-from tests.adapters.internevo_shards import (
-    Spec, copy_beside, internevo_forward, internevo_state, upstream_rules_merge, write_shards)
+from tests.adapters.conftest import TOKENIZER_FILES
+from tests.adapters.internevo_shards import CASES, head_scale, internevo_forward, upstream_rules_merge
 from tests.verify_cli import FAST, run_verify
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198, 1, 4093, 198, 6004]
-
-# name -> (how the shards are laid out, what the user declares on the command line)
-CASES = {
-    # InternEvo's internlm2_7B config: adapt_hf=False, embed_split_hidden=True; its own key
-    # names; uneven TP=3 x PP=3 (7/13/10 layers); optimizer, context, md5 and topo files beside.
-    "native-interleaved-rotary": (Spec(tp=3, stages=(7, 13, 10), training_files=True), LayoutFlags()),
-    # Behind the AMP wrapper (`model.` everywhere, model.output.weight), flash-attn's
-    # vocab-parallel embedding, adapt_hf=True, no model_config.pt: declared by flags.
-    "amp-vocab-split": (Spec(tp=3, stages=(15, 15), keys="internevo-amp", adapt_hf=True, embed_split_hidden=False,
-                             model_config=None), LayoutFlags(rotary_layout="hf", norm_head=False)),
-    # norm_head=True (output rows stored unnormalised), model_config.pt as a plain dict.
-    "norm-head": (Spec(tp=3, stages=(30,), norm_head=True, model_config="dict"), LayoutFlags()),
-}
-
-
-def head_scale(vocab: int) -> torch.Tensor:
-    return torch.rand(vocab, generator=torch.Generator().manual_seed(0)) * 3 + 0.25
-
-
-@pytest.fixture(scope="module")
-def built(demo_model, smol_weights, smol_config, tmp_path_factory):
-    """Lazily: case -> (shard dir, merged dir, Llama dir, InternEvo full state)."""
-    cache = {}
-
-    def build(case: str):
-        if case not in cache:
-            spec, flags = CASES[case]
-            state = internevo_state(smol_weights, smol_config, spec,
-                                    head_scale(smol_config["vocab_size"]) if spec.norm_head else None)
-            root = tmp_path_factory.mktemp(case)
-            src = write_shards(state, smol_config, spec, root / "shards")
-            copy_beside(demo_model, src, TOKENIZER_FILES)
-            if spec.model_config is None:
-                (src / "config.json").write_text(json.dumps(internlm2_config(smol_config)))
-            merged = merge_tp(src, root / "merged", flags)
-            cache[case] = (src, merged, convert_internlm2_to_llama(merged, root / "llama"), state)
-        return cache[case]
-
-    return build
-
 
 def llama_logits(model_dir: Path) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
@@ -79,8 +38,8 @@ def original_logits(demo_model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_merge_equals_internevo_rules_written_out_independently(case, built, smol_config):
-    src, merged, _, _ = built(case)
+def test_merge_equals_internevo_rules_written_out_independently(case, internevo_sets, smol_config):
+    src, merged, _, _ = internevo_sets(case)
     spec, _ = CASES[case]
     want = upstream_rules_merge(src, smol_config, spec.adapt_hf, spec.embed_split_hidden, spec.norm_head)
     got = load_file(merged / "model.safetensors")
@@ -90,8 +49,8 @@ def test_merge_equals_internevo_rules_written_out_independently(case, built, smo
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_converted_weights_and_logits_are_the_originals(case, built, smol_weights, smol_config, original_logits):
-    _, _, llama, state = built(case)
+def test_converted_weights_and_logits_are_the_originals(case, internevo_sets, smol_weights, smol_config, original_logits):
+    _, _, llama, state = internevo_sets(case)
     spec, _ = CASES[case]
     embed = smol_weights["model.embed_tokens.weight"]
     head = torch.nn.functional.normalize(embed * head_scale(len(embed))[:, None], dim=-1) if spec.norm_head else embed
@@ -108,8 +67,8 @@ def test_converted_weights_and_logits_are_the_originals(case, built, smol_weight
     assert (logits - internevo).abs().max().item() < 1e-4
 
 
-def test_provenance_and_config_say_which_layout_was_applied_and_why(built, smol_config):
-    src, merged, _, _ = built("native-interleaved-rotary")
+def test_provenance_and_config_say_which_layout_was_applied_and_why(internevo_sets, smol_config):
+    src, merged, _, _ = internevo_sets("native-interleaved-rotary")
     provenance = json.loads((merged / "provenance.json").read_text())
     assert provenance["layout"]["rotary_layout"] == {"value": "internevo", "reason": "model_config.pt has adapt_hf=False"}
     assert provenance["layout"]["embed_split"]["value"] == "hidden"
@@ -121,7 +80,7 @@ def test_provenance_and_config_say_which_layout_was_applied_and_why(built, smol_
     # Training state stays behind; the tokenizer comes along.
     assert sorted(p.name for p in merged.iterdir()) == sorted(
         ["config.json", "model.safetensors", "provenance.json", *TOKENIZER_FILES])
-    amp = json.loads((built("amp-vocab-split")[1] / "provenance.json").read_text())["layout"]
+    amp = json.loads((internevo_sets("amp-vocab-split")[1] / "provenance.json").read_text())["layout"]
     assert amp["rotary_layout"]["reason"] == "declared with --rotary-layout hf"
     assert amp["embed_split"]["value"] == "vocab" and amp["keys"] == "internevo-amp"
 
@@ -134,9 +93,9 @@ def linked_copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
     return dst
 
 
-def test_without_model_config_the_rotary_layout_is_refused_not_guessed(built, tmp_path):
-    src = linked_copy(built("native-interleaved-rotary")[0], tmp_path / "bare", skip=("model_config.pt",))
-    (src / "config.json").write_text(json.dumps(json.loads((built("native-interleaved-rotary")[1] / "config.json").read_text())))
+def test_without_model_config_the_rotary_layout_is_refused_not_guessed(internevo_sets, tmp_path):
+    src = linked_copy(internevo_sets("native-interleaved-rotary")[0], tmp_path / "bare", skip=("model_config.pt",))
+    (src / "config.json").write_text(json.dumps(json.loads((internevo_sets("native-interleaved-rotary")[1] / "config.json").read_text())))
     with pytest.raises(AdapterError, match="cannot tell the rotary layout"):
         merge_tp(src, tmp_path / "out", LayoutFlags(norm_head=False))
     assert not (tmp_path / "out").exists()
@@ -155,22 +114,22 @@ def corpus(tmp_path_factory) -> Path:
     ("native-interleaved-rotary", LayoutFlags(rotary_layout="hf", norm_head=False)),
     ("norm-head", LayoutFlags(rotary_layout="internevo", norm_head=False)),
 ])
-def test_a_wrong_declaration_merges_but_verify_fails_it(case, wrong, built, demo_model, corpus, tmp_path):
+def test_a_wrong_declaration_merges_but_verify_fails_it(case, wrong, internevo_sets, demo_model, corpus, tmp_path):
     """Without model_config.pt the tool must trust the flags; the verdict catches the lie."""
-    src, merged, _, _ = built(case)
+    src, merged, _, _ = internevo_sets(case)
     bare = linked_copy(src, tmp_path / "bare", skip=("model_config.pt",))
     (bare / "config.json").write_text((merged / "config.json").read_text())
     wrong_llama = convert_internlm2_to_llama(merge_tp(bare, tmp_path / "merged", wrong), tmp_path / "llama")
     reference = demo_model
     if CASES[case][0].norm_head:  # the reference is the model the norm-head shards really encode
-        reference = built(case)[2]
+        reference = internevo_sets(case)[2]
     run = run_verify(str(wrong_llama), str(reference), "--corpus", str(corpus), *FAST, "--json")
     assert run.returncode == 1, run.stderr[-3000:]
     assert json.loads(run.stdout)["verdict"]["status"] == "fail"
 
 
-def test_the_right_merge_passes_verify(built, demo_model, corpus):
-    run = run_verify(str(built("native-interleaved-rotary")[2]), str(demo_model), "--corpus", str(corpus), *FAST, "--json")
+def test_the_right_merge_passes_verify(internevo_sets, demo_model, corpus):
+    run = run_verify(str(internevo_sets("native-interleaved-rotary")[2]), str(demo_model), "--corpus", str(corpus), *FAST, "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
     assert report["verdict"]["status"] == "pass" and report["candidate"]["identical"] == 8
