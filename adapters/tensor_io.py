@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.errors import AdapterError
+
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -55,9 +57,12 @@ class TensorSource:
             self._pt = None
         else:
             self._st = None
-            self._pt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            if not isinstance(self._pt, dict):
-                raise ValueError(f"{path}: expected a state dict, found {type(self._pt).__name__}")
+            try:
+                self._pt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as exc:  # not a torch zip file, or pickled objects other than tensors
+                raise AdapterError(f"{path}: cannot read it as a state dict of tensors ({exc})") from exc
+            if not isinstance(self._pt, dict) or not all(isinstance(v, torch.Tensor) for v in self._pt.values()):
+                raise AdapterError(f"{path}: expected a state dict of tensors, found {type(self._pt).__name__}")
 
     def keys(self) -> list[str]:
         return list(self._st.keys()) if self._st is not None else list(self._pt)

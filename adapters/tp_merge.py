@@ -40,6 +40,9 @@ REPLICATED = ("attention_norm", "ffn_norm", "input_layernorm", "post_attention_l
 _SHARD = re.compile(r"^model_tp(\d+)(?:_wp(\d+))?(?:[_-]pp(\d+))?(?:_dp(\d+))?$")
 _LAYER = re.compile(r"^(model\.layers\.)(\d+)(\..+)$")
 _EMBEDDING = "model.tok_embeddings.weight"
+_INTERNLM2_AUTO_MAP = {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                       "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                       "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
 # Training state InternEvo saves beside the weights: never copied into a model directory.
 _NOT_COPIED = re.compile(r"(\.md5|\.pt|\.pth|\.bin|\.safetensors)$|^topo_.*\.json$")
 
@@ -154,6 +157,10 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
     layout = internevo.resolve_layout(
         scheme, model_config, flags, sources[(0, embedding[0])].shape(embedding[1]) if embedding else None,
         config["vocab_size"], config["hidden_size"], tp, bool(embedding) and embedding[1].endswith("word_embeddings.weight"))
+    if layout.rotary.value == "internevo" and not any(hf.endswith("attention.wqkv.weight") for stage in names
+                                                      for _, hf in stage):
+        raise AdapterError("--rotary-layout internevo re-orders q/k rows inside InternLM2's packed attention.wqkv, "
+                           "and these shards have none; merge-tp cannot apply it to separate q/k projections")
     shapes = expected_shapes(config)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
@@ -187,6 +194,8 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
         if item.is_file() and not _NOT_COPIED.search(item.name) and item.name != "provenance.json":
             shutil.copy2(item, dst / item.name)
     if not (src / "config.json").is_file():
+        if all((dst / f"{module}.py").is_file() for module in ("configuration_internlm2", "modeling_internlm2")):
+            config["auto_map"] = _INTERNLM2_AUTO_MAP  # the release's remote code, copied beside the shards
         (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_provenance(dst, tool="merge-tp", source=str(src), dtype=str(plan[0].dtype).removeprefix("torch."), rules=[
         f"detected tp={tp}, pp={pp} from file names",
@@ -196,7 +205,8 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
         f"pipeline stages renumbered with layer offsets {offsets}",
         *layout.rules(),
         "config.json: " + ("copied from the source" if (src / "config.json").is_file() else
-                           "written from model_config.pt (intermediate_size from the w2 shards)"),
+                           "written from model_config.pt (intermediate_size from the w2 shards"
+                           + (", auto_map for the copied InternLM2 remote code)" if "auto_map" in config else ")")),
     ], extra={"layout": layout.record()})
     return dst
 

@@ -77,6 +77,7 @@ def test_provenance_and_config_say_which_layout_was_applied_and_why(internevo_se
     config = json.loads((merged / "config.json").read_text())  # written from model_config.pt
     assert config["intermediate_size"] == smol_config["intermediate_size"]
     assert config["num_key_value_heads"] == 3 and config["rope_theta"] == 100000.0
+    assert "auto_map" not in config  # no remote code beside the shards to point at
     # Training state stays behind; the tokenizer comes along.
     assert sorted(p.name for p in merged.iterdir()) == sorted(
         ["config.json", "model.safetensors", "provenance.json", *TOKENIZER_FILES])

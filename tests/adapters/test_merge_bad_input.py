@@ -72,6 +72,15 @@ def chunked_keys(src: Path) -> None:
     torch.save({f"0.{k}": v for k, v in torch.load(path).items()}, path)
 
 
+def llama_named(src: Path) -> None:
+    """Replace the set by Hugging Face Llama-named shards (separate q/k/v projections)."""
+    for item in src.iterdir():
+        item.unlink()
+    hf_config_json(src, num_hidden_layers=1, model_type="llama")
+    for t in range(3):
+        torch.save({"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 96)}, src / f"model_tp{t}_pp0.pt")
+
+
 def both(*changes: Callable[[Path], None]) -> Callable[[Path], None]:
     return lambda src: [change(src) for change in changes]
 
@@ -97,6 +106,8 @@ BAD = [
      ["--rotary-layout", "internevo", "--no-norm-head", "--embed-split", "vocab"],
      "--embed-split says the embedding is split on the vocab dim, but each rank holds [192, 32] of [192, 96]: "
      "a hidden split across 3 ranks"),
+    ("the internevo rotary layout on separate q/k projections", llama_named, ["--rotary-layout", "internevo"],
+     "--rotary-layout internevo re-orders q/k rows inside InternLM2's packed attention.wqkv, and these shards have none"),
     ("weight-parallel (ISP) shards", rename("model_tp0_pp0.pt", "model_tp0_wp1_pp0.pt"), [],
      "model_tp0_wp1_pp0.pt: weight-parallel (ISP) shards"),
     ("FSDP shards", rename("model_tp0_pp0.pt", "model_tp0_pp0_dp0.pt"), [], "model_tp0_pp0_dp0.pt: FSDP shards"),
@@ -111,6 +122,10 @@ BAD = [
     ("config.json and model_config.pt disagree", lambda src: hf_config_json(src, num_hidden_layers=5), [],
      "config.json says num_hidden_layers=5 but model_config.pt says num_layers=4"),
     ("a biased model", model_config(no_bias=False), [], "no_bias=False (a biased model)"),
+    ("a shard that is not a state dict", lambda src: torch.save([torch.ones(2)], src / "model_tp1_pp0.pt"), [],
+     "model_tp1_pp0.pt: expected a state dict of tensors, found list"),
+    ("a shard with pickled objects", lambda src: torch.save({"w": torch.nn.Linear(2, 2)}, src / "model_tp1_pp0.pt"), [],
+     "model_tp1_pp0.pt: cannot read it as a state dict of tensors"),
     ("no shard files", both(remove("model_tp0_pp0.pt", "model_tp1_pp0.pt", "model_tp2_pp0.pt", "model_tp0_pp1.pt",
                                    "model_tp1_pp1.pt", "model_tp2_pp1.pt"),
                             lambda src: torch.save({}, src / "optimizer_tp0_pp0_zo0.pt")), [],
@@ -137,3 +152,13 @@ def test_the_tiny_set_itself_merges(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()
     shutil.rmtree(tmp_path / "out")
+
+
+def test_auto_map_points_at_remote_code_copied_beside_the_shards(tmp_path, capsys):
+    src = shards(tmp_path)
+    for module in ("configuration_internlm2", "modeling_internlm2"):
+        (src / f"{module}.py").write_text("# the release's remote code\n")
+    main(["merge-tp", str(src), str(tmp_path / "out")])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_internlm2.InternLM2ForCausalLM"
+    assert (tmp_path / "out" / "modeling_internlm2.py").is_file()
