@@ -58,28 +58,19 @@ def interleave_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def internevo_state(weights: dict[str, torch.Tensor], config: dict, spec: Spec,
                     head_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The full (unsplit) model in InternEvo's own names and layout. `head_scale` scales the
-    output rows (a norm-head model's stored rows are not unit length)."""
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    d, g = config["hidden_size"] // heads, heads // kv
-    embed = weights["model.embed_tokens.weight"]
-    output = weights.get("lm_head.weight", embed).clone()
-    state = {"tok_embeddings.weight": embed, "norm.weight": weights["model.norm.weight"],
-             "output.weight": output if head_scale is None else output * head_scale[:, None]}
-    for i in range(config["num_hidden_layers"]):
-        p, o = f"model.layers.{i}.", f"layers.{i}."
-        q, k, v = (weights[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
-        if not spec.adapt_hf:
-            q, k = interleave_heads(q, d), interleave_heads(k, d)
-        hidden = q.shape[1]
-        state[o + "attention.wqkv.weight"] = torch.cat(
-            [q.view(kv, g, d, hidden), k.view(kv, 1, d, hidden), v.view(kv, 1, d, hidden)], dim=1).reshape(-1, hidden)
-        state[o + "attention.wo.weight"] = weights[p + "self_attn.o_proj.weight"]
-        state[o + "feed_forward.w1.weight"] = weights[p + "mlp.gate_proj.weight"]
-        state[o + "feed_forward.w3.weight"] = weights[p + "mlp.up_proj.weight"]
-        state[o + "feed_forward.w2.weight"] = weights[p + "mlp.down_proj.weight"]
-        state[o + "attention_norm.weight"] = weights[p + "input_layernorm.weight"]
-        state[o + "ffn_norm.weight"] = weights[p + "post_attention_layernorm.weight"]
+    """The full (unsplit) model in InternEvo's own names and layout: the Hugging Face
+    InternLM2 packing with q/k interleaved when adapt_hf=False and the `model.` prefix
+    dropped. `head_scale` scales the output rows (a norm-head model's stored rows are not
+    unit length)."""
+    from tests.adapters.conftest import internlm2_state
+
+    d = config["hidden_size"] // config["num_attention_heads"]
+    if not spec.adapt_hf:
+        weights = {name: interleave_heads(w, d) if name.endswith(("q_proj.weight", "k_proj.weight")) else w
+                   for name, w in weights.items()}
+    state = {name.removeprefix("model."): w for name, w in internlm2_state(weights, config).items()}
+    if head_scale is not None:
+        state["output.weight"] = state["output.weight"] * head_scale[:, None]
     return state
 
 

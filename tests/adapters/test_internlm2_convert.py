@@ -4,7 +4,6 @@ forward that reads the packed layout the way upstream's modeling code does."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -15,44 +14,17 @@ from adapters import internlm2
 from adapters.errors import AdapterError
 from adapters.internlm2 import convert_internlm2_to_llama
 from adapters.tensor_io import sha256_file
+from tests.adapters.internevo_shards import internevo_forward
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198, 1, 4093, 198, 6004]
 
 
-def rms_norm(x, weight, eps):
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def internlm2_forward(w: dict[str, torch.Tensor], config: dict, ids: list[int]) -> torch.Tensor:
-    """Upstream InternLM2 semantics: wqkv rows are (h gs d) with gs = g + 2 (q..., k, v)."""
-    h, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    d, g, eps = h // heads, heads // kv, config["rms_norm_eps"]
-    T = len(ids)
-    inv_freq = 1.0 / (config["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    freqs = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)
-    cos, sin = torch.cat([freqs, freqs], -1).cos().float(), torch.cat([freqs, freqs], -1).sin().float()
-    mask = torch.full((T, T), float("-inf")).triu(1)
-    x = w["model.tok_embeddings.weight"][torch.tensor(ids)]
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        a = rms_norm(x, w[p + "attention_norm.weight"], eps)
-        qkv = (a @ w[p + "attention.wqkv.weight"].T).view(T, kv, g + 2, d)
-        q = qkv[:, :, :g].reshape(T, heads, d)
-        k = qkv[:, :, g].repeat_interleave(g, dim=1)
-        v = qkv[:, :, g + 1].repeat_interleave(g, dim=1)
-        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(d) + mask
-        attn = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(T, heads * d)
-        x = x + attn @ w[p + "attention.wo.weight"].T
-        m = rms_norm(x, w[p + "ffn_norm.weight"], eps)
-        x = x + (torch.nn.functional.silu(m @ w[p + "feed_forward.w1.weight"].T) * (m @ w[p + "feed_forward.w3.weight"].T)) @ w[p + "feed_forward.w2.weight"].T
-    return rms_norm(x, w["model.norm.weight"], eps) @ w["output.weight"].T
+    """Upstream InternLM2 semantics: wqkv rows are (h gs d) with gs = g + 2 (q..., k, v);
+    the same forward as InternEvo's with adapt_hf=True, on Hugging Face names."""
+    state = {name.removeprefix("model."): tensor for name, tensor in w.items()}
+    config = {**config, "rope_parameters": {"rope_theta": config["rope_theta"]}}
+    return internevo_forward(state, config, ids, adapt_hf=True, norm_head=False)
 
 
 @pytest.fixture(scope="module")
