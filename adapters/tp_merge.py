@@ -188,8 +188,14 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
                 finish = internevo.normalise_head
             plan.append(PlannedTensor(global_name, tuple(merged), parts[0].dtype(raw),
                                       lambda n=raw, ps=parts, d=dim, f=finish: _merge(n, ps, d, f)))
+    created = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
-    write_safetensors(plan, dst, progress="merge-tp")
+    try:
+        write_safetensors(plan, dst, progress="merge-tp")
+    except Exception:  # e.g. replicas that differ, found while writing: leave no half-written model behind
+        if created:
+            shutil.rmtree(dst, ignore_errors=True)
+        raise
     for item in src.iterdir():  # tokenizer, generation config; not training state
         if item.is_file() and not _NOT_COPIED.search(item.name) and item.name != "provenance.json":
             shutil.copy2(item, dst / item.name)

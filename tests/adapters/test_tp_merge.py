@@ -80,3 +80,4 @@ def test_missing_ranks_and_diverging_replicas_are_refused(tp_shards_dir, tmp_pat
     torch.save(rank, drift / "model_tp2_pp1.pt")
     with pytest.raises(AdapterError, match="replicated weight differs between rank 0 and rank 2"):
         merge_tp(drift, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()  # nothing half-written left behind
