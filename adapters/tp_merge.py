@@ -150,7 +150,8 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
     for p in range(pp):
         offsets.append(offset)
         offset += len({int(m.group(2)) for _, hf in names[p] if (m := _LAYER.match(hf))})
-    config = _config(src, model_config, sources, names, tp, max_position_embeddings)
+    given_config = (src / "config.json").is_file()
+    config = _config(src, given_config, model_config, sources, names, tp, max_position_embeddings)
     if offset != config["num_hidden_layers"]:
         raise AdapterError(f"{src}: the stages hold {offset} layers, the config says {config['num_hidden_layers']}")
     embedding = next(((p, raw) for p in range(pp) for raw, hf in names[p] if hf == _EMBEDDING), None)
@@ -199,7 +200,7 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
     for item in src.iterdir():  # tokenizer, generation config; not training state
         if item.is_file() and not _NOT_COPIED.search(item.name) and item.name != "provenance.json":
             shutil.copy2(item, dst / item.name)
-    if not (src / "config.json").is_file():
+    if not given_config:
         if all((dst / f"{module}.py").is_file() for module in ("configuration_internlm2", "modeling_internlm2")):
             config["auto_map"] = _INTERNLM2_AUTO_MAP  # the release's remote code, copied beside the shards
         (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -210,18 +211,18 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
         "norms: replicated, checked equal across ranks",
         f"pipeline stages renumbered with layer offsets {offsets}",
         *layout.rules(),
-        "config.json: " + ("copied from the source" if (src / "config.json").is_file() else
+        "config.json: " + ("copied from the source" if given_config else
                            "written from model_config.pt (intermediate_size from the w2 shards"
                            + (", auto_map for the copied InternLM2 remote code)" if "auto_map" in config else ")")),
     ], extra={"layout": layout.record()})
     return dst
 
 
-def _config(src: Path, model_config: dict | None, sources: dict[tuple[int, int], TensorSource],
+def _config(src: Path, given_config: bool, model_config: dict | None, sources: dict[tuple[int, int], TensorSource],
             names: list[list[tuple[str, str]]], tp: int, max_position_embeddings: int | None) -> dict:
     """config.json when the shards carry one (checked against model_config.pt), else one
     written from model_config.pt."""
-    if (src / "config.json").is_file():
+    if given_config:
         config = json.loads((src / "config.json").read_text())
         if model_config is not None:
             internevo.check_consistent(config, model_config)

@@ -121,7 +121,7 @@ def internevo_sets(demo_model, smol_weights, smol_config, tmp_path_factory):
     the full InternEvo state the shards were cut from)."""
     from adapters.internlm2 import convert_internlm2_to_llama
     from adapters.tp_merge import merge_tp
-    from tests.adapters.internevo_shards import CASES, copy_beside, head_scale, internevo_state, write_shards
+    from tests.adapters.internevo_shards import CASES, head_scale, internevo_state, write_shards
 
     cache = {}
 
@@ -132,7 +132,7 @@ def internevo_sets(demo_model, smol_weights, smol_config, tmp_path_factory):
                                     head_scale(smol_config["vocab_size"]) if spec.norm_head else None)
             root = tmp_path_factory.mktemp(case)
             src = write_shards(state, smol_config, spec, root / "shards")
-            copy_beside(demo_model, src, TOKENIZER_FILES)
+            copy_tokenizer(demo_model, src)
             if spec.model_config is None:
                 (src / "config.json").write_text(json.dumps(internlm2_config(smol_config)))
             merged = merge_tp(src, root / "merged", flags)

@@ -17,7 +17,6 @@ importing upstream code or ours.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import types
 from dataclasses import dataclass, field
@@ -244,11 +243,6 @@ def internevo_forward(state: dict[str, torch.Tensor], config: dict, ids: list[in
     if norm_head:
         head = torch.nn.functional.normalize(head, dim=-1)
     return rms(x, state["norm.weight"]) @ head.T
-
-
-def copy_beside(src_dir: Path, dst: Path, names: tuple[str, ...]) -> None:
-    for name in names:
-        shutil.copy2(src_dir / name, dst / name)
 
 
 # name -> (how the shards are laid out, what the user declares on the command line)

@@ -86,17 +86,19 @@ def test_provenance_and_config_say_which_layout_was_applied_and_why(internevo_se
     assert amp["embed_split"]["value"] == "vocab" and amp["keys"] == "internevo-amp"
 
 
-def linked_copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+def without_model_config(internevo_sets, case: str, dst: Path) -> Path:
+    """The case's shards (hard links) with config.json in place of model_config.pt."""
+    src, merged, _, _ = internevo_sets(case)
     dst.mkdir()
     for item in src.iterdir():
-        if item.name not in skip:
+        if item.name != "model_config.pt":
             os.link(item, dst / item.name)
+    (dst / "config.json").write_text((merged / "config.json").read_text())
     return dst
 
 
 def test_without_model_config_the_rotary_layout_is_refused_not_guessed(internevo_sets, tmp_path):
-    src = linked_copy(internevo_sets("native-interleaved-rotary")[0], tmp_path / "bare", skip=("model_config.pt",))
-    (src / "config.json").write_text(json.dumps(json.loads((internevo_sets("native-interleaved-rotary")[1] / "config.json").read_text())))
+    src = without_model_config(internevo_sets, "native-interleaved-rotary", tmp_path / "bare")
     with pytest.raises(AdapterError, match="cannot tell the rotary layout"):
         merge_tp(src, tmp_path / "out", LayoutFlags(norm_head=False))
     assert not (tmp_path / "out").exists()
@@ -117,9 +119,7 @@ def corpus(tmp_path_factory) -> Path:
 ])
 def test_a_wrong_declaration_merges_but_verify_fails_it(case, wrong, internevo_sets, demo_model, corpus, tmp_path):
     """Without model_config.pt the tool must trust the flags; the verdict catches the lie."""
-    src, merged, _, _ = internevo_sets(case)
-    bare = linked_copy(src, tmp_path / "bare", skip=("model_config.pt",))
-    (bare / "config.json").write_text((merged / "config.json").read_text())
+    bare = without_model_config(internevo_sets, case, tmp_path / "bare")
     wrong_llama = convert_internlm2_to_llama(merge_tp(bare, tmp_path / "merged", wrong), tmp_path / "llama")
     reference = demo_model
     if CASES[case][0].norm_head:  # the reference is the model the norm-head shards really encode
