@@ -140,6 +140,32 @@ class Inspect(BaseModel):
         print(render(run_tool("inspect", lambda: inspect_model(self.model, self.kv_dtype))))
 
 
+class Diagnose(BaseModel):
+    """Where and why a candidate departs from its reference: a config diff, weight forensics
+    (streaming, one tensor pair at a time) and activation localisation against a noise
+    envelope, joined into ranked findings. Exit code 0 nothing departs, 1 something does,
+    2 usage or load error."""
+
+    candidate: CliPositionalArg[Path]
+    reference: CliPositionalArg[Path]
+    adapter: Path | None = Field(default=None, description="unmerged PEFT LoRA adapter on the reference")
+    mapping: Literal["auto", "identity", "internlm2"] = Field(
+        default="auto", description="reference tensor names -> candidate names: internlm2 applies the converter's "
+        "rules to an InternLM2 reference (auto: when the reference is InternLM2 and the candidate is not)")
+    prompt: list[str] | None = Field(default=None, description="activation pass prompt (repeat for more; "
+                                     "default: 3 built-in prompts)")
+    only: list[Literal["config", "weights", "activations"]] | None = Field(
+        default=None, description="run only these passes (repeat, or comma-separate)")
+    dtype: Literal["bf16", "fp16"] | None = Field(
+        default=None, description="serving dtype of the noise envelope (default: the candidate's, else bf16)")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    json_report: CliImplicitFlag[bool] = Field(default=False, alias="json", description="print the report as JSON")
+    html: Path | None = Field(default=None, description="also write a self-contained HTML report with plots here")
+
+    def cli_cmd(self) -> None:
+        run_diagnose(self)
+
+
 def run_tool(name: str, work):
     """Adapter errors are the user's to fix: print them, no traceback."""
     from adapters.errors import AdapterError
@@ -161,6 +187,7 @@ class Shadowserve(BaseSettings, cli_prog_name="shadowserve", cli_kebab_case=True
     merge_tp: CliSubCommand[MergeTp]
     merge_lora: CliSubCommand[MergeLora]
     inspect: CliSubCommand[Inspect]
+    diagnose: CliSubCommand[Diagnose]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
@@ -245,6 +272,31 @@ def run_verify(settings: VerifySettings) -> None:
         rows = sequence_rows(result.sequences, result.labels, result.decode)
         print(render_text(report, header(settings, report), rows))
     sys.exit(VERDICT_EXIT[report.verdict.status])
+
+
+def run_diagnose(args: Diagnose) -> None:
+    """Exit 0 nothing departs, 1 something does, 2 when the run itself failed."""
+    from adapters.diagnose.run import PASSES, diagnose
+    from adapters.errors import AdapterError
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = diagnose(args.candidate, args.reference, adapter=args.adapter, mapping=args.mapping,
+                          prompts=args.prompt, only=tuple(args.only or PASSES), dtype=args.dtype, device=args.device)
+        if args.html is not None:
+            from adapters.diagnose.render import render_html
+
+            args.html.write_text(render_html(report), encoding="utf-8")
+    except (AdapterError, OSError, KeyError) as exc:
+        print(f"shadowserve diagnose: {exc}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+    if args.json_report:
+        print(report.model_dump_json(indent=2))
+    else:
+        from adapters.diagnose.render import render_text
+
+        print(render_text(report))
+    sys.exit(1 if report.departs else 0)
 
 
 def main(argv: list[str] | None = None) -> None:

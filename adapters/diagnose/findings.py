@@ -1,0 +1,209 @@
+"""Findings: the three passes' results joined into a ranked list of causes. Pure.
+
+Tensor results are grouped by what they say (kind and its figure: the scale, the block
+order, the adapter multiple) across layers and modules, so thirty identical q_proj
+results read as one line. Ranking: a named structural cause in the weights, then config
+differences, then tensors that differ without a named cause, then rounding beyond the
+dtype's own; the activation pass's first departure is joined to the top finding (or
+stands alone when config and weights explain nothing).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+
+from pydantic import BaseModel
+
+from adapters.diagnose.activations import ActivationReport
+from adapters.diagnose.configs import ConfigDifference
+from adapters.diagnose.forensics import CLEAN, TensorResult, head_dim_ratio
+
+STRUCTURAL = ("shape", "missing", "extra", "swapped", "rotary", "permuted", "scaled", "low_rank")
+_LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+
+class Finding(BaseModel):
+    source: str  # config | weights | activations
+    kind: str
+    summary: str
+    tensors: list[str] = []
+
+
+def _role(name: str) -> str:
+    return _LAYER.sub("layers.*.", name).removeprefix("model.").removesuffix(".weight")
+
+
+def _short(role: str) -> str:
+    return role.removeprefix("layers.*.").removeprefix("self_attn.").removeprefix("mlp.")
+
+
+def _layers(names: list[str], total: int) -> str:
+    layers = sorted({int(m.group(1)) for n in names if (m := _LAYER.search(n))})
+    if not layers:
+        return ""
+    if len(layers) == total:
+        return f"all {total} layers"
+    runs, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(runs)
+
+
+_ORDER = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+          "input_layernorm", "post_attention_layernorm", "norm", "lm_head")
+
+
+def _modules(names: list[str], layers: int) -> str:
+    """'embed_tokens and q_proj, k_proj in all 30 layers' for a set of tensor names."""
+    def ordered(roles):
+        return sorted({_short(r) for r in roles}, key=lambda r: (_ORDER.index(r) if r in _ORDER else len(_ORDER), r))
+
+    roles = {_role(n) for n in names}
+    outside = ordered(r for r in roles if "layers.*." not in r)
+    inside = ordered(r for r in roles if "layers.*." in r)
+    text = ", ".join(outside)
+    if inside:
+        text += (" and " if outside else "") + ", ".join(inside) + f" in {_layers(names, layers)}"
+    return text
+
+
+def _key(r: TensorResult):
+    if r.kind == "scaled":
+        return round(r.scale, 4)
+    if r.kind == "permuted":
+        return tuple(r.blocks)
+    if r.kind == "swapped":
+        return frozenset({_role(r.name), _role(r.other)})
+    if r.kind == "low_rank":
+        return r.rank, None if r.adapter_multiple is None else round(r.adapter_multiple, 2)
+    if r.kind == "rotary":
+        return r.detail
+    return None
+
+
+def _what(kind: str, members: list[TensorResult], layers: int, adapter_targets: set[str]) -> str:
+    sample = members[0]
+    names = [m.name for m in members]
+    roles = {_short(_role(n)) for n in names}
+    if kind == "scaled":
+        text = f"= {sample.scale:.4f} × reference"
+        ratio = head_dim_ratio(sample.scale)
+        if ratio:
+            a, b = ratio
+            text += f" (≈ √{a}/√{b} = {math.sqrt(a):.4g}/{math.sqrt(b):.4g}"
+            attention = bool(roles & {"q_proj", "k_proj"})
+            text += f": an attention-scale mismatch, 1/√{b} where 1/√{a} was meant)" if attention else ")"
+        return text
+    if kind == "swapped":
+        pairs = sorted({(_short(_role(m.name)), _short(_role(m.other))) for m in members})
+        both = len(pairs) == 2
+        return (" and ".join(f"{a} = reference {b}" for a, b in pairs)
+                + (f": {pairs[0][0].removesuffix('_proj')} and {pairs[0][1].removesuffix('_proj')} swapped" if both else ""))
+    if kind == "permuted":
+        parts = []
+        for dim, what in ((0, "rows"), (1, "columns")):
+            chosen = [m.name for m in members if m.block_dim == dim]
+            if chosen:
+                parts.append(f"{what} of {_modules(chosen, layers)}")
+        return (f"shards concatenated in the wrong tensor-parallel rank order: {' and '.join(parts)} are in "
+                f"{len(sample.blocks)} equal blocks in the order {sample.blocks} (candidate block i holds reference "
+                "block order[i])")
+    if kind == "rotary":
+        return sample.detail
+    if kind == "low_rank":
+        m = sample.adapter_multiple
+        if m is None:
+            return f"a rank-{sample.rank} difference (a LoRA-sized update merged where the reference has none?)"
+        cause = ("the adapter merged twice" if abs(m - 1) < 0.05 else "the adapter not merged" if abs(m + 1) < 0.05
+                 else f"the adapter merged at {1 + m:.3g}× its scale")
+        only = " (the adapter's modules only)" if _adapter_only(names, adapter_targets) else ""
+        return f"a rank-{sample.rank} difference = {m:+.3f} × the adapter's update{only}: {cause}"
+    if kind == "rounding_beyond":
+        only = " — on the adapter's modules only" if _adapter_only(names, adapter_targets) else ""
+        off = sum(m.off_fraction for m in members) / len(members)
+        return (f"rounding beyond {sample.compared_in}'s own{only}: {off:.1%} of elements off the single "
+                f"{sample.compared_in} rounding of the reference (a single cast leaves 0): arithmetic done in "
+                f"{sample.compared_in} (a merge in low precision?)")
+    if kind == "differing":
+        return f"differ without a named cause (relative error up to {max(m.rel_error for m in members):.3g})"
+    return sample.detail
+
+
+def _adapter_only(names: list[str], adapter_targets: set[str]) -> bool:
+    return bool(adapter_targets) and set(names) <= set(adapter_targets)
+
+
+def weight_findings(results: list[TensorResult], layers: int, adapter_targets: set[str] = frozenset()) -> list[Finding]:
+    groups: dict = defaultdict(list)
+    for r in results:
+        if r.kind not in CLEAN:
+            groups[(r.kind, _key(r))].append(r)
+    findings = []
+    for (kind, _), members in groups.items():
+        names = [m.name for m in members]
+        if kind in ("missing", "extra", "shape") and len(members) <= 3:
+            summary = "; ".join(f"{m.name}: {m.detail}" for m in members)
+        elif kind == "permuted":
+            summary = _what(kind, members, layers, adapter_targets).capitalize()
+        else:
+            summary = f"{_modules(names, layers)}: {_what(kind, members, layers, adapter_targets)}"
+        findings.append(Finding(source="weights", kind=kind, summary=summary, tensors=names))
+    rank = {k: i for i, k in enumerate(STRUCTURAL + ("differing", "rounding_beyond"))}
+    return sorted(findings, key=lambda f: (rank[f.kind], -len(f.tensors)))
+
+
+def tensor_groups(results: list[TensorResult], layers: int) -> list[tuple[str, str, str]]:
+    """(module and layers, kind, detail) for the departing tensors, one row per module and
+    finding rather than one per layer."""
+    groups: dict = defaultdict(list)
+    for r in results:
+        if r.kind not in CLEAN:
+            groups[(_role(r.name), r.kind, _key(r))].append(r)
+    rows = []
+    for (role, kind, _), members in groups.items():
+        where = _layers([m.name for m in members], layers)
+        detail = members[0].detail
+        if kind == "swapped":
+            detail = f"equals reference {_role(members[0].other)}"
+        if kind in ("differing", "rounding_beyond") and len(members) > 1:
+            detail = (f"relative error {min(m.rel_error for m in members):.3g} to {max(m.rel_error for m in members):.3g}; "
+                      f"{min(m.off_fraction for m in members):.1%} to {max(m.off_fraction for m in members):.1%} of "
+                      f"elements off the single {members[0].compared_in} rounding")
+        rows.append((f"{role}{' in ' + where if where else ''}", kind, detail))
+    return rows
+
+
+def config_findings(differences: list[ConfigDifference]) -> list[Finding]:
+    return [Finding(source="config", kind=d.field, summary=f"config {d.field}: candidate {d.candidate} vs reference "
+                    f"{d.reference}: {d.consequence}") for d in differences if d.forward]
+
+
+def activation_sentence(report: ActivationReport) -> str | None:
+    first = report.first_departure
+    if first is None:
+        return None
+    text = f"first departure: {first.where}, {first.ratio:.3g}× the {report.serving_dtype} envelope"
+    if report.also_off:
+        text += f"; {', '.join(report.also_off)} also off"
+    return text
+
+
+def rank_findings(config: list[ConfigDifference] | None, weights: list[TensorResult] | None,
+                  activations: ActivationReport | None, layers: int, adapter_targets: set[str] = frozenset()) -> list[Finding]:
+    found = weight_findings(weights or [], layers, adapter_targets)
+    structural = [f for f in found if f.kind in STRUCTURAL]
+    rest = [f for f in found if f.kind not in STRUCTURAL]
+    ranked = structural + config_findings(config or []) + rest
+    sentence = activation_sentence(activations) if activations is not None else None
+    if sentence is not None:
+        if ranked and ranked[0].kind != "rounding_beyond":
+            ranked[0] = ranked[0].model_copy(update={"summary": f"{ranked[0].summary}; {sentence}"})
+        else:
+            ranked.insert(0, Finding(source="activations", kind="departure", summary=(
+                f"activations leave the envelope while config and weights agree — {sentence}: look at what runs the "
+                "weights (modeling code, attention implementation, engine)")))
+    return ranked

@@ -1,0 +1,330 @@
+"""Weight forensics on one tensor pair: what the candidate tensor is, given its reference.
+
+Pure (tensors in, a `TensorResult` out) and streaming-friendly: every statistic is
+accumulated over row chunks in fp64, so a pair costs the two tensors (memory-mapped by
+the readers) plus one chunk; only the low-rank test materialises the difference.
+
+The ladder, first match wins:
+  identical        bitwise equal
+  rounding         equal after rounding both to the coarser dtype (the cast a conversion
+                   does once); fp32 pairs may differ by a few ulp of summation order
+  scaled           C = c·R within rounding (c reported, and the head-dim ratio it matches)
+  swapped          C equals a different reference tensor of the same layer and shape
+  rotary           C is R in the other rotary layout (the Meta→HF q/k row permutation)
+  permuted         C is R with its rows or columns in equal blocks, re-ordered
+  low_rank         C − R is low-rank (an adapter's update: its multiple when known)
+  rounding_beyond  within a few ulp of the coarser dtype, but not its own single rounding
+  differing        none of the above (relative error reported)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel
+
+MANTISSA = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+CHUNK_ELEMENTS = 2**22  # 16 MiB of fp32 per working chunk
+ROUNDING_OFF_FRACTION = 1e-3  # a single cast may disagree with ours on near-ties this often, no more
+MAX_BLOCKS = 64
+HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class TensorResult(BaseModel):
+    """One reference tensor and what its candidate counterpart turned out to be."""
+
+    name: str
+    kind: str
+    detail: str = ""
+    shape: list[int] = []
+    rel_error: float = 0.0
+    scale: float | None = None
+    other: str | None = None  # swapped: the reference tensor the candidate equals
+    blocks: list[int] | None = None  # permuted: candidate block i holds reference block blocks[i]
+    block_dim: int | None = None
+    rank: int | None = None
+    adapter_multiple: float | None = None  # low_rank: C − R = multiple × the adapter's update
+    compared_in: str | None = None  # the coarser of the two dtypes
+    max_ulp: float | None = None
+    off_fraction: float | None = None
+
+
+CLEAN = ("identical", "rounding")
+
+
+@dataclass
+class Pair:
+    """What the ladder needs beyond the two tensors; every field is optional."""
+
+    rotary_heads: int | None = None  # q/k projections: heads in the rows
+    siblings: dict[str, Callable[[], torch.Tensor]] | None = None  # same layer, same shape
+    adapter_delta: Callable[[], torch.Tensor] | None = None  # this module's adapter update (fp32)
+    adapter_rank: int | None = None
+    device: str = "cpu"
+
+
+def coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if MANTISSA.get(a, 99) <= MANTISSA.get(b, 99) else b
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` at each value of fp32 tensor x (already representable in dtype)."""
+    p = MANTISSA[dtype]
+    _, exponent = torch.frexp(x)
+    spacing = torch.ldexp(torch.ones_like(x), exponent - 1 - p)
+    smallest = torch.finfo(dtype).smallest_normal * 2.0**-p
+    return torch.where(x == 0, torch.full_like(x, smallest), spacing.clamp_min(smallest))
+
+
+def _chunks(rows: int, width: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
+@dataclass
+class _Sums:
+    cr: float = 0.0
+    rr: float = 0.0
+    cc: float = 0.0
+    dd: float = 0.0
+    noise: float = 0.0  # ‖round(R) − R‖²: the coarser dtype's own rounding of the reference
+    off: int = 0
+    near: int = 0  # of those off, by exactly one ulp
+    max_ulp: float = 0.0
+    n: int = 0
+
+    @property
+    def rel(self) -> float:
+        return math.sqrt(self.dd / self.rr) if self.rr > 0 else (0.0 if self.dd == 0 else math.inf)
+
+
+def _sums(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype | None, device: str,
+          rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> _Sums:
+    """Accumulate over row chunks; C is read through the index maps (C'[i, j] = C[rows[i], cols[j]]),
+    and with `dtype`, rounding statistics in that dtype."""
+    c2, r2 = _as_rows(c), _as_rows(r)
+    s = _Sums(n=r2.numel())
+    for part in _chunks(r2.shape[0], r2.shape[1]):
+        rc = r2[part].to(device, torch.float32)
+        cc = (c2[rows[part]] if rows is not None else c2[part]).to(device, torch.float32)
+        if cols is not None:
+            cc = cc.index_select(1, cols.to(device))
+        s.cr += float((cc.double() * rc.double()).sum())
+        s.rr += float(rc.double().square().sum())
+        s.cc += float(cc.double().square().sum())
+        s.dd += float((cc.double() - rc.double()).square().sum())
+        if dtype is not None:
+            rd = rc.to(dtype).float()
+            cd = cc.to(dtype).float()
+            s.noise += float((rd.double() - rc.double()).square().sum())
+            gap = (cd - rd).abs()
+            s.off += int((gap > 0).sum())
+            if s.off:
+                units = gap / ulp(rd, dtype)
+                s.max_ulp = max(s.max_ulp, float(units.max()))
+                s.near += int((units == 1).sum())
+    return s
+
+
+def _tolerance(s: _Sums, dtype: torch.dtype) -> float:
+    """Relative error a pair may have and still 'equal' each other: twice the coarser dtype's
+    own rounding noise on this tensor, plus one unit of its precision for arithmetic."""
+    return 2 * _noise(s) + 2.0 ** -MANTISSA.get(dtype, 23)
+
+
+def _noise(s: _Sums) -> float:
+    return math.sqrt(s.noise / s.rr) if s.rr > 0 else 0.0
+
+
+def head_dim_ratio(c: float) -> tuple[int, int] | None:
+    """(a, b) when c ≈ √a/√b for head dims a ≠ b (relative 1e-3), the largest such pair:
+    16/14.96 ≈ √256/√224 (= √128/√112)."""
+    best = None
+    for a in HEAD_DIMS:
+        for b in HEAD_DIMS:
+            err = round(abs(c / math.sqrt(a / b) - 1), 9)
+            if a != b and err < 1e-3 and (best is None or (err, -a) < best[:2]):
+                best = (err, -a, a, b)
+    return None if best is None else best[2:]
+
+
+def rotary_rows(rows: int, heads: int) -> torch.Tensor:
+    """Row index of transformers' Meta→HF q/k permutation: within each head, the interleaved
+    pairs (x0, x1), (x2, x3), … become halves [x0, x2, …, x1, x3, …]."""
+    d = rows // heads
+    return torch.arange(rows).view(heads, d // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def _block_index(size: int, order: list[int]) -> torch.Tensor:
+    width = size // len(order)
+    return torch.cat([torch.arange(j * width, (j + 1) * width) for j in order])
+
+
+def _fingerprints(t: torch.Tensor, dim: int, device: str) -> torch.Tensor:
+    """Per index along `dim`: (sum, sum of squares) in fp64."""
+    t2 = _as_rows(t)
+    out = torch.zeros(t2.shape[dim], 2, dtype=torch.float64)
+    for part in _chunks(t2.shape[0], t2.shape[1]):
+        x = t2[part].to(device, torch.float64)
+        if dim == 0:
+            out[part, 0] = x.sum(1).cpu()
+            out[part, 1] = x.square().sum(1).cpu()
+        else:
+            out[:, 0] += x.sum(0).cpu()
+            out[:, 1] += x.square().sum(0).cpu()
+    return out
+
+
+def _block_order(fc: torch.Tensor, fr: torch.Tensor, blocks: int) -> list[int] | None:
+    """The non-identity assignment of candidate blocks to reference blocks by fingerprint, if
+    it is a permutation."""
+    bc = fc.view(blocks, -1, 2).sum(1)
+    br = fr.view(blocks, -1, 2).sum(1)
+    scale = br.abs().amax(0).clamp_min(1e-30)
+    distance = ((bc[:, None, :] - br[None, :, :]) / scale).abs().sum(-1)
+    order = distance.argmin(1).tolist()
+    if sorted(order) != list(range(blocks)) or order == list(range(blocks)):
+        return None
+    return order
+
+
+def _permutation(c, r, device, dtype, tol) -> tuple[int, list[int]] | None:
+    for dim in range(min(2, r.dim())):
+        size = r.shape[dim]
+        fc, fr = _fingerprints(c, dim, device), _fingerprints(r, dim, device)
+        for blocks in range(2, min(MAX_BLOCKS, size) + 1):
+            if size % blocks:
+                continue
+            order = _block_order(fc, fr, blocks)
+            if order is None:
+                continue
+            index = _block_index(size, order)
+            s = _sums(c, r, None, device, rows=index if dim == 0 else None, cols=index if dim == 1 else None)
+            if s.rel <= tol:
+                return dim, order
+    return None
+
+
+def _difference(c: torch.Tensor, r: torch.Tensor, device: str) -> torch.Tensor:
+    c2, r2 = _as_rows(c), _as_rows(r)
+    d = torch.empty(r2.shape, dtype=torch.float32, device=device)
+    for part in _chunks(r2.shape[0], r2.shape[1]):
+        d[part] = c2[part].to(device, torch.float32) - r2[part].to(device, torch.float32)
+    return d
+
+
+def _low_rank(c, r, pair: Pair, s: _Sums, dtype: torch.dtype) -> tuple[int, float | None] | None:
+    """(rank, multiple of the adapter's update or None) when C − R is low-rank up to rounding
+    and clearly above it."""
+    tol = 2 * _noise(s) + 2.0 ** -min(MANTISSA[dtype] + 4, 23)
+    if r.dim() != 2 or s.rel <= 2 * tol:
+        return None
+    norm_r = math.sqrt(s.rr)
+    d = _difference(c, r, pair.device)
+    total = float(d.double().square().sum())
+    if pair.adapter_delta is not None:
+        delta = pair.adapter_delta().to(pair.device, torch.float32)
+        dd = float(delta.double().square().sum())
+        if dd > 0:
+            k = float((d.double() * delta.double()).sum()) / dd
+            left = float((d - k * delta).double().square().sum())
+            del delta
+            if math.sqrt(left) / norm_r <= tol and abs(k) * math.sqrt(dd) / norm_r > 2 * tol:
+                return pair.adapter_rank, k
+    m, n = d.shape
+    q = min(32, m, n)
+    _, sv, _ = torch.svd_lowrank(d, q=q, niter=4)
+    energy = torch.cumsum(sv.double().square(), 0)
+    del d
+    for rank in range(1, q + 1):
+        left = math.sqrt(max(total - float(energy[rank - 1]), 0.0)) / norm_r
+        if left <= tol:
+            return (rank, None) if rank <= min(m, n) // 4 else None
+    return None
+
+
+def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = None) -> TensorResult:
+    pair = pair or Pair()
+    shape = list(r.shape)
+    if tuple(c.shape) != tuple(r.shape):
+        note = " (transposed)" if tuple(c.shape) == tuple(reversed(r.shape)) else ""
+        return TensorResult(name=name, kind="shape", shape=shape, rel_error=math.inf,
+                            detail=f"candidate {list(c.shape)} vs reference {shape}{note}")
+    if not (c.is_floating_point() and r.is_floating_point()):
+        same = torch.equal(c, r.to(c.dtype))
+        return TensorResult(name=name, kind="identical" if same else "differing", shape=shape,
+                            rel_error=0.0 if same else 1.0, detail="" if same else "integer values differ")
+    dtype = coarser(c.dtype, r.dtype)
+    s = _sums(c, r, dtype, pair.device)
+    result = dict(name=name, shape=shape, rel_error=s.rel, compared_in=_dtype(dtype), max_ulp=s.max_ulp,
+                  off_fraction=s.off / max(s.n, 1))
+    if s.dd == 0 and c.dtype == r.dtype:
+        return TensorResult(kind="identical", **result)
+    tol = _tolerance(s, dtype)
+    if s.rel <= tol and (s.off <= ROUNDING_OFF_FRACTION * s.n or MANTISSA[dtype] >= 23):
+        return TensorResult(kind="rounding", detail=f"equal up to {_dtype(dtype)} rounding", **result)
+
+    if s.rr > 0 and s.cc > 0 and 1 - s.cr**2 / (s.cc * s.rr) < 1e-4:
+        k = s.cr / s.rr
+        residual = _scaled_residual(c, r, k, pair.device)
+        if residual <= tol and abs(k - 1) > tol:
+            ratio = head_dim_ratio(k)
+            note = f" (≈ √{ratio[0]}/√{ratio[1]})" if ratio else ""
+            return TensorResult(kind="scaled", scale=k, detail=f"{k:.4f} × reference{note}", **result)
+
+    for other, load in (pair.siblings or {}).items():
+        if _sums(c, load(), None, pair.device).rel <= tol:
+            return TensorResult(kind="swapped", other=other, detail=f"equals reference {other}", **result)
+
+    if pair.rotary_heads and c.dim() == 2 and c.shape[0] % (2 * pair.rotary_heads) == 0:
+        index = rotary_rows(c.shape[0], pair.rotary_heads)
+        if _sums(c, r, None, pair.device, rows=index).rel <= tol:
+            return TensorResult(kind="rotary", detail="rows in the interleaved (Meta) rotary layout: the Meta→HF "
+                                "q/k permutation was not applied", **result)
+        if _sums(c, r, None, pair.device, rows=torch.argsort(index)).rel <= tol:
+            return TensorResult(kind="rotary", detail="rows permuted twice: the Meta→HF q/k permutation was applied "
+                                "to weights already in the HF layout", **result)
+
+    found = _permutation(c, r, pair.device, dtype, tol)
+    if found is not None:
+        dim, order = found
+        what = "rows" if dim == 0 else "columns"
+        return TensorResult(kind="permuted", blocks=order, block_dim=dim,
+                            detail=f"{what} in {len(order)} equal blocks in the order {order}", **result)
+
+    low = _low_rank(c, r, pair, s, dtype)
+    if low is not None:
+        rank, multiple = low
+        what = f" = {multiple:+.3f} × the adapter's update" if multiple is not None else ""
+        return TensorResult(kind="low_rank", rank=rank, adapter_multiple=multiple,
+                            detail=f"difference of rank {rank}{what}", **result)
+
+    if s.rel <= 4 * 2.0 ** -MANTISSA[dtype]:
+        return TensorResult(kind="rounding_beyond", detail=(
+            f"{s.off / s.n:.1%} of elements off the single {_dtype(dtype)} rounding of the reference "
+            f"({s.near / max(s.off, 1):.1%} of them by 1 ulp, at most {s.max_ulp:.0f}); a single cast leaves 0"), **result)
+    hint = next((f": the size of {name} rounding (arithmetic done in {name}?)" for name, p in (("float16", 10), ("bfloat16", 7))
+                 if 2.0 ** -(p + 3) <= s.rel <= 2.0 ** -p and MANTISSA[dtype] > p), "")
+    return TensorResult(kind="differing", detail=f"relative error {s.rel:.3g}{hint}", **result)
+
+
+def _scaled_residual(c, r, k: float, device: str) -> float:
+    c2, r2 = _as_rows(c), _as_rows(r)
+    left = rr = 0.0
+    for part in _chunks(r2.shape[0], r2.shape[1]):
+        rc = r2[part].to(device, torch.float64)
+        left += float((c2[part].to(device, torch.float64) - k * rc).square().sum())
+        rr += float(rc.square().sum())
+    return math.sqrt(left / rr) if rr > 0 else math.inf
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
