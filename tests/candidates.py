@@ -11,6 +11,9 @@ Bugs (the verdict must fail them):
 - lora_bf16_merge_fp16: a LoRA merged into a bf16 base, saved in bf16 and served in fp16
   (the report in DESIGN.md: wrong answers in fp16 inference)
 
+Also for `diagnose` (its tests): norm_eps (config), a LoRA merged twice or at the wrong
+scale (lora_merged), and the weights cast to bf16/fp16 on disk (cast_weights).
+
 Controls (precision only; the verdict must pass them):
 - bf16 / fp16: the reference's own weights served in that dtype
 - lora_fp32_merge_bf16: the LoRA merged in fp32 (`merge-lora`), served in bf16, judged
@@ -151,6 +154,49 @@ def lora_fp32_merge(base: Path, adapter: Path, dst: Path) -> Path:
     from adapters.lora_merge import merge_lora
 
     merge_lora(base, adapter, dst, "bf16")
+    return dst
+
+
+def cast_weights(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """The reference's own weights, cast once and saved in `dtype` (a precision-only control)."""
+    def change(w, config):
+        for name, tensor in w.items():
+            w[name] = tensor.to(dtype)
+    out = _with_weights(src, dst, change)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "dtype": str(dtype).removeprefix("torch.")}))
+    return out
+
+
+def norm_eps(src: Path, dst: Path, eps: float = 1e-6) -> Path:
+    """A config mapping that dropped the norm epsilon (the transformers default 1e-6 where
+    the model has 1e-5); the weights are the reference's own."""
+    _copy_non_weights(src, dst)
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["rms_norm_eps"] = eps
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def lora_merged(base: Path, adapter: Path, dst: Path, times: int = 1, lora_alpha: float | None = None) -> Path:
+    """peft's fp32 merge, `times` times over (2: merged twice), optionally with the adapter's
+    lora_alpha replaced (a merge at the wrong scale)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if lora_alpha is not None:
+        changed = dst.with_name(dst.name + "-adapter")
+        shutil.copytree(adapter, changed, dirs_exist_ok=True)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (changed / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": lora_alpha}))
+        adapter = changed
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for _ in range(times):
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.save_pretrained(dst)
+    for name in NON_WEIGHT_FILES[1:]:
+        shutil.copy2(base / name, dst / name)
     return dst
 
 

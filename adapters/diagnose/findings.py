@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 
@@ -22,6 +23,15 @@ from adapters.diagnose.forensics import CLEAN, TensorResult, head_dim_ratio
 
 STRUCTURAL = ("shape", "missing", "extra", "swapped", "rotary", "permuted", "scaled", "low_rank")
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the findings need to know of the reference."""
+
+    layers: int
+    head_dim: int
+    adapter_targets: frozenset[str] = frozenset()
 
 
 class Finding(BaseModel):
@@ -85,7 +95,7 @@ def _key(r: TensorResult):
     return None
 
 
-def _what(kind: str, members: list[TensorResult], layers: int, adapter_targets: set[str]) -> str:
+def _what(kind: str, members: list[TensorResult], facts: Facts) -> str:
     sample = members[0]
     names = [m.name for m in members]
     roles = {_short(_role(n)) for n in names}
@@ -108,10 +118,12 @@ def _what(kind: str, members: list[TensorResult], layers: int, adapter_targets: 
         for dim, what in ((0, "rows"), (1, "columns")):
             chosen = [m.name for m in members if m.block_dim == dim]
             if chosen:
-                parts.append(f"{what} of {_modules(chosen, layers)}")
-        return (f"shards concatenated in the wrong tensor-parallel rank order: {' and '.join(parts)} are in "
-                f"{len(sample.blocks)} equal blocks in the order {sample.blocks} (candidate block i holds reference "
-                "block order[i])")
+                parts.append(f"{what} of {_modules(chosen, facts.layers)}")
+        heads = all(m.shape[m.block_dim] // len(m.blocks) == facts.head_dim for m in members)
+        cause = ("Heads in the wrong order (blocks of one head)" if heads
+                 else "Shards concatenated in the wrong tensor-parallel rank order")
+        return (f"{cause}: {' and '.join(parts)} are in {len(sample.blocks)} equal blocks in the order "
+                f"{sample.blocks} (candidate block i holds reference block order[i])")
     if kind == "rotary":
         return sample.detail
     if kind == "low_rank":
@@ -120,10 +132,10 @@ def _what(kind: str, members: list[TensorResult], layers: int, adapter_targets: 
             return f"a rank-{sample.rank} difference (a LoRA-sized update merged where the reference has none?)"
         cause = ("the adapter merged twice" if abs(m - 1) < 0.05 else "the adapter not merged" if abs(m + 1) < 0.05
                  else f"the adapter merged at {1 + m:.3g}× its scale")
-        only = " (the adapter's modules only)" if _adapter_only(names, adapter_targets) else ""
+        only = " (the adapter's modules only)" if _adapter_only(names, facts.adapter_targets) else ""
         return f"a rank-{sample.rank} difference = {m:+.3f} × the adapter's update{only}: {cause}"
     if kind == "rounding_beyond":
-        only = " — on the adapter's modules only" if _adapter_only(names, adapter_targets) else ""
+        only = " — on the adapter's modules only" if _adapter_only(names, facts.adapter_targets) else ""
         off = sum(m.off_fraction for m in members) / len(members)
         return (f"rounding beyond {sample.compared_in}'s own{only}: {off:.1%} of elements off the single "
                 f"{sample.compared_in} rounding of the reference (a single cast leaves 0): arithmetic done in "
@@ -133,11 +145,11 @@ def _what(kind: str, members: list[TensorResult], layers: int, adapter_targets: 
     return sample.detail
 
 
-def _adapter_only(names: list[str], adapter_targets: set[str]) -> bool:
+def _adapter_only(names: list[str], adapter_targets: frozenset[str]) -> bool:
     return bool(adapter_targets) and set(names) <= set(adapter_targets)
 
 
-def weight_findings(results: list[TensorResult], layers: int, adapter_targets: set[str] = frozenset()) -> list[Finding]:
+def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
     groups: dict = defaultdict(list)
     for r in results:
         if r.kind not in CLEAN:
@@ -148,15 +160,15 @@ def weight_findings(results: list[TensorResult], layers: int, adapter_targets: s
         if kind in ("missing", "extra", "shape") and len(members) <= 3:
             summary = "; ".join(f"{m.name}: {m.detail}" for m in members)
         elif kind == "permuted":
-            summary = _what(kind, members, layers, adapter_targets).capitalize()
+            summary = _what(kind, members, facts)
         else:
-            summary = f"{_modules(names, layers)}: {_what(kind, members, layers, adapter_targets)}"
+            summary = f"{_modules(names, facts.layers)}: {_what(kind, members, facts)}"
         findings.append(Finding(source="weights", kind=kind, summary=summary, tensors=names))
     rank = {k: i for i, k in enumerate(STRUCTURAL + ("differing", "rounding_beyond"))}
     return sorted(findings, key=lambda f: (rank[f.kind], -len(f.tensors)))
 
 
-def tensor_groups(results: list[TensorResult], layers: int) -> list[tuple[str, str, str]]:
+def tensor_groups(results: list[TensorResult], facts: Facts) -> list[tuple[str, str, str]]:
     """(module and layers, kind, detail) for the departing tensors, one row per module and
     finding rather than one per layer."""
     groups: dict = defaultdict(list)
@@ -165,7 +177,7 @@ def tensor_groups(results: list[TensorResult], layers: int) -> list[tuple[str, s
             groups[(_role(r.name), r.kind, _key(r))].append(r)
     rows = []
     for (role, kind, _), members in groups.items():
-        where = _layers([m.name for m in members], layers)
+        where = _layers([m.name for m in members], facts.layers)
         detail = members[0].detail
         if kind == "swapped":
             detail = f"equals reference {_role(members[0].other)}"
@@ -193,8 +205,8 @@ def activation_sentence(report: ActivationReport) -> str | None:
 
 
 def rank_findings(config: list[ConfigDifference] | None, weights: list[TensorResult] | None,
-                  activations: ActivationReport | None, layers: int, adapter_targets: set[str] = frozenset()) -> list[Finding]:
-    found = weight_findings(weights or [], layers, adapter_targets)
+                  activations: ActivationReport | None, facts: Facts) -> list[Finding]:
+    found = weight_findings(weights or [], facts)
     structural = [f for f in found if f.kind in STRUCTURAL]
     rest = [f for f in found if f.kind not in STRUCTURAL]
     ranked = structural + config_findings(config or []) + rest

@@ -31,7 +31,7 @@ def config_rows(report: DiagnoseReport) -> list[tuple[str, str, str, str]]:
 
 
 def tensor_rows(report: DiagnoseReport) -> list[tuple[str, str, str]]:
-    return tensor_groups(report.weights or [], report.layers)
+    return tensor_groups(report.weights or [], report.facts)
 
 
 def layer_rows(report: DiagnoseReport) -> list[tuple[str, ...]]:

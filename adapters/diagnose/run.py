@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from adapters.diagnose.activations import PROMPTS, ActivationReport, activation_pass
 from adapters.diagnose.configs import ConfigDifference, diff_configs
-from adapters.diagnose.findings import Finding, rank_findings
+from adapters.diagnose.findings import Facts, Finding, rank_findings
 from adapters.diagnose.forensics import TensorResult
 from adapters.diagnose.weights import adapter_targets, read_config, resolve_mapping, weight_pass
 from adapters.errors import AdapterError
@@ -31,7 +31,7 @@ class DiagnoseReport(BaseModel):
     weights: list[TensorResult] | None = None
     weight_counts: dict[str, int] | None = None
     activations: ActivationReport | None = None
-    layers: int
+    facts: Facts
     seconds: dict[str, float] = {}
 
 
@@ -42,6 +42,12 @@ def serving_dtype(candidate_config: dict, requested: str | None) -> torch.dtype:
         return DTYPE_NAMES[requested]
     stored = DTYPE_NAMES.get(str(candidate_config.get("dtype") or candidate_config.get("torch_dtype") or ""))
     return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def facts(reference_config: dict, adapter: Path | None) -> Facts:
+    heads = reference_config["num_attention_heads"]
+    return Facts(reference_config["num_hidden_layers"], reference_config.get("head_dim") or reference_config["hidden_size"] // heads,
+                 frozenset(adapter_targets(adapter)))
 
 
 def resolve_device(device: str) -> str:
@@ -75,8 +81,7 @@ def diagnose(candidate: Path, reference: Path, *, adapter: Path | None = None, m
             report["activations"] = activation_pass(candidate, reference, list(prompts or PROMPTS),
                                                     serving_dtype(cand_config, dtype), adapter, device, progress)
         seconds[name] = time.perf_counter() - start
-    findings = rank_findings(report["config"], report["weights"], report["activations"],
-                             ref_config["num_hidden_layers"], adapter_targets(adapter) if report["weights"] else set())
+    findings = rank_findings(report["config"], report["weights"], report["activations"], facts(ref_config, adapter))
     counts = None
     if report["weights"] is not None:
         counts = {}
@@ -84,4 +89,4 @@ def diagnose(candidate: Path, reference: Path, *, adapter: Path | None = None, m
             counts[r.kind] = counts.get(r.kind, 0) + 1
     return DiagnoseReport(candidate=str(candidate), reference=str(reference), adapter=str(adapter) if adapter else None,
                           mapping=mapping, passes=[p for p in PASSES if p in only], departs=bool(findings),
-                          findings=findings, weight_counts=counts, layers=ref_config["num_hidden_layers"], seconds=seconds, **report)
+                          findings=findings, weight_counts=counts, facts=facts(ref_config, adapter), seconds=seconds, **report)
