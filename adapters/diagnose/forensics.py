@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel
 
 MANTISSA = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
-CHUNK_ELEMENTS = 2**22  # 16 MiB of fp32 per working chunk
+CHUNK_ELEMENTS = 2**20  # 4 MiB of fp32 (8 MiB of fp64) per working chunk
 ROUNDING_OFF_FRACTION = 1e-3  # a single cast may disagree with ours on near-ties this often, no more
 MAX_BLOCKS = 64
 HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -117,14 +117,15 @@ def _sums(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype | None, device: s
         cc = (c2[rows[part]] if rows is not None else c2[part]).to(device, torch.float32)
         if cols is not None:
             cc = cc.index_select(1, cols.to(device))
-        s.cr += float((cc.double() * rc.double()).sum())
-        s.rr += float(rc.double().square().sum())
-        s.cc += float(cc.double().square().sum())
-        s.dd += float((cc.double() - rc.double()).square().sum())
+        r64, c64 = rc.double(), cc.double()
+        s.cr += float(torch.dot(c64.view(-1), r64.view(-1)))
+        s.rr += float(torch.dot(r64.view(-1), r64.view(-1)))
+        s.cc += float(torch.dot(c64.view(-1), c64.view(-1)))
+        s.dd += float((c64 - r64).square().sum())
         if dtype is not None:
             rd = rc.to(dtype).float()
             cd = cc.to(dtype).float()
-            s.noise += float((rd.double() - rc.double()).square().sum())
+            s.noise += float((rd.double() - r64).square().sum())
             gap = (cd - rd).abs()
             s.off += int((gap > 0).sum())
             if s.off:
@@ -197,7 +198,9 @@ def _block_order(fc: torch.Tensor, fr: torch.Tensor, blocks: int) -> list[int] |
 
 
 def _permutation(c, r, device, dtype, tol) -> tuple[int, list[int]] | None:
-    for dim in range(min(2, r.dim())):
+    if r.dim() != 2:  # norms and biases are replicated across ranks, never split
+        return None
+    for dim in (0, 1):
         size = r.shape[dim]
         fc, fr = _fingerprints(c, dim, device), _fingerprints(r, dim, device)
         for blocks in range(2, min(MAX_BLOCKS, size) + 1):
@@ -221,6 +224,13 @@ def _difference(c: torch.Tensor, r: torch.Tensor, device: str) -> torch.Tensor:
     return d
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> in fp64, a chunk at a time."""
+    a2, b2 = _as_rows(a), _as_rows(b)
+    return sum(float(torch.dot(a2[p].double().reshape(-1), b2[p].double().reshape(-1)))
+               for p in _chunks(a2.shape[0], a2.shape[1]))
+
+
 def _low_rank(c, r, pair: Pair, s: _Sums, dtype: torch.dtype) -> tuple[int, float | None] | None:
     """(rank, multiple of the adapter's update or None) when C − R is low-rank up to rounding
     and clearly above it."""
@@ -229,13 +239,14 @@ def _low_rank(c, r, pair: Pair, s: _Sums, dtype: torch.dtype) -> tuple[int, floa
         return None
     norm_r = math.sqrt(s.rr)
     d = _difference(c, r, pair.device)
-    total = float(d.double().square().sum())
+    total = _dot(d, d)  # of the fp32 difference itself, so that what is left after a fit is consistent
     if pair.adapter_delta is not None:
         delta = pair.adapter_delta().to(pair.device, torch.float32)
-        dd = float(delta.double().square().sum())
+        dd = _dot(delta, delta)
         if dd > 0:
-            k = float((d.double() * delta.double()).sum()) / dd
-            left = float((d - k * delta).double().square().sum())
+            along = _dot(d, delta)
+            k = along / dd
+            left = max(total - 2 * k * along + k * k * dd, 0.0)
             del delta
             if math.sqrt(left) / norm_r <= tol and abs(k) * math.sqrt(dd) / norm_r > 2 * tol:
                 return pair.adapter_rank, k

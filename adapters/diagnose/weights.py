@@ -85,9 +85,18 @@ class Adapter:
     scale: float
     rank: int
 
-    def delta(self, name: str) -> torch.Tensor:
-        a, b = (f().to(torch.float64) for f in self.weights[name])
-        return self.scale * (b @ a)
+    def delta(self, name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        """scale·B·A in fp32 or, with `base`, base + scale·B·A in base's dtype: summed in fp64
+        a block of rows at a time (never a whole fp64 matrix)."""
+        a, b = (f() for f in self.weights[name])
+        a64 = a.to(torch.float64)
+        out = torch.empty((b.shape[0], a.shape[1]), dtype=torch.float32 if base is None else base.dtype)
+        step = max(1, 2**20 // a.shape[1])
+        for start in range(0, b.shape[0], step):
+            rows = slice(start, start + step)
+            update = self.scale * (b[rows].to(torch.float64) @ a64)
+            out[rows] = update if base is None else base[rows].to(torch.float64) + update
+        return out
 
 
 def load_adapter(adapter_dir: Path) -> Adapter:
@@ -120,7 +129,7 @@ def with_adapter(view: dict[str, Tensor], adapter: Adapter) -> dict[str, Tensor]
         raise AdapterError(f"the adapter's {missing[0]} has no base weight in the reference")
 
     def merged(name: str, base: Tensor) -> Callable[[], torch.Tensor]:
-        return lambda: (base.get().to(torch.float64) + adapter.delta(name)).to(base.dtype)
+        return lambda: adapter.delta(name, base.get())
 
     return {name: Tensor(t.shape, t.dtype, merged(name, t)) if name in adapter.weights else t for name, t in view.items()}
 
@@ -164,7 +173,7 @@ def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Pat
             continue
         rotary = _ROTARY.search(name)
         pair = Pair(rotary_heads=heads[rotary.group(1)] if rotary else None, siblings=_siblings(name, ref),
-                    adapter_delta=(lambda n=name: adapter.delta(n).float()) if adapter and name in adapter.weights else None,
+                    adapter_delta=(lambda n=name: adapter.delta(n)) if adapter and name in adapter.weights else None,
                     adapter_rank=adapter.rank if adapter else None, device=device)
         results.append(classify(name, cand[name].get(), ref[name].get(), pair))
     for name in cand:
