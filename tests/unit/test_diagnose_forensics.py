@@ -1,0 +1,121 @@
+"""Weight forensics on synthetic tensor pairs: each rung of the ladder, the figures it
+reports, and the chunked statistics against a direct computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.diagnose import forensics
+from adapters.diagnose.forensics import Pair, classify, head_dim_ratio, rotary_rows, ulp
+
+
+@pytest.fixture
+def ref() -> torch.Tensor:
+    return torch.randn(96, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+
+
+def test_identical_and_single_casts_are_clean(ref):
+    assert classify("w", ref.clone(), ref).kind == "identical"
+    for dtype in (torch.bfloat16, torch.float16):
+        result = classify("w", ref.to(dtype), ref)
+        assert result.kind == "rounding" and result.off_fraction == 0 and result.compared_in == str(dtype)[6:]
+
+
+def test_a_constant_scale_is_reported_with_its_head_dim_ratio(ref):
+    result = classify("q", ref * (16 / 14.96), ref)
+    assert result.kind == "scaled" and abs(result.scale - 16 / 14.96) < 1e-6
+    assert "√256/√224" in result.detail
+    # in bf16 the update must stand clear of bf16's own rounding (~0.15% of ‖W‖ here) to be seen
+    in_bf16 = classify("q", (ref * 1.25).to(torch.bfloat16), ref)
+    assert in_bf16.kind == "scaled" and abs(in_bf16.scale - 1.25) < 1e-3
+
+
+def test_head_dim_ratio():
+    assert head_dim_ratio(16 / 14.96) == (256, 224)  # the largest pair of the same ratio
+    assert head_dim_ratio(math.sqrt(128 / 64)) == (256, 128)
+    assert head_dim_ratio(1.01) is None
+
+
+def test_a_swap_names_the_sibling(ref):
+    other = torch.randn_like(ref)
+    result = classify("k", other, ref, Pair(siblings={"v": lambda: other, "q": lambda: ref * 2}))
+    assert (result.kind, result.other) == ("swapped", "v")
+
+
+@pytest.mark.parametrize("dim, order", [(0, [2, 0, 1]), (1, [1, 0]), (0, [0, 1, 3, 2])])
+def test_block_permutations_report_the_order(ref, dim, order):
+    parts = torch.chunk(ref, len(order), dim=dim)
+    cand = torch.cat([parts[j] for j in order], dim=dim).to(torch.bfloat16)
+    result = classify("w", cand, ref)
+    assert (result.kind, result.block_dim, result.blocks) == ("permuted", dim, order)
+
+
+def test_rotary_layouts_both_ways(ref):
+    heads = 3  # 96 rows = 3 heads of 32
+    index = rotary_rows(96, heads)
+    interleaved = ref[torch.argsort(index)]  # what a Meta checkpoint holds
+    assert torch.equal(interleaved[index], ref)
+    result = classify("q", interleaved, ref, Pair(rotary_heads=heads))
+    assert result.kind == "rotary" and "not applied" in result.detail
+    twice = classify("q", ref[index], ref, Pair(rotary_heads=heads))
+    assert twice.kind == "rotary" and "applied to weights already in the HF layout" in twice.detail
+
+
+def test_low_rank_differences_with_and_without_the_adapter(ref):
+    g = torch.Generator().manual_seed(1)
+    b, a = torch.randn(96, 3, generator=g) * 0.04, torch.randn(3, 64, generator=g) * 0.04  # ‖BA‖ = 6% of ‖W‖
+    plain = classify("w", ref + b @ a, ref)
+    assert (plain.kind, plain.rank, plain.adapter_multiple) == ("low_rank", 3, None)
+    delta = b @ a
+    twice = classify("w", ref + delta, ref, Pair(adapter_delta=lambda: delta, adapter_rank=3))
+    assert twice.kind == "low_rank" and abs(twice.adapter_multiple - 1) < 1e-5 and twice.rank == 3
+    # in bf16 the update must stand clear of bf16's own rounding (~0.15% of ‖W‖ here) to be seen
+    in_bf16 = classify("w", (ref - 0.5 * delta).to(torch.bfloat16), ref, Pair(adapter_delta=lambda: delta, adapter_rank=3))
+    assert in_bf16.kind == "low_rank" and abs(in_bf16.adapter_multiple + 0.5) < 0.02
+
+
+def test_rounding_beyond_counts_the_elements_off(ref):
+    noisy = ref * (1 + 0.004 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)))
+    result = classify("w", noisy.to(torch.bfloat16), ref)
+    assert result.kind == "rounding_beyond"
+    # independent count: elements whose bf16 value is not the bf16 rounding of the reference
+    expected = (noisy.to(torch.bfloat16) != ref.to(torch.bfloat16)).float().mean().item()
+    assert result.off_fraction == pytest.approx(expected) and expected > 0.2
+
+
+def test_differing_shape_and_integers(ref):
+    other = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+    result = classify("w", other, ref)
+    assert result.kind == "differing" and result.rel_error > 1
+    assert "size of bfloat16 rounding" in classify("w", ref * (1 + 0.003 * torch.randn_like(ref)), ref).detail
+    assert classify("w", ref.T.contiguous(), ref).detail.endswith("(transposed)")
+    assert classify("i", torch.arange(5), torch.arange(5)).kind == "identical"
+    assert classify("i", torch.arange(5), torch.arange(5) + 1).kind == "differing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_ulp_matches_numpy_spacing(dtype):
+    values = torch.tensor([0.0, 1e-8, 3e-5, 0.1, 1.0, 3.5, 1000.0, -2.0, -0.3]).to(dtype)  # ulp: the spacing above |x|
+    ours = ulp(values.float(), dtype)
+    if dtype is torch.bfloat16:  # numpy has no bfloat16: its spacing is 2^16 float32 spacings at its values
+        expected = np.spacing(np.abs(values.float().numpy()), dtype=np.float32) * 2**16
+        expected[0] = 2.0**-133  # the smallest bf16 subnormal
+    else:
+        np_dtype = {torch.float16: np.float16, torch.float32: np.float32}[dtype]
+        expected = np.spacing(np.abs(values.float().numpy()).astype(np_dtype)).astype(np.float64)
+    assert np.allclose(ours.numpy(), expected, rtol=0, atol=0), (ours, expected)
+
+
+def test_chunked_statistics_equal_the_whole_tensor(ref, monkeypatch):
+    cand = (ref * (1 + 0.004 * torch.randn_like(ref))).to(torch.bfloat16)
+    whole = classify("w", cand, ref)
+    monkeypatch.setattr(forensics, "CHUNK_ELEMENTS", 100)  # one or two rows per chunk
+    chunked = classify("w", cand, ref)
+    assert chunked.kind == whole.kind and chunked.off_fraction == whole.off_fraction
+    assert chunked.rel_error == pytest.approx(whole.rel_error, rel=1e-12)
+    direct = float((cand.double() - ref.double()).norm() / ref.double().norm())
+    assert whole.rel_error == pytest.approx(direct, rel=1e-12)
