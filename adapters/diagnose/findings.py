@@ -162,7 +162,8 @@ def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
         elif kind == "permuted":
             summary = _what(kind, members, facts)
         else:
-            summary = f"{_modules(names, facts.layers)}: {_what(kind, members, facts)}"
+            what = _what(kind, members, facts)
+            summary = f"{_modules(names, facts.layers)}{' ' if what.startswith('=') else ': '}{what}"
         findings.append(Finding(source="weights", kind=kind, summary=summary, tensors=names))
     rank = {k: i for i, k in enumerate(STRUCTURAL + ("differing", "rounding_beyond"))}
     return sorted(findings, key=lambda f: (rank[f.kind], -len(f.tensors)))

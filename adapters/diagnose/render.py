@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import io
 
-from adapters.diagnose.activations import SITES, SITE_NAMES
+from adapters.diagnose.activations import DEPARTURE, SITES, SITE_NAMES
 from adapters.diagnose.findings import tensor_groups
 from adapters.diagnose.run import DiagnoseReport
 
@@ -95,7 +95,9 @@ def render_html(report: DiagnoseReport) -> str:
                      f"{a.logits.envelope_max_abs_logit_diff:.3g}), mean KL {a.logits.kl_mean:.3g} nats (envelope "
                      f"{a.logits.envelope_kl_mean:.3g}).</p>")
         parts.append(_plot(report))
-        parts.append(_table(("layer", *(SITE_NAMES[s] for s in SITES)), layer_rows(report)))
+        parts.append("<p>Candidate error ÷ envelope, per layer and site (above "
+                     f"{DEPARTURE:g}×: departed):</p>")
+        parts.append(_table(("layer", *(SITE_NAMES[s] for s in SITES)), layer_rows(report), numbers=True))
     if report.config is not None:
         parts.append("<h2>Config</h2>")
         parts.append(_table(("field", "candidate", "reference", "consequence"), config_rows(report))
@@ -110,10 +112,10 @@ def render_html(report: DiagnoseReport) -> str:
     return "\n".join(parts)
 
 
-def _table(head, rows) -> str:
+def _table(head, rows, numbers: bool = False) -> str:
     heading = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{heading}</tr>{body}</table>"
+    return f"<table{' class=numbers' if numbers else ''}><tr>{heading}</tr>{body}</table>"
 
 
 def _plot(report: DiagnoseReport) -> str:
@@ -124,7 +126,7 @@ def _plot(report: DiagnoseReport) -> str:
 
     plt.rcParams["svg.hashsalt"] = "shadowserve"
     a = report.activations
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 5.2))
     try:
         for site, colour in zip(("attention", "mlp", "residual"), ("#c0392b", "#7d3c98", "#2471a3")):
             points = [(s.layer, s.candidate, s.envelope) for s in a.sites if s.site == site]
@@ -142,7 +144,7 @@ def _plot(report: DiagnoseReport) -> str:
         ax.set_ylabel("relative L2 error vs the fp32 reference")
         ax.set_title("Per-layer error against the noise envelope")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
         fig.tight_layout()
         out = io.StringIO()
         fig.savefig(out, format="svg")
@@ -158,6 +160,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 .outcome { display: inline-block; color: white; padding: 0.3em 0.8em; border-radius: 4px; font-weight: bold; }
 table { border-collapse: collapse; font-family: monospace; margin: 1em 0; }
 th, td { padding: 0.15em 0.8em; text-align: left; border-bottom: 1px solid #eee; }
+table.numbers td { text-align: right; }
 figure { margin: 0; max-width: 1000px; }
 figure svg { width: 100%; height: auto; }
 """

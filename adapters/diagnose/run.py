@@ -81,7 +81,8 @@ def diagnose(candidate: Path, reference: Path, *, adapter: Path | None = None, m
             report["activations"] = activation_pass(candidate, reference, list(prompts or PROMPTS),
                                                     serving_dtype(cand_config, dtype), adapter, device, progress)
         seconds[name] = time.perf_counter() - start
-    findings = rank_findings(report["config"], report["weights"], report["activations"], facts(ref_config, adapter))
+    known = facts(ref_config, adapter)
+    findings = rank_findings(report["config"], report["weights"], report["activations"], known)
     counts = None
     if report["weights"] is not None:
         counts = {}
@@ -89,4 +90,4 @@ def diagnose(candidate: Path, reference: Path, *, adapter: Path | None = None, m
             counts[r.kind] = counts.get(r.kind, 0) + 1
     return DiagnoseReport(candidate=str(candidate), reference=str(reference), adapter=str(adapter) if adapter else None,
                           mapping=mapping, passes=[p for p in PASSES if p in only], departs=bool(findings),
-                          findings=findings, weight_counts=counts, facts=facts(ref_config, adapter), seconds=seconds, **report)
+                          findings=findings, weight_counts=counts, facts=known, seconds=seconds, **report)

@@ -89,7 +89,7 @@ def test_attention_scale_names_the_constant_the_ratio_and_layer_0_attention(run,
     report = run("attention_scale")
     first = report.findings[0]
     assert first.source == "weights" and first.kind == "scaled"
-    assert first.summary.startswith("q_proj in all 30 layers: = 1.0695 × reference (≈ √256/√224 = 16/14.97: "
+    assert first.summary.startswith("q_proj in all 30 layers = 1.0695 × reference (≈ √256/√224 = 16/14.97: "
                                     "an attention-scale mismatch")
     assert "first departure: layer 0, self-attention output" in first.summary
     scaled = [r for r in report.weights if r.kind == "scaled"]

@@ -75,7 +75,7 @@ def test_layers_group_and_ranges():
     results = [result(f"model.layers.{i}.self_attn.q_proj.weight", "scaled", scale=1.25) for i in (0, 1, 2, 5)]
     results.append(result("model.layers.3.self_attn.q_proj.weight", "identical"))
     (finding,) = weight_findings(results, FACTS)
-    assert finding.summary.startswith("q_proj in layers 0-2, 5: = 1.2500 × reference")
+    assert finding.summary.startswith("q_proj in layers 0-2, 5 = 1.2500 × reference")
     assert len(finding.tensors) == 4
 
 

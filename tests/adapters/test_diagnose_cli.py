@@ -1,0 +1,70 @@
+"""`shadowserve diagnose` as a user runs it: exit codes, the text report, --json, and the
+HTML page opened in a real headless browser (Debian's chromium)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests import candidates
+
+
+def diagnose(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", "diagnose", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def broken(demo_model, tmp_path_factory):
+    return candidates.attention_scale(demo_model, tmp_path_factory.mktemp("cli") / "attention_scale")
+
+
+def test_the_attention_scale_case_end_to_end_with_an_html_report(broken, demo_model, tmp_path):
+    page = tmp_path / "diagnose.html"
+    run = diagnose(broken, demo_model, "--device", "cpu", "--html", page)
+    assert run.returncode == 1, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert "DEPARTS: 1 finding (exit 1)" in lines
+    first = lines[lines.index("Findings, most likely cause first:") + 1]
+    assert first.startswith("  1. [weights] q_proj in all 30 layers = 1.0695 × reference (≈ √256/√224 = 16/14.97")
+    assert "first departure: layer 0, self-attention output" in first
+    assert "  layers.*.self_attn.q_proj in all 30 layers: scaled: 1.0695 × reference (≈ √256/√224)" in lines
+    assert any(line.startswith("wall time: config") for line in lines)
+
+    text = page.read_text()
+    assert text.count("<svg") == 1 and "<script" not in text and "DEPARTS" in text
+    shot = tmp_path / "diagnose.png"
+    browser = shutil.which("chromium")
+    assert browser, "chromium not found: `make test` installs Debian's chromium package"
+    run = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         "--window-size=1300,2400", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000, run.stderr[-2000:]
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == [], console
+
+
+def test_a_precision_control_exits_0_with_json(demo_model, tmp_path):
+    control = candidates.cast_weights(demo_model, tmp_path / "bf16", torch.bfloat16)
+    run = diagnose(control, demo_model, "--only", "config,weights", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["departs"] is False and report["findings"] == [] and report["passes"] == ["config", "weights"]
+    assert report["weight_counts"] == {"rounding": 272} and report["activations"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/absent", "{demo}"], "not a Hugging Face model directory"),
+    (["{demo}", "{demo}", "--mapping", "internlm2"], "the reference's model_type is 'llama', not 'internlm2'"),
+    (["{demo}", "{demo}", "--adapter", "{tmp}", "--only", "weights"], "not a PEFT adapter"),
+    (["{demo}", "{demo}", "--only", "everything"], "Input should be 'config', 'weights' or 'activations'"),
+])
+def test_usage_and_load_errors_exit_2_with_a_message(demo_model, tmp_path, args, message):
+    run = diagnose(*(a.format(tmp=tmp_path, demo=demo_model) for a in args))
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
