@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/shadow_scoring.py --model "$$($(BIN)/shadowserve demo-model)" --repeats 5
 	$(BIN)/python bench/noise_floor_cost.py --model "$$($(BIN)/shadowserve demo-model)"
 	$(BIN)/python bench/verify_wall_time.py --model "$$($(BIN)/shadowserve demo-model)"
+	$(BIN)/python bench/diagnose_wall_time.py --model "$$($(BIN)/shadowserve demo-model)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

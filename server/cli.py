@@ -271,6 +271,9 @@ def run_verify(settings: VerifySettings) -> None:
     else:
         rows = sequence_rows(result.sequences, result.labels, result.decode)
         print(render_text(report, header(settings, report), rows))
+    if report.verdict.status == "fail":  # stderr: --json keeps stdout for the report
+        adapter = f" --adapter {settings.adapter}" if settings.adapter else ""
+        print(f"where and why: shadowserve diagnose {settings.candidate} {settings.reference}{adapter}", file=sys.stderr)
     sys.exit(VERDICT_EXIT[report.verdict.status])
 
 

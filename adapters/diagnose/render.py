@@ -67,11 +67,15 @@ def render_text(report: DiagnoseReport) -> str:
                   f"  logits: max |Δlogit| {a.logits.max_abs_logit_diff:.3g} (envelope {a.logits.envelope_max_abs_logit_diff:.3g}), "
                   f"mean KL {a.logits.kl_mean:.3g} nats (envelope {a.logits.envelope_kl_mean:.3g})",
                   "  candidate error / envelope per layer:",
-                  "  " + " | ".join(f"{h:>21}" for h in ("layer", *(SITE_NAMES[s].split(" (")[0] for s in SITES)))]
-        lines += ["  " + " | ".join(f"{c:>21}" for c in row) for row in layer_rows(report)]
+                  "  " + _row(("layer", *(SITE_NAMES[s].split(" (")[0] for s in SITES)))]
+        lines += ["  " + _row(row) for row in layer_rows(report)]
     if report.seconds:
         lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())]
     return "\n".join(lines)
+
+
+def _row(cells) -> str:
+    return " | ".join([f"{cells[0]:>9}", *(f"{c:>21}" for c in cells[1:])]).rstrip()
 
 
 def render_html(report: DiagnoseReport) -> str:

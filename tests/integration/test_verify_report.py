@@ -40,6 +40,7 @@ def test_corpus_mode_fails_a_broken_candidate(broken, demo_model, corpus):
     assert report["noise_floor"]["kl"]["mean"] == 0.0 and report["noise_floor"]["identical"] == 8
     assert report["candidate"]["sequences"] == 8 and report["candidate"]["tokens"] == 8 * 64
     assert "ratio is taken against that floor" in " ".join(report["verdict"]["reasons"])
+    assert f"where and why: shadowserve diagnose {broken} {demo_model}" in run.stderr
 
 
 def test_corpus_mode_passes_the_same_weights_and_writes_a_report(demo_model, corpus, tmp_path):
