@@ -4,11 +4,11 @@ self-contained HTML page (inline SVG: the per-layer error against the envelope).
 from __future__ import annotations
 
 import html
-import io
 
 from adapters.diagnose.activations import DEPARTURE, SITES, SITE_NAMES
 from adapters.diagnose.findings import tensor_groups
 from adapters.diagnose.run import DiagnoseReport
+from adapters.html_page import BASE_CSS, svg_figure
 
 MAX_TENSOR_ROWS = 40
 
@@ -85,7 +85,7 @@ def render_html(report: DiagnoseReport) -> str:
         '<html lang="en"><head><meta charset="utf-8"><title>shadowserve diagnose</title>',
         f"<style>{_CSS}</style></head><body>",
         f"<h1>shadowserve diagnose</h1><p class=header>{html.escape(title(report))}</p>",
-        f'<p class=outcome style="background:{colour}">{html.escape(outcome(report))}</p>',
+        f'<p class=badge style="background:{colour}">{html.escape(outcome(report))}</p>',
     ]
     if report.findings:
         parts.append("<h2>Findings</h2><ol>" + "".join(
@@ -123,15 +123,9 @@ def _table(head, rows, numbers: bool = False) -> str:
 
 
 def _plot(report: DiagnoseReport) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.hashsalt"] = "shadowserve"
     a = report.activations
-    fig, ax = plt.subplots(figsize=(9, 5.2))
-    try:
+
+    def draw(ax) -> None:
         for site, colour in zip(("attention", "mlp", "residual"), ("#c0392b", "#7d3c98", "#2471a3")):
             points = [(s.layer, s.candidate, s.envelope) for s in a.sites if s.site == site]
             if not points:
@@ -146,25 +140,13 @@ def _plot(report: DiagnoseReport) -> str:
         ax.set_yscale("log")
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("relative L2 error vs the fp32 reference")
-        ax.set_title("Per-layer error against the noise envelope")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
-        fig.tight_layout()
-        out = io.StringIO()
-        fig.savefig(out, format="svg")
-    finally:
-        plt.close(fig)
-    svg = out.getvalue()
-    return f"<figure>{svg[svg.index('<svg'):]}</figure>"
+
+    return svg_figure(draw, "Per-layer error against the noise envelope", (9, 5.2),
+                      fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-.header { font-family: monospace; color: #555; }
-.outcome { display: inline-block; color: white; padding: 0.3em 0.8em; border-radius: 4px; font-weight: bold; }
-table { border-collapse: collapse; font-family: monospace; margin: 1em 0; }
+_CSS = BASE_CSS + """
 th, td { padding: 0.15em 0.8em; text-align: left; border-bottom: 1px solid #eee; }
 table.numbers td { text-align: right; }
-figure { margin: 0; max-width: 1000px; }
-figure svg { width: 100%; height: auto; }
+figure { max-width: 1000px; }
 """

@@ -6,11 +6,11 @@ for the candidate and the noise floor side by side."""
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 
 import numpy as np
 
+from adapters.html_page import BASE_CSS, svg_figure
 from server.verify.text import describe_trajectory, header, intro, sequence_rows, summary_rows
 from shadow.history import ComparedSequence
 
@@ -31,7 +31,7 @@ def render_html(report, sequences: list[ComparedSequence], title: str, rows=()) 
         '<html lang="en"><head><meta charset="utf-8"><title>shadowserve verify</title>',
         f"<style>{_CSS}</style></head><body>",
         f"<h1>shadowserve verify</h1><p class=header>{html.escape(title)}</p>",
-        f'<p class=verdict style="background:{STATUS_COLOURS[v.status]}">Verdict: {v.status.upper()}</p>',
+        f'<p class="badge verdict" style="background:{STATUS_COLOURS[v.status]}">Verdict: {v.status.upper()}</p>',
         "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in v.reasons) + "</ul>",
     ]
     if report.trajectory:
@@ -41,7 +41,7 @@ def render_html(report, sequences: list[ComparedSequence], title: str, rows=()) 
         parts.append(_table(summary_rows(report)))
         sides = _sides(sequences)
         parts.append("<div class=plots>")
-        parts += [_figure(title, draw, sides) for title, draw in PLOTS]
+        parts += [svg_figure(lambda ax, draw=draw: draw(ax, sides), title) for title, draw in PLOTS]
         parts.append("</div>")
         if rows:
             parts.append("<h2>First divergence per sequence</h2>")
@@ -120,38 +120,10 @@ PLOTS = (
 )
 
 
-def _figure(title: str, draw, sides) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.hashsalt"] = "shadowserve"  # stable element ids: the same run, the same page
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    try:
-        draw(ax, sides)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        out = io.StringIO()
-        fig.savefig(out, format="svg")
-    finally:
-        plt.close(fig)
-    svg = out.getvalue()
-    return f"<figure>{svg[svg.index('<svg'):]}</figure>"
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-.header { font-family: monospace; color: #555; }
-.verdict { display: inline-block; color: white; padding: 0.3em 0.8em; border-radius: 4px; font-weight: bold; }
-table { border-collapse: collapse; font-family: monospace; margin: 1em 0; }
+_CSS = BASE_CSS + """
 th, td { padding: 0.15em 0.8em; text-align: right; border-bottom: 1px solid #eee; }
 table.left th, table.left td { text-align: left; }
 th:first-child { text-align: left; }
 .gap td { border: none; height: 0.6em; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1em; }
-figure { margin: 0; }
-figure svg { width: 100%; height: auto; }
 """

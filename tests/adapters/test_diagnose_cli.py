@@ -4,7 +4,6 @@ HTML page opened in a real headless browser (Debian's chromium)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from tests import candidates
+from tests.browser import screenshot
 
 
 def diagnose(*args: str) -> subprocess.CompletedProcess:
@@ -39,14 +39,7 @@ def test_the_attention_scale_case_end_to_end_with_an_html_report(broken, demo_mo
     text = page.read_text()
     assert text.count("<svg") == 1 and "<script" not in text and "DEPARTS" in text
     shot = tmp_path / "diagnose.png"
-    browser = shutil.which("chromium")
-    assert browser, "chromium not found: `make test` installs Debian's chromium package"
-    run = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-         "--window-size=1300,2400", f"--screenshot={shot}", page.as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert shot.is_file() and shot.stat().st_size > 20_000, run.stderr[-2000:]
-    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    console = screenshot(page, shot, "1300,2400")
     assert console == [], console
 
 

@@ -5,12 +5,11 @@ in a real headless browser (Debian's chromium): a screenshot, no console errors.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.browser import screenshot
 from tests.candidates import attention_scale
 from tests.verify_cli import CORPUS, FAST
 from tests.verify_cli import run_verify as verify
@@ -57,12 +56,5 @@ def test_corpus_mode_passes_the_same_weights_and_writes_a_report(demo_model, cor
     page = html.read_text()
     assert page.count("<svg") == 4 and "<script" not in page and "Verdict: PASS" in page
     shot = tmp_path / "report.png"
-    browser = shutil.which("chromium")
-    assert browser, "chromium not found: `make test` installs Debian's chromium package"
-    run = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-         "--window-size=1400,2200", f"--screenshot={shot}", html.as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert shot.is_file() and shot.stat().st_size > 20_000, run.stderr[-2000:]
-    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    console = screenshot(html, shot)
     assert console == [], console
