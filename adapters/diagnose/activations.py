@@ -103,9 +103,8 @@ def _internlm2_as_llama(path: Path, config: dict, dtype: torch.dtype):
     state = {item.name: item.produce().clone() for item in plan}
     if llama.get("tie_word_embeddings") and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=False, assign=True)
-    model.model.rotary_emb.__init__(model.config)  # its buffers were made on the meta device
-    model.tie_weights()
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # its buffers were made on meta
     return model
 
 

@@ -220,7 +220,9 @@ def test_internlm2_conversion_by_our_converter_is_clean_and_a_broken_one_is_name
         q = weights[name]
         weights[name] = q.view(kv, g, -1, q.shape[1]).transpose(0, 1).reshape(q.shape).contiguous()
     save_file(weights, broken / "model.safetensors")
-    report = diagnose(broken, internlm2_dir, mapping="internlm2", only=("config", "weights"), progress=False)
+    report = diagnose(broken, internlm2_dir, mapping="internlm2", progress=False)
+    assert report.activations.reference_loaded_as == "InternLM2 mapped to Llama by the converter's rules"
+    assert (report.activations.first_departure.layer, report.activations.first_departure.site) == (0, "attention")
     first = report.findings[0]
     assert first.kind == "permuted" and first.summary.startswith("Heads in the wrong order (blocks of one head): "
                                                                  "rows of q_proj in all 30 layers")
