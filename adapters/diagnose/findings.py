@@ -21,7 +21,7 @@ from adapters.diagnose.activations import ActivationReport
 from adapters.diagnose.configs import ConfigDifference
 from adapters.diagnose.forensics import CLEAN, TensorResult, head_dim_ratio
 
-STRUCTURAL = ("shape", "missing", "extra", "swapped", "rotary", "permuted", "scaled", "low_rank")
+STRUCTURAL = ("shape", "non_finite", "missing", "extra", "swapped", "rotary", "permuted", "scaled", "low_rank")
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
@@ -157,7 +157,7 @@ def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
     findings = []
     for (kind, _), members in groups.items():
         names = [m.name for m in members]
-        if kind in ("missing", "extra", "shape") and len(members) <= 3:
+        if kind in ("missing", "extra", "shape", "non_finite") and len(members) <= 3:
             summary = "; ".join(f"{m.name}: {m.detail}" for m in members)
         elif kind == "permuted":
             summary = _what(kind, members, facts)

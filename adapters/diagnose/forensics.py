@@ -15,6 +15,8 @@ The ladder, first match wins:
   low_rank         C − R is low-rank (an adapter's update: its multiple when known)
   rounding_beyond  within a few ulp of the coarser dtype, but not its own single rounding
   differing        none of the above (relative error reported)
+(and before all of them: shape, and non_finite — inf/nan where the reference is finite,
+e.g. an fp16 cast of values beyond 65504)
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class _Sums:
     noise: float = 0.0  # ‖round(R) − R‖²: the coarser dtype's own rounding of the reference
     off: int = 0
     near: int = 0  # of those off, by exactly one ulp
+    non_finite: int = 0  # inf or nan in the candidate where the reference is finite
     max_ulp: float = 0.0
     n: int = 0
 
@@ -117,6 +120,7 @@ def _sums(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype | None, device: s
         cc = (c2[rows[part]] if rows is not None else c2[part]).to(device, torch.float32)
         if cols is not None:
             cc = cc.index_select(1, cols.to(device))
+        s.non_finite += int((~torch.isfinite(cc) & torch.isfinite(rc)).sum())
         r64, c64 = rc.double(), cc.double()
         s.cr += float(torch.dot(c64.view(-1), r64.view(-1)))
         s.rr += float(torch.dot(r64.view(-1), r64.view(-1)))
@@ -284,6 +288,10 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     s = _sums(c, r, dtype, pair.device)
     result = dict(name=name, shape=shape, rel_error=s.rel, compared_in=_dtype(dtype), max_ulp=s.max_ulp,
                   off_fraction=s.off / max(s.n, 1))
+    if s.non_finite:
+        limit = f" (|x| > {torch.finfo(c.dtype).max:g} overflows {_dtype(c.dtype)})" if c.dtype in (torch.float16, torch.bfloat16) else ""
+        return TensorResult(kind="non_finite", detail=f"{s.non_finite} element(s) inf or nan in the candidate where the "
+                            f"reference is finite{limit}", **{**result, "rel_error": math.inf})
     if s.dd == 0 and c.dtype == r.dtype:
         return TensorResult(kind="identical", **result)
     tol = _tolerance(s, dtype)

@@ -87,6 +87,14 @@ def test_rounding_beyond_counts_the_elements_off(ref):
     assert result.off_fraction == pytest.approx(expected) and expected > 0.2
 
 
+def test_fp16_overflow_is_named_not_rounding(ref):
+    big = ref.clone()
+    big[0, :3] = 70000.0  # beyond float16's 65504: the cast makes them inf
+    result = classify("w", big.to(torch.float16), big)
+    assert result.kind == "non_finite" and result.detail.startswith("3 element(s) inf or nan")
+    assert "overflows float16" in result.detail
+
+
 def test_differing_shape_and_integers(ref):
     other = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
     result = classify("w", other, ref)
