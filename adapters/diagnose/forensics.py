@@ -289,7 +289,8 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     result = dict(name=name, shape=shape, rel_error=s.rel, compared_in=_dtype(dtype), max_ulp=s.max_ulp,
                   off_fraction=s.off / max(s.n, 1))
     if s.non_finite:
-        limit = f" (|x| > {torch.finfo(c.dtype).max:g} overflows {_dtype(c.dtype)})" if c.dtype in (torch.float16, torch.bfloat16) else ""
+        low = c.dtype in (torch.float16, torch.bfloat16)
+        limit = f" (|x| > {torch.finfo(c.dtype).max:g} overflows {_dtype(c.dtype)})" if low else ""
         return TensorResult(kind="non_finite", detail=f"{s.non_finite} element(s) inf or nan in the candidate where the "
                             f"reference is finite{limit}", **{**result, "rel_error": math.inf})
     if s.dd == 0 and c.dtype == r.dtype:
