@@ -7,8 +7,8 @@ verdict takes (replayed in arrival order: `trajectory`) must be the right one an
 never be reversed afterwards. Arrival order is not fixed (requests complete
 concurrently), and with 8-10 sequences a control's excess top-1 estimate can sit at its
 limit: replaying the controls' recorded sequences in 200-300 random orders, a `pass`
-fell back to `inconclusive` for a sequence or two in 7-12% of orders (never to `fail`,
-and never a bug to `pass`), so a fall-back is allowed and shown, a reversal is not. Bugs are judged on 10 prompts x 48 tokens, controls on 16 x 64
+fell back to `inconclusive` for a sequence or two in 7-12% of orders (never to `fail`),
+so a fall-back is allowed and shown in the table, a reversal is not. Bugs are judged on 10 prompts x 48 tokens, controls on 16 x 64
 (the issue's budget is 32 x 64): a bug is obvious sooner, a pass needs a tighter interval.
 (The rotary-layout bug ends most answers after a few tokens: ~5 compared tokens per
 sequence, still above the verdict's minimum of 32 tokens by its 8th sequence.)
