@@ -61,16 +61,16 @@ def _sources(model_dir: Path) -> dict[str, TensorSource]:
         raise AdapterError(str(exc)) from exc
 
 
-def candidate_view(model_dir: Path) -> dict[str, Tensor]:
+def as_stored(sources: dict[str, TensorSource]) -> dict[str, Tensor]:
+    """Every tensor under its own name (derived rotary buffers left out, as the converters do)."""
     return {name: Tensor(s.shape(name), s.dtype(name), lambda s=s, n=name: s.get(n))
-            for name, s in _sources(model_dir).items() if not name.endswith("rotary_emb.inv_freq")}
+            for name, s in sources.items() if not name.endswith("rotary_emb.inv_freq")}
 
 
 def reference_view(model_dir: Path, mapping: str) -> dict[str, Tensor]:
     sources = _sources(model_dir)
     if mapping == "identity":
-        return {name: Tensor(s.shape(name), s.dtype(name), lambda s=s, n=name: s.get(n))
-                for name, s in sources.items() if not name.endswith("rotary_emb.inv_freq")}
+        return as_stored(sources)
     from adapters.internlm2 import plan_conversion
 
     plan, _ = plan_conversion(sources, read_config(model_dir), None)
@@ -160,7 +160,7 @@ def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Pat
     if adapter_dir is not None:
         adapter = load_adapter(adapter_dir)
         ref = with_adapter(ref, adapter)
-    cand = candidate_view(candidate)
+    cand = as_stored(_sources(candidate))
     if "lm_head.weight" in ref or "lm_head.weight" in cand:
         ref, cand = _tied(ref, ref_config), _tied(cand, cand_config)
     heads = {"q": ref_config["num_attention_heads"],
