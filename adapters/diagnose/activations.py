@@ -204,10 +204,9 @@ def activation_pass(candidate: Path, reference: Path, prompts: list[str], servin
             c, e = cand.relative(key), env.relative(key)
             sites.append(SiteError(layer=key[0], site=key[1], candidate=c, envelope=e,
                                    ratio=c / e if e > 0 else (0.0 if c == 0 else math.inf)))
-    first = next((s for s in sites if _departs(s)), None)
-    also = [] if first is None else [SITE_NAMES[s.site] for s in sites
-                                     if s.layer == first.layer and s is not first and _departs(s)
-                                     and sites.index(s) > sites.index(first)]
+    at = next((i for i, s in enumerate(sites) if _departs(s)), None)
+    first = None if at is None else sites[at]
+    also = [] if first is None else [SITE_NAMES[s.site] for s in sites[at + 1:] if s.layer == first.layer and _departs(s)]
     logits = LogitSummary(max_abs_logit_diff=cand.max_logit, kl_mean=cand.kl_sum / max(cand.positions, 1),
                           envelope_max_abs_logit_diff=env.max_logit, envelope_kl_mean=env.kl_sum / max(env.positions, 1))
     return ActivationReport(serving_dtype=str(serving_dtype).removeprefix("torch."), prompts=len(inputs),

@@ -81,7 +81,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(x == 0, torch.full_like(x, smallest), spacing.clamp_min(smallest))
 
 
-def _chunks(rows: int, width: int) -> Iterator[slice]:
+def row_chunks(rows: int, width: int) -> Iterator[slice]:
     step = max(1, CHUNK_ELEMENTS // max(width, 1))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
@@ -115,7 +115,7 @@ def _sums(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype | None, device: s
     and with `dtype`, rounding statistics in that dtype."""
     c2, r2 = _as_rows(c), _as_rows(r)
     s = _Sums(n=r2.numel())
-    for part in _chunks(r2.shape[0], r2.shape[1]):
+    for part in row_chunks(r2.shape[0], r2.shape[1]):
         rc = r2[part].to(device, torch.float32)
         cc = (c2[rows[part]] if rows is not None else c2[part]).to(device, torch.float32)
         if cols is not None:
@@ -177,7 +177,7 @@ def _fingerprints(t: torch.Tensor, dim: int, device: str) -> torch.Tensor:
     """Per index along `dim`: (sum, sum of squares) in fp64."""
     t2 = _as_rows(t)
     out = torch.zeros(t2.shape[dim], 2, dtype=torch.float64)
-    for part in _chunks(t2.shape[0], t2.shape[1]):
+    for part in row_chunks(t2.shape[0], t2.shape[1]):
         x = t2[part].to(device, torch.float64)
         if dim == 0:
             out[part, 0] = x.sum(1).cpu()
@@ -201,7 +201,7 @@ def _block_order(fc: torch.Tensor, fr: torch.Tensor, blocks: int) -> list[int] |
     return order
 
 
-def _permutation(c, r, device, dtype, tol) -> tuple[int, list[int]] | None:
+def _permutation(c, r, device, tol) -> tuple[int, list[int]] | None:
     if r.dim() != 2:  # norms and biases are replicated across ranks, never split
         return None
     for dim in (0, 1):
@@ -223,7 +223,7 @@ def _permutation(c, r, device, dtype, tol) -> tuple[int, list[int]] | None:
 def _difference(c: torch.Tensor, r: torch.Tensor, device: str) -> torch.Tensor:
     c2, r2 = _as_rows(c), _as_rows(r)
     d = torch.empty(r2.shape, dtype=torch.float32, device=device)
-    for part in _chunks(r2.shape[0], r2.shape[1]):
+    for part in row_chunks(r2.shape[0], r2.shape[1]):
         d[part] = c2[part].to(device, torch.float32) - r2[part].to(device, torch.float32)
     return d
 
@@ -232,7 +232,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """<a, b> in fp64, a chunk at a time."""
     a2, b2 = _as_rows(a), _as_rows(b)
     return sum(float(torch.dot(a2[p].double().reshape(-1), b2[p].double().reshape(-1)))
-               for p in _chunks(a2.shape[0], a2.shape[1]))
+               for p in row_chunks(a2.shape[0], a2.shape[1]))
 
 
 def _low_rank(c, r, pair: Pair, s: _Sums, dtype: torch.dtype) -> tuple[int, float | None] | None:
@@ -269,8 +269,8 @@ def _low_rank(c, r, pair: Pair, s: _Sums, dtype: torch.dtype) -> tuple[int, floa
 def _residual(d: torch.Tensor, u: torch.Tensor) -> float:
     """‖d − u·uᵀ·d‖ in fp64, a block of rows at a time (u: orthonormal columns)."""
     u = u.double()
-    p = sum(u[part].T @ d[part].double() for part in _chunks(d.shape[0], d.shape[1]))
-    return math.sqrt(sum(float((d[part].double() - u[part] @ p).square().sum()) for part in _chunks(d.shape[0], d.shape[1])))
+    p = sum(u[part].T @ d[part].double() for part in row_chunks(d.shape[0], d.shape[1]))
+    return math.sqrt(sum(float((d[part].double() - u[part] @ p).square().sum()) for part in row_chunks(d.shape[0], d.shape[1])))
 
 
 def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = None) -> TensorResult:
@@ -320,7 +320,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
             return TensorResult(kind="rotary", detail="rows permuted twice: the Meta→HF q/k permutation was applied "
                                 "to weights already in the HF layout", **result)
 
-    found = _permutation(c, r, pair.device, dtype, tol)
+    found = _permutation(c, r, pair.device, tol)
     if found is not None:
         dim, order = found
         what = "rows" if dim == 0 else "columns"
@@ -346,7 +346,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
 def _scaled_residual(c, r, k: float, device: str) -> float:
     c2, r2 = _as_rows(c), _as_rows(r)
     left = rr = 0.0
-    for part in _chunks(r2.shape[0], r2.shape[1]):
+    for part in row_chunks(r2.shape[0], r2.shape[1]):
         rc = r2[part].to(device, torch.float64)
         left += float((c2[part].to(device, torch.float64) - k * rc).square().sum())
         rr += float(rc.square().sum())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -83,11 +84,7 @@ def diagnose(candidate: Path, reference: Path, *, adapter: Path | None = None, m
         seconds[name] = time.perf_counter() - start
     known = facts(ref_config, adapter)
     findings = rank_findings(report["config"], report["weights"], report["activations"], known)
-    counts = None
-    if report["weights"] is not None:
-        counts = {}
-        for r in report["weights"]:
-            counts[r.kind] = counts.get(r.kind, 0) + 1
+    counts = None if report["weights"] is None else dict(Counter(r.kind for r in report["weights"]))
     return DiagnoseReport(candidate=str(candidate), reference=str(reference), adapter=str(adapter) if adapter else None,
                           mapping=mapping, passes=[p for p in PASSES if p in only], departs=bool(findings),
                           findings=findings, weight_counts=counts, facts=known, seconds=seconds, **report)

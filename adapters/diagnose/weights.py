@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adapters.diagnose.forensics import Pair, TensorResult, classify
+from adapters.diagnose.forensics import Pair, TensorResult, row_chunks, classify
 from adapters.errors import AdapterError
 from adapters.tensor_io import TensorSource, open_checkpoint
 
@@ -91,9 +91,7 @@ class Adapter:
         a, b = (f() for f in self.weights[name])
         a64 = a.to(torch.float64)
         out = torch.empty((b.shape[0], a.shape[1]), dtype=torch.float32 if base is None else base.dtype)
-        step = max(1, 2**20 // a.shape[1])
-        for start in range(0, b.shape[0], step):
-            rows = slice(start, start + step)
+        for rows in row_chunks(b.shape[0], a.shape[1]):
             update = self.scale * (b[rows].to(torch.float64) @ a64)
             out[rows] = update if base is None else base[rows].to(torch.float64) + update
         return out
