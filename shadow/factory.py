@@ -54,7 +54,7 @@ def build_shadow_path(
     metrics = ShadowMetrics(registry, model_name, reference, settings.shadow_labels, comparisons)
     capture = None
     if settings.shadow_capture_path is not None:
-        decode = (lambda ids: candidate_tokenizer.decode(ids)) if settings.shadow_capture_text else None
+        decode = (lambda ids: candidate_tokenizer.decode(ids)) if settings.shadow_capture_content else None
         capture = DivergenceCapture(
             settings.shadow_capture_path,
             int(settings.shadow_capture_max_mb * 2**20),

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from shadow.verdict import VerdictPolicy
@@ -94,7 +95,23 @@ class ShadowSettings(VerdictSettings):
     shadow_capture_path: Path | None = Field(default=None, description="JSONL file of diverged samples (off when unset)")
     shadow_capture_max_mb: float = Field(default=64.0, gt=0, description="capture file size before rotation")
     shadow_capture_backups: int = Field(default=3, ge=0, description="rotated capture files kept")
-    shadow_capture_text: bool = Field(default=False, description="also write prompt and output text into captures")
+    shadow_capture_content: bool = Field(
+        default=False,
+        description="also write prompt/output token ids and text into captures (ids decode to the user's text)",
+    )
+    shadow_capture_text: bool | None = Field(
+        default=None, description="deprecated alias of --shadow-capture-content", exclude=True
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _capture_text_alias(cls, data: object) -> object:
+        """`shadow_capture_text` (its old name) still turns content capture on."""
+        if isinstance(data, dict) and data.get("shadow_capture_text") is not None:
+            logging.getLogger(__name__).warning("--shadow-capture-text is deprecated: use --shadow-capture-content")
+            if data.get("shadow_capture_content") is None:
+                data = {**data, "shadow_capture_content": data["shadow_capture_text"]}
+        return data
 
     @field_validator("shadow_labels", mode="before")
     @classmethod
