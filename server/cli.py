@@ -226,7 +226,9 @@ def run_reference(settings: ReferenceSettings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        scorer = LocalScorer.load(settings.model, settings.adapter, settings.device, settings.name)
+        scorer = LocalScorer.load(
+            settings.model, settings.adapter, settings.device, settings.name, trust_remote_code=settings.trust_remote_code
+        )
         if settings.noise_dtype != "none":
             scorer.enable_noise_floor(settings.noise_dtype)
     except ShadowReferenceError as exc:

@@ -32,6 +32,7 @@ class ReferenceSettings(BaseSettings):
     adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on top of the reference")
     name: str | None = Field(default=None, description="reference name reported to servers (default: directory[+adapter])")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    trust_remote_code: bool = Field(default=False, description="run the Python code in the model's directory (auto_map)")
     noise_dtype: Literal["bfloat16", "float16", "float32", "none"] = Field(
         default="bfloat16",
         description="the candidates' serving dtype: the reference also runs in it for the noise floor (none = off)",

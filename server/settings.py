@@ -34,6 +34,10 @@ class EngineSettings(BaseModel):
     )
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM on GPU: memory share")
     seed: int = Field(default=0, description="engine seed (requests without `seed` still vary)")
+    trust_remote_code: bool = Field(
+        default=False, description="run the Python code in a model's directory (auto_map) for the candidate and the "
+        "local reference; off: such a model is refused"
+    )
 
     @field_validator("model")
     @classmethod

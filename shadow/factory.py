@@ -30,6 +30,8 @@ def load_reference(settings: ShadowSettings, candidate_dir: Path, candidate_toke
             settings.shadow_reference_model or candidate_dir,
             settings.shadow_reference_adapter,
             settings.shadow_reference_device,
+            # One flag for candidate and reference (`--trust-remote-code`, an engine setting).
+            trust_remote_code=getattr(settings, "trust_remote_code", False),
         )
     check_same_vocab(vocab_fingerprint(candidate_tokenizer), scorer.vocab, scorer.name)
     return scorer

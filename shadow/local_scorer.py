@@ -18,11 +18,19 @@ from shadow.noise_floor import DTYPES, fp32_accumulation, serving_dtype_copy
 from shadow.scoring import ReferenceBusyError, ScoredSequence, ScoreItem, ShadowReferenceError, VocabInfo, vocab_fingerprint
 
 
-def local_code_only(model_dir: Path) -> bool:
-    """`trust_remote_code` only for code that lives in the model directory itself.
+class RemoteCodeError(ShadowReferenceError):
+    """The model needs its own Python code and `--trust-remote-code` was not given, or its
+    code lives outside the model directory. Raised for the candidate's loaders too."""
 
-    Returns True when config.json's auto_map names modules present in `model_dir`,
-    False when there is no auto_map, and refuses code from anywhere else."""
+
+TRUST_FLAG = "--trust-remote-code"
+
+
+def local_code_only(model_dir: Path) -> bool:
+    """Whether config.json's auto_map names code, all of it in `model_dir` itself.
+
+    Returns True when the auto_map names modules present in `model_dir`, False when
+    there is no auto_map, and refuses code from anywhere else."""
     config = json.loads((model_dir / "config.json").read_text())
     auto_map = config.get("auto_map") or {}
     if not auto_map:
@@ -30,11 +38,31 @@ def local_code_only(model_dir: Path) -> bool:
     for target in auto_map.values():
         for ref in [target] if isinstance(target, str) else [t for t in target if t]:
             if "--" in ref:
-                raise ShadowReferenceError(f"{model_dir}: auto_map '{ref}' points to code outside the directory; refusing")
+                raise RemoteCodeError(f"{model_dir}: auto_map '{ref}' points to code outside the directory; refusing")
             module = ref.rsplit(".", 1)[0]
             if not (model_dir / f"{module.replace('.', '/')}.py").is_file():
-                raise ShadowReferenceError(f"{model_dir}: auto_map names {module}.py, which is not in the directory")
+                raise RemoteCodeError(f"{model_dir}: auto_map names {module}.py, which is not in the directory")
     return True
+
+
+def remote_code_allowed(model_dir: Path, trust: bool) -> bool:
+    """The `trust_remote_code` to load `model_dir` with: only with the explicit flag, and
+    then only for code inside the directory (nothing is downloaded). A model whose type
+    transformers knows loads natively without it (an auto_map left in its config is
+    ignored). Raises RemoteCodeError, naming the flag, when the model cannot load so."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if not config.get("auto_map"):
+        return False
+    if not trust:
+        from transformers import CONFIG_MAPPING
+
+        if config.get("model_type") in CONFIG_MAPPING:
+            return False
+        raise RemoteCodeError(
+            f"{model_dir}: model type '{config.get('model_type')}' needs the Python code in its directory "
+            f"(config.json auto_map); it runs only with {TRUST_FLAG} (off by default: it executes that code)"
+        )
+    return local_code_only(model_dir)
 
 
 class LocalScorer:
@@ -51,12 +79,15 @@ class LocalScorer:
         self._noise_model = None  # the reference in the serving dtype (None for float32: the fp32 rows serve)
 
     @classmethod
-    def load(cls, model_dir: Path, adapter: Path | None = None, device: str = "auto", name: str | None = None) -> LocalScorer:
+    def load(
+        cls, model_dir: Path, adapter: Path | None = None, device: str = "auto", name: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> LocalScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not (model_dir / "config.json").is_file():
             raise ShadowReferenceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-        trust = local_code_only(model_dir)
+        trust = remote_code_allowed(model_dir, trust_remote_code)
         target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust)
         if adapter is not None:

@@ -16,4 +16,4 @@ def load_engine(settings: EngineSettings) -> Engine:
         return VllmEngine.load(settings)
     from server.engines.transformers_engine import TransformersEngine
 
-    return TransformersEngine.load(settings.model, settings.dtype, settings.max_model_len)
+    return TransformersEngine.load(settings.model, settings.dtype, settings.max_model_len, settings.trust_remote_code)

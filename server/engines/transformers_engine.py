@@ -33,12 +33,17 @@ class TransformersEngine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
 
     @classmethod
-    def load(cls, model_dir: Path, dtype: str = "auto", max_model_len: int | None = None) -> TransformersEngine:
+    def load(
+        cls, model_dir: Path, dtype: str = "auto", max_model_len: int | None = None, trust_remote_code: bool = False
+    ) -> TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from shadow.local_scorer import remote_code_allowed
+
+        trust = remote_code_allowed(model_dir, trust_remote_code)
         torch_dtype = _DTYPES.get(dtype, "auto")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
         limit = max_model_len or model.config.max_position_embeddings
         return cls(model, tokenizer, limit)
 

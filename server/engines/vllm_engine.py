@@ -25,6 +25,9 @@ class VllmEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from shadow.local_scorer import remote_code_allowed
+
+        trust = remote_code_allowed(settings.model, settings.trust_remote_code)
         args = AsyncEngineArgs(
             model=str(settings.model),
             served_model_name=settings.model_name,
@@ -36,6 +39,7 @@ class VllmEngine:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             kv_cache_memory_bytes=None if settings.kv_cache_gib is None else int(settings.kv_cache_gib * 2**30),
             seed=settings.seed,
+            trust_remote_code=trust,
             disable_log_stats=False,  # keeps vLLM's Prometheus metrics on
         )
         llm = AsyncLLM.from_engine_args(args)

@@ -36,7 +36,7 @@ class ServingContext:
         """Blocking: tokenizer, the shadow's reference (checked first: a vocabulary
         mismatch fails fast), the engine (weights, and vLLM's engine-core process), then
         the noise floor in the dtype the engine really serves in."""
-        renderer = PromptRenderer.load(settings.model)
+        renderer = PromptRenderer.load(settings.model, settings.trust_remote_code)
         scorer = load_reference(settings, settings.model, renderer.tokenizer) if settings.shadow_enabled else None
         engine = load_engine(settings)
         shadow = None

@@ -16,10 +16,13 @@ class PromptRenderer:
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
 
     @classmethod
-    def load(cls, model_dir: Path) -> PromptRenderer:
+    def load(cls, model_dir: Path, trust_remote_code: bool = False) -> PromptRenderer:
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(model_dir))
+        from shadow.local_scorer import remote_code_allowed
+
+        trust = remote_code_allowed(model_dir, trust_remote_code)
+        return cls(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust))
 
     @property
     def vocab_size(self) -> int:
