@@ -167,11 +167,15 @@ class TokenLogprob(TopLogprob):
 
 class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
+    # OpenAI's schema requires the key; we never refuse, so it is always null.
+    refusal: list[TokenLogprob] | None = None
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    # Required by OpenAI's schema (ChatCompletionResponseMessage); always null here.
+    refusal: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -223,7 +227,9 @@ class CompletionChoice(BaseModel):
 class CompletionResponse(_Response):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    # Streamed chunks share this shape; OpenAI's schema has no null usage here (unlike
+    # the chat chunk's), so the key is left out rather than sent as null.
+    usage: Usage | None = Field(default=None, exclude_if=lambda usage: usage is None)
 
 
 class ModelCard(BaseModel):
