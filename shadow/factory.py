@@ -33,6 +33,8 @@ def load_reference(settings: ShadowSettings, candidate_dir: Path, candidate_toke
             # One flag for candidate and reference (`--trust-remote-code`, an engine setting).
             trust_remote_code=getattr(settings, "trust_remote_code", False),
         )
+        # In the server's process: its forwards must leave the host to the client's requests.
+        scorer.confine(settings.shadow_reference_threads, settings.shadow_reference_nice)
     check_same_vocab(vocab_fingerprint(candidate_tokenizer), scorer.vocab, scorer.name)
     return scorer
 

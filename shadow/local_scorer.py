@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -118,6 +120,21 @@ class LocalScorer:
     async def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
+    def confine(self, threads: int = 1, nice: int = 10) -> None:
+        """Blocking: a bounded share of the host for `score`'s forwards, which all run on
+        this scorer's one worker thread. `threads` torch intra-op threads for that thread
+        only (0: unchanged), and its scheduling priority lowered by `nice` (Linux: a
+        thread's own; the OpenMP threads it starts later inherit it).
+
+        torch.set_num_threads is per thread for threads that already ran an op but also
+        sets the default of threads that have not yet: the caller's value is put back, so
+        the rest of the process (the transformers engine, whose threads start later)
+        keeps torch's default. `score_sync` runs in the caller's thread, unconfined."""
+        before = torch.get_num_threads()
+        self.thread_id = self._thread.submit(_confine_this_thread, threads, nice).result()
+        if threads:
+            torch.set_num_threads(before)
+
     def _score_locked(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None) -> list[ScoredSequence]:
         try:
             return self._score(items, top_m, noise_top_k)
@@ -193,3 +210,16 @@ class LocalScorer:
             values = rows[i, wanted].tolist()
             reference.append(PositionStats(dict(zip(wanted, values)), top_ids[i].tolist(), top_lp[i].tolist()))
         return ScoredSequence(reference, noise)
+
+
+def _confine_this_thread(threads: int, nice: int) -> int:
+    tid = threading.get_native_id()
+    if nice and hasattr(os, "setpriority"):
+        try:  # on Linux, PRIO_PROCESS with a thread id sets that thread's nice value only
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except OSError as exc:
+            logging.getLogger(__name__).warning("shadow: could not lower the reference thread's priority: %s", exc)
+    if threads:
+        torch.get_num_threads()  # this thread's pool size is set up on first use: do it first, or it would undo ours
+        torch.set_num_threads(threads)
+    return tid

@@ -28,6 +28,7 @@ _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 OUTCOMES = ("compared", "dropped", "skipped", "error")
 RESULTS = ("identical", "near_tie", "hard")
+OVERSIZE = ("truncated", "skipped")  # a sequence past --shadow-max-tokens: cut to it, or no output token fits
 CANDIDATE, NOISE_FLOOR = "candidate", "noise_floor"
 
 
@@ -69,7 +70,13 @@ class ShadowMetrics:
         self._delta_p_squares = counter("shadow_token_delta_p_squares", "Sum over tokens of delta_p squared.", cmp)
         self._drift = histogram(
             "shadow_token_logprob_drift", "Per token max |logprob_cand - logprob_ref| over the candidate's top-k, nats.", _NATS, cmp)
+        self._oversize = counter(
+            "shadow_oversize_sequences",
+            "Sequences longer than the reference's sequence budget: truncated to it, or skipped (no output token fits).",
+            ("action",))
         self._queue_depth = Gauge("shadow_queue_depth", "Samples waiting for the reference.", names, registry=registry)
+        self._queue_tokens = Gauge(
+            "shadow_queue_tokens", "Prompt + output tokens waiting for the reference.", names, registry=registry)
         self._reference_seconds = histogram("shadow_reference_seconds", "Reference scoring latency per batch.", _SECONDS)
 
         self._base = base
@@ -87,7 +94,10 @@ class ShadowMetrics:
             for metric in (self._first_divergence, self._compared_len, self._kl, self._delta_p, self._drift,
                            self._delta_p_gain, self._delta_p_loss, self._delta_p_squares):
                 metric.labels(**labels)
+        for action in OVERSIZE:
+            self._oversize.labels(**base, action=action)
         self._queue_depth.labels(**base).set(0)
+        self._queue_tokens.labels(**base).set(0)
         self._reference_seconds.labels(**base)
 
     def outcomes(self) -> dict[str, float]:
@@ -98,8 +108,12 @@ class ShadowMetrics:
     def sample(self, outcome: str, count: int = 1) -> None:
         self._samples.labels(**self._base, outcome=outcome).inc(count)
 
-    def queue_depth(self, depth: int) -> None:
+    def queue_depth(self, depth: int, tokens: int = 0) -> None:
         self._queue_depth.labels(**self._base).set(depth)
+        self._queue_tokens.labels(**self._base).set(tokens)
+
+    def oversize(self, action: str) -> None:
+        self._oversize.labels(**self._base, action=action).inc()
 
     def reference_latency(self, seconds: float) -> None:
         self._reference_seconds.labels(**self._base).observe(seconds)

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from shadow.candidate import CandidateLogprobs
 from shadow.capture import DivergenceCapture
 from shadow.compare import SequenceComparison, compare_sequence
 from shadow.history import ComparedSequence, History
@@ -34,7 +35,22 @@ class ShadowHeaderError(ValueError):
 class ShadowSequence:
     prompt_ids: list[int]
     output_ids: list[int]
-    logprobs: list[dict[int, float]]  # candidate's raw top-k (+ emitted token) per position
+    # The candidate's raw top-k (+ emitted token) per position; given as {id: logprob}
+    # dicts or already packed, held packed (shadow/candidate.py) while queued.
+    logprobs: CandidateLogprobs
+
+    def __post_init__(self):
+        if not isinstance(self.logprobs, CandidateLogprobs):
+            object.__setattr__(self, "logprobs", CandidateLogprobs.pack(self.logprobs))
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def head(self, tokens: int) -> ShadowSequence:
+        """The first `tokens` tokens of prompt + output (at least one output token must fit)."""
+        keep = tokens - len(self.prompt_ids)
+        return ShadowSequence(self.prompt_ids, self.output_ids[:keep], self.logprobs.head(keep))
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,11 @@ class ShadowPath:
         self._queue: asyncio.Queue[ShadowSample] = asyncio.Queue(settings.shadow_queue_size)
         self._worker: asyncio.Task | None = None
         self._carry: ShadowSample | None = None  # taken from the queue, waiting for the next batch
+        self._queued_tokens = 0  # prompt + output tokens of the queued samples and the carry
+        self._busy_s = 0.0  # reference time of the last forward, not yet paid back by idling
+        self._clock = time.perf_counter
+        self._sleep = self._pause  # replaceable in tests
+        self._wake = asyncio.Event()  # set on stop: a pause ends at once, the queue drains
         self._closed = False
 
     @property
@@ -100,18 +121,40 @@ class ShadowPath:
         return rate > 0 and (rate >= 1 or self._rng.random() < rate)
 
     def submit(self, sample: ShadowSample) -> None:
-        sequences = [s for s in sample.sequences if s.output_ids]
+        sequences = [fitted for s in sample.sequences if s.output_ids and (fitted := self._fit(s)) is not None]
         if not sequences:
             self.metrics.sample("skipped")
             return
         if self._closed:
             self.metrics.sample("dropped")
             return
-        try:
-            self._queue.put_nowait(ShadowSample(sample.request_id, sample.model, sequences))
-        except asyncio.QueueFull:
+        kept = ShadowSample(sample.request_id, sample.model, sequences)
+        tokens = _sample_tokens(kept)
+        if self._queued_tokens + tokens > self.settings.shadow_queue_tokens:
             self.metrics.sample("dropped")
-        self.metrics.queue_depth(self._queue.qsize())
+        else:
+            try:
+                self._queue.put_nowait(kept)
+                self._queued_tokens += tokens
+            except asyncio.QueueFull:
+                self.metrics.sample("dropped")
+        self._gauge()
+
+    def _fit(self, seq: ShadowSequence) -> ShadowSequence | None:
+        """A sequence past the longest the reference takes: its first max-tokens tokens of
+        prompt + output, so no forward exceeds the batch budget; None (skipped) when the
+        prompt alone leaves no room for an output token."""
+        budget = self.settings.shadow_sequence_tokens
+        if seq.tokens <= budget:
+            return seq
+        if len(seq.prompt_ids) >= budget:
+            self.metrics.oversize("skipped")
+            return None
+        self.metrics.oversize("truncated")
+        return seq.head(budget)
+
+    def _gauge(self) -> None:
+        self.metrics.queue_depth(self._queue.qsize() + (self._carry is not None), self._queued_tokens)
 
     def skip(self) -> None:
         """A sampled request that was aborted or failed: nothing to compare."""
@@ -125,6 +168,7 @@ class ShadowPath:
     async def stop(self) -> None:
         """Stop taking samples, let the queue drain for `shadow_drain_s`, count the rest as dropped."""
         self._closed = True
+        self._wake.set()
         try:
             await asyncio.wait_for(self._queue.join(), self.settings.shadow_drain_s)
         except TimeoutError:
@@ -136,7 +180,8 @@ class ShadowPath:
         if left:
             log.warning("shadow: %d samples left unscored at shutdown", left)
             self.metrics.sample("dropped", left)
-        self.metrics.queue_depth(0)
+        self._queued_tokens = 0
+        self.metrics.queue_depth(0, 0)
         await self.scorer.close()
         if self.capture is not None:
             self.capture.close()
@@ -164,7 +209,23 @@ class ShadowPath:
             finally:
                 for _ in batch:
                     self._queue.task_done()
-                self.metrics.queue_depth(self._queue.qsize() + (self._carry is not None))
+                self._gauge()
+            await self._idle()
+
+    async def _idle(self) -> None:
+        """Pay back the last forward's reference time so the reference computes at most a
+        `shadow_max_duty` share of the time; samples arriving meanwhile wait in the
+        bounded queue or are dropped. Not while draining at shutdown."""
+        busy, self._busy_s = self._busy_s, 0.0
+        pause = duty_idle_s(busy, self.settings.shadow_max_duty)
+        if pause > 0 and not self._closed:
+            await self._sleep(pause)
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def _next_batch(self) -> list[ShadowSample]:
         """Wait for one sample, then take whatever else is queued while the batch's padded
@@ -179,27 +240,36 @@ class ShadowPath:
                 self._carry = nxt
                 break
             batch.append(nxt)
+        self._queued_tokens -= sum(_sample_tokens(s) for s in batch)
         return batch
 
     async def _process(self, batch: list[ShadowSample]) -> asyncio.Future | None:
         """Score the batch; return the (shielded) recording of its results, or None when
         the reference failed and the batch was counted as errors."""
         items = [
-            ScoreItem(seq.prompt_ids, seq.output_ids, [list(entry) for entry in seq.logprobs])
+            ScoreItem(seq.prompt_ids, seq.output_ids, seq.logprobs.candidate_ids())
             for sample in batch
             for seq in sample.sequences
         ]
         noise_top_k = self.top_k if self.noise_dtype is not None else None
-        started = time.perf_counter()
-        try:
-            stats = await asyncio.wait_for(
-                self.scorer.score(items, self.settings.shadow_reference_top_m, noise_top_k), self.settings.shadow_timeout_s
-            )
-        except Exception as exc:
-            log.warning("shadow: reference failed on %d samples: %s", len(batch), exc or type(exc).__name__)
-            self.metrics.sample("error", len(batch))
-            return None
-        self.metrics.reference_latency(time.perf_counter() - started)
+        stats: list[ScoredSequence] = []
+        # A lone sample of several sequences can exceed the budget padded together: split it.
+        for n, chunk in enumerate(_chunks(items, self.settings.shadow_batch_tokens)):
+            if n:
+                await self._idle()
+            started = self._clock()
+            try:
+                stats += await asyncio.wait_for(
+                    self.scorer.score(chunk, self.settings.shadow_reference_top_m, noise_top_k),
+                    self.settings.shadow_timeout_s,
+                )
+            except Exception as exc:
+                log.warning("shadow: reference failed on %d samples: %s", len(batch), exc or type(exc).__name__)
+                self.metrics.sample("error", len(batch))
+                return None
+            finally:
+                self._busy_s = self._clock() - started
+            self.metrics.reference_latency(self._busy_s)
         # Comparison, metrics and capture off the event loop: the server's requests share it.
         return asyncio.ensure_future(asyncio.to_thread(self._record, batch, stats))
 
@@ -211,29 +281,31 @@ class ShadowPath:
             at += len(sample.sequences)
             try:
                 # The candidate, and the noise floor over the same positions, by the same maths.
+                candidates = [seq.logprobs.to_dicts() for seq in sample.sequences]
                 results = [
-                    (compare_sequence(seq.output_ids, seq.logprobs, s.reference, margin),
+                    (compare_sequence(seq.output_ids, cand, s.reference, margin),
                      None if s.noise is None else compare_sequence(seq.output_ids, s.noise, s.reference, margin))
-                    for seq, s in zip(sample.sequences, scored)
+                    for seq, cand, s in zip(sample.sequences, candidates, scored)
                 ]
             except Exception as exc:  # ComparisonError, or a malformed reply that slipped through
                 log.warning("shadow: sample %s not comparable: %s", sample.request_id, exc)
                 self.metrics.sample("error")
                 continue
-            for index, (seq, s, (candidate, noise)) in enumerate(zip(sample.sequences, scored, results)):
+            for index, (seq, cand, s, (candidate, noise)) in enumerate(zip(sample.sequences, candidates, scored, results)):
                 self.metrics.sequence(candidate)
                 if noise is not None:
                     self.metrics.sequence(noise, NOISE_FLOOR)
                 self.history.add(ComparedSequence(time.time(), sample.request_id, candidate, noise, tuple(seq.output_ids)))
                 if self.capture is not None and candidate.first_divergence is not None:
-                    self._capture(sample, index, seq, s, candidate)
+                    self._capture(sample, index, seq, cand, s, candidate)
             self.metrics.sample("compared")
 
-    def _capture(self, sample, index: int, seq: ShadowSequence, scored: ScoredSequence, result: SequenceComparison) -> None:
+    def _capture(self, sample, index: int, seq: ShadowSequence, cand: list[dict[int, float]], scored: ScoredSequence,
+                 result: SequenceComparison) -> None:
         try:
             self.capture.write(
                 request_id=sample.request_id, model=sample.model, reference=self.reference_name, sequence=index,
-                prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, candidate=seq.logprobs,
+                prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, candidate=cand,
                 reference_stats=scored.reference, comparison=result,
             )
         except Exception as exc:  # a full disk or a decode error must not lose the metrics
@@ -241,5 +313,29 @@ class ShadowPath:
 
 
 def _padded_tokens(batch: list[ShadowSample]) -> int:
-    lengths = [len(s.prompt_ids) + len(s.output_ids) for sample in batch for s in sample.sequences]
+    lengths = [s.tokens for sample in batch for s in sample.sequences]
     return len(lengths) * max(lengths)
+
+
+def _sample_tokens(sample: ShadowSample) -> int:
+    return sum(s.tokens for s in sample.sequences)
+
+
+def _chunks(items: list[ScoreItem], budget: int) -> list[list[ScoreItem]]:
+    """Consecutive runs of items whose padded size (items x longest) fits `budget`."""
+    chunks: list[list[ScoreItem]] = []
+    chunk: list[ScoreItem] = []
+    longest = 0
+    for item in items:
+        size = len(item.prompt_ids) + len(item.output_ids)
+        if chunk and ((len(chunk) + 1) * max(longest, size) > budget or len(chunk) >= MAX_BATCH_SEQUENCES):
+            chunks.append(chunk)
+            chunk, longest = [], 0
+        chunk.append(item)
+        longest = max(longest, size)
+    return [*chunks, chunk] if chunk else chunks
+
+
+def duty_idle_s(busy_s: float, duty: float) -> float:
+    """Idle after `busy_s` of reference work so that busy / (busy + idle) = duty."""
+    return max(busy_s, 0.0) * (1.0 - duty) / duty

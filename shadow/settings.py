@@ -87,6 +87,25 @@ class ShadowSettings(VerdictSettings):
     shadow_reference_device: str = Field(default="auto", description="local reference device: auto, cpu, cuda, cuda:N")
     shadow_queue_size: int = Field(default=256, ge=1, description="samples waiting for the reference; more are dropped and counted")
     shadow_batch_tokens: int = Field(default=2048, ge=1, description="token budget of one reference batch (prompt + output)")
+    shadow_queue_tokens: int = Field(
+        default=65536, ge=1, description="prompt + output tokens waiting for the reference; a sample past it is dropped and counted"
+    )
+    shadow_max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="longest sequence scored (default: --shadow-batch-tokens, at most that): longer ones are cut to "
+        "their first N tokens of prompt + output, or skipped when the prompt leaves no output token",
+    )
+    shadow_max_duty: float = Field(
+        default=0.25, gt=0, le=1,
+        description="share of time the reference may compute: after a batch of t s it idles t*(1-d)/d (1 = no pause)",
+    )
+    shadow_reference_threads: int = Field(
+        default=1, ge=0,
+        description="torch threads of the in-process reference's forwards (0: unchanged)",
+    )
+    shadow_reference_nice: int = Field(
+        default=10, ge=0, le=19, description="the in-process reference's thread runs this much lower in priority (Linux nice)"
+    )
     shadow_timeout_s: float = Field(default=60.0, gt=0, description="a reference batch slower than this is an error outcome")
     shadow_drain_s: float = Field(default=10.0, ge=0, description="on shutdown, time to finish queued samples; the rest count as dropped")
     shadow_labels: Annotated[dict[str, str], NoDecode] = Field(
@@ -113,6 +132,14 @@ class ShadowSettings(VerdictSettings):
                 data = {**data, "shadow_capture_content": data["shadow_capture_text"]}
         return data
 
+    @field_validator("shadow_max_tokens")
+    @classmethod
+    def _max_tokens_fit_a_batch(cls, value: int | None, info) -> int | None:
+        batch = info.data.get("shadow_batch_tokens")
+        if value is not None and batch is not None and value > batch:
+            raise ValueError(f"must be at most --shadow-batch-tokens ({batch}): no reference forward exceeds the batch budget")
+        return value
+
     @field_validator("shadow_labels", mode="before")
     @classmethod
     def _parse_labels(cls, value: object) -> object:
@@ -131,6 +158,11 @@ class ShadowSettings(VerdictSettings):
             if not name.isidentifier() or name.startswith("__") or name in reserved:
                 raise ValueError(f"'{name}' cannot be a constant label name")
         return labels
+
+    @property
+    def shadow_sequence_tokens(self) -> int:
+        """The longest sequence (prompt + output) a reference forward takes."""
+        return self.shadow_max_tokens or self.shadow_batch_tokens
 
     @property
     def shadow_enabled(self) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from server.engines import EngineChunk
 from server.errors import InvalidRequestError
 from server.serving.generation import Choice, Job
+from shadow.candidate import CandidateLogprobs
 from shadow.path import ShadowHeaderError, ShadowPath, ShadowSample, ShadowSequence
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ class ShadowTap:
     def finish(self, choices: Sequence[Choice]) -> None:
         try:
             sequences = [
+                # Packed here: while queued, the log-probs are two flat arrays, not dicts.
                 ShadowSequence(c.prompt_ids, c.token_ids,
-                               [self._trim(entry, token) for entry, token in zip(c.logprobs, c.token_ids)])
+                               CandidateLogprobs.pack(self._trim(entry, token) for entry, token in zip(c.logprobs, c.token_ids)))
                 for c in choices
                 if c.finish_reason is not None
             ]

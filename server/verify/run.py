@@ -54,6 +54,10 @@ def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:
         shadow_reference_adapter=settings.adapter,
         shadow_reference_device=settings.reference_device,
         shadow_queue_size=samples + 1,
+        shadow_queue_tokens=2**62,
+        shadow_max_duty=1.0,  # offline: no client to leave the host to
+        shadow_reference_threads=0,
+        shadow_reference_nice=0,
         shadow_timeout_s=3600.0,
         shadow_drain_s=0.0,
         shadow_verdict_max_sequences=samples + 1,
