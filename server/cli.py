@@ -233,7 +233,10 @@ def run_reference(settings: ReferenceSettings) -> None:
             scorer.enable_noise_floor(settings.noise_dtype)
     except ShadowReferenceError as exc:
         sys.exit(f"shadowserve reference: {exc}")
-    app = create_reference_app(scorer, settings.tokens, CollectorRegistry())
+    app = create_reference_app(
+        scorer, settings.tokens, CollectorRegistry(), docs=settings.docs, max_item_tokens=settings.max_item_tokens,
+        max_request_tokens=settings.max_request_tokens, max_body_bytes=settings.max_body_bytes,
+    )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 

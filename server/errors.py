@@ -115,3 +115,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+
+
+class PayloadTooLargeError(APIError):
+    """413: the request (its body, or the tokens it asks to score) is over a configured limit."""
+
+    status_code = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"

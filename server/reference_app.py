@@ -9,18 +9,31 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from starlette.responses import Response
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, CliImplicitFlag, NoDecode, SettingsConfigDict
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import require_bearer
-from server.errors import InvalidRequestError, ServiceUnavailableError, install_error_handlers
+from server.errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    install_error_handlers,
+)
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from shadow.scoring import ReferenceBusyError, ReferenceInfo, ScoreItem, ScoreRequestBody, ScoreResponseBody, to_body
 
 
 if TYPE_CHECKING:  # torch stays out of the CLI's import path
     from shadow.local_scorer import LocalScorer
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})
+MAX_ITEM_TOKENS = 8192
+MAX_REQUEST_TOKENS = 32768
+MAX_BODY_BYTES = 16 * 1024 * 1024
+SCORE_PATH = "/v1/shadow/score"
 
 
 class ReferenceSettings(BaseSettings):
@@ -42,6 +55,14 @@ class ReferenceSettings(BaseSettings):
     tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer tokens (env: comma-separated); none = open"
     )
+    max_item_tokens: int = Field(
+        default=MAX_ITEM_TOKENS, ge=1, description="most prompt + output ids in one item of a score request (else 413)"
+    )
+    max_request_tokens: int = Field(
+        default=MAX_REQUEST_TOKENS, ge=1, description="most prompt + output ids over all items of a score request (else 413)"
+    )
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1, description="largest score request body, in bytes (else 413)")
+    docs: CliImplicitFlag[bool] = Field(default=False, description="serve /docs, /redoc and /openapi.json")
     log_level: str = Field(default="info")
 
     @field_validator("tokens", mode="before")
@@ -49,10 +70,73 @@ class ReferenceSettings(BaseSettings):
     def _split(cls, value: object) -> object:
         return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _no_open_service_off_loopback(self) -> ReferenceSettings:
+        if self.host not in LOOPBACK_HOSTS and not self.tokens:
+            raise ValueError(
+                f"--host {self.host} is reachable from other machines: set --tokens (env SHADOWSERVE_REFERENCE_TOKENS) "
+                "so only servers holding a token can score on this reference (or bind 127.0.0.1)"
+            )
+        return self
 
-def create_reference_app(scorer: LocalScorer, tokens: list[str], registry: CollectorRegistry) -> FastAPI:
-    app = FastAPI(title="shadowserve reference")
+
+class BodyLimitMiddleware:
+    """413 for a score request whose body is over `limit` bytes: by its Content-Length
+    when it has one, else while it streams in (the body is buffered, then replayed)."""
+
+    def __init__(self, app: ASGIApp, limit: int, path: str = SCORE_PATH):
+        self.app, self.limit, self.path = app, limit, path
+
+    def _too_large(self, size: str) -> Response:
+        error = PayloadTooLargeError(f"request body of {size} bytes is over --max-body-bytes {self.limit}")
+        return JSONResponse(error.body(), status_code=error.status_code)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(str(int(declared)))(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._too_large(f"at least {size}")(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()  # http.disconnect, when it comes
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_reference_app(
+    scorer: LocalScorer,
+    tokens: list[str],
+    registry: CollectorRegistry,
+    *,
+    docs: bool = False,
+    max_item_tokens: int = MAX_ITEM_TOKENS,
+    max_request_tokens: int = MAX_REQUEST_TOKENS,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """`docs`: serve /docs, /redoc and /openapi.json (off: the service describes itself to nobody)."""
+    if docs:
+        app = FastAPI(title="shadowserve reference")
+    else:
+        app = FastAPI(title="shadowserve reference", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)  # innermost: after the bearer check
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
     require_bearer(app, tokens)
     info = ReferenceInfo(
@@ -75,6 +159,20 @@ def create_reference_app(scorer: LocalScorer, tokens: list[str], registry: Colle
     @app.post("/v1/shadow/score")
     async def score(body: ScoreRequestBody) -> Response:
         items = [ScoreItem(i.prompt_ids, i.output_ids, i.candidate_ids) for i in body.items]
+        total = 0
+        for n, item in enumerate(items):
+            size = len(item.prompt_ids) + len(item.output_ids)
+            total += size
+            if size > max_item_tokens:
+                raise PayloadTooLargeError(
+                    f"items.{n}: {size} prompt + output tokens is over --max-item-tokens {max_item_tokens}",
+                    param=f"items.{n}",
+                )
+        if total > max_request_tokens:
+            raise PayloadTooLargeError(
+                f"{total} prompt + output tokens over {len(items)} items is over --max-request-tokens {max_request_tokens}",
+                param="items",
+            )
         for n, item in enumerate(items):
             ids = [*item.prompt_ids, *item.output_ids, *(t for pos in item.candidate_ids for t in pos)]
             if any(not 0 <= t < info.vocab_size for t in ids):

@@ -10,7 +10,7 @@ from kubernetes.client import ApiClient
 from tests.helm.chart import CANARY_VALUES, CHART, by_kind, dashboard, render
 
 CORE = {"Deployment": "V1Deployment", "Service": "V1Service", "Secret": "V1Secret", "ConfigMap": "V1ConfigMap",
-        "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler"}
+        "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler", "NetworkPolicy": "V1NetworkPolicy"}
 CUSTOM = {"ServiceMonitor", "PrometheusRule", "AnalysisTemplate", "MetricTemplate"}
 
 
@@ -40,7 +40,7 @@ def test_lint_is_clean(values):
 def test_default_release_has_every_piece(stable):
     kinds = sorted(d["kind"] for d in stable)
     assert kinds == sorted(["Deployment", "Deployment", "Service", "Service", "HorizontalPodAutoscaler", "Secret",
-                            "ServiceMonitor", "PrometheusRule", "ConfigMap"])
+                            "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "ConfigMap"])
     for doc in stable:
         assert doc["apiVersion"] and doc["metadata"]["name"].startswith("shadowserve-stable")
         if doc["kind"] in CORE:
@@ -60,7 +60,8 @@ def test_candidate_deployment(stable):
     args = container.args
     assert args[0] == "serve" and "--shadow-labels=variant=stable" in args
     assert "--shadow-reference-url=http://shadowserve-stable-reference:8001" in args
-    assert {e.name for e in container.env} == {"SHADOWSERVE_API_KEYS", "SHADOWSERVE_SHADOW_REFERENCE_TOKEN"}
+    assert {e.name for e in container.env} == {"SHADOWSERVE_API_KEYS", "SHADOWSERVE_SHADOW_REFERENCE_TOKEN",
+                                               "SHADOWSERVE_SHUTDOWN_GRACE_S"}
 
 
 def test_reference_runs_in_its_own_deployment_with_an_autoscaler(stable):

@@ -20,6 +20,36 @@ app.kubernetes.io/component: {{ .component }}
 {{ include "shadowserve.fullname" . }}-keys
 {{- end -}}
 
+{{/* The Secret (key `reference-token`) both the reference and the candidate read the token from. */}}
+{{- define "shadowserve.referenceTokenSecret" -}}
+{{- .Values.secret.existingReferenceTokenSecret | default (include "shadowserve.secretName" .) -}}
+{{- end -}}
+
+{{/*
+The reference token this release's Secret holds: the user's; else the one an earlier
+install generated (`existing`: that Secret as `lookup` returns it, empty when there is
+none or no cluster); else, while this release deploys the reference, a random one.
+*/}}
+{{- define "shadowserve.referenceToken" -}}
+{{- $existing := (.existing | default dict).data | default dict -}}
+{{- if .Values.secret.referenceToken -}}
+{{ .Values.secret.referenceToken }}
+{{- else if index $existing "reference-token" -}}
+{{ index $existing "reference-token" | b64dec }}
+{{- else if .Values.reference.enabled -}}
+{{ randAlphaNum 32 }}
+{{- end -}}
+{{- end -}}
+
+{{/* Seconds the server drains for on shutdown: the grace period less the preStop sleep and a 5 s margin. */}}
+{{- define "shadowserve.shutdownGrace" -}}
+{{- $grace := sub (sub (int .Values.candidate.terminationGracePeriodSeconds) (int .Values.candidate.preStopSleepSeconds)) 5 -}}
+{{- if lt $grace 0 -}}
+{{- fail "candidate.terminationGracePeriodSeconds must be at least candidate.preStopSleepSeconds + 5" -}}
+{{- end -}}
+{{- $grace -}}
+{{- end -}}
+
 {{- define "shadowserve.referenceUrl" -}}
 {{- if .Values.reference.enabled -}}
 http://{{ include "shadowserve.fullname" . }}-reference:{{ .Values.reference.port }}
