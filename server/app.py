@@ -17,8 +17,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from server.auth import require_bearer
+from server.body_limit import BodySizeLimit
+from server.engines import Engine, EngineDeadError
 from server.errors import ModelNotFoundError, NotFoundError, ServiceUnavailableError, install_error_handlers
+from server.lifecycle import InFlight, InFlightMiddleware
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
+from server.openapi import install_openapi
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.serving.chat import ChatHandler
 from server.serving.completion import CompletionHandler
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # `X-Shadow: always|never`, honoured only when the operator allows it (shadow settings).
 ShadowHeader = Annotated[str | None, Header(alias="X-Shadow")]
+
+HEALTH_INTERVAL_S = 0.5  # how often the engine's health is read (vLLM notices a dead core at once)
 
 ContextLoader = Callable[[ServeSettings, CollectorRegistry], ServingContext]
 
@@ -57,21 +63,54 @@ async def _disconnected(request: Request) -> None:
 
 
 class ServerState:
-    """Readiness: `ctx` appears once the engine is up; `error` if loading failed."""
+    """Readiness: `ctx` appears once the engine is up; `error` if loading failed or the
+    engine died; `draining` from SIGTERM on. Only a ready, live, undrained server admits."""
 
     def __init__(self) -> None:
         self.ctx: ServingContext | None = None
         self.error: str | None = None
+        self.draining = False
+        self.in_flight = InFlight()
         self.chat: ChatHandler | None = None
         self.completion: CompletionHandler | None = None
 
     def ready(self, ctx: ServingContext) -> None:
         self.ctx, self.chat, self.completion = ctx, ChatHandler(ctx), CompletionHandler(ctx)
 
+    @property
+    def status(self) -> str:
+        if self.error:
+            return self.error
+        if self.draining:
+            return "shutting down"
+        return "loading" if self.ctx is None else "ok"
+
     def require(self) -> ServingContext:
-        if self.ctx is None:
-            raise ServiceUnavailableError(self.error or "the model is still loading")
+        if self.status != "ok":
+            raise ServiceUnavailableError(
+                "the model is still loading" if self.status == "loading" else f"unavailable: {self.status}")
         return self.ctx
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop admitting, then give in-flight requests `grace_s` to finish."""
+        self.draining = True
+        log.info("SIGTERM: draining %d in-flight requests (at most %.0fs)", self.in_flight.count, grace_s)
+        if not await self.in_flight.wait_idle(grace_s):
+            log.warning("shutdown grace over with %d requests still in flight", self.in_flight.count)
+
+    async def watch(self, engine: Engine, on_fatal: Callable[[], None] | None) -> None:
+        """The engine's own health, every HEALTH_INTERVAL_S: a dead engine fails /health
+        and every request, and ends the process so Kubernetes restarts it."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                await engine.check_health()
+            except EngineDeadError as exc:
+                log.error("engine dead: %s; exiting", exc)
+                self.error = f"engine dead: {exc}"
+                if on_fatal:
+                    on_fatal()
+                return
 
 
 def create_app(
@@ -79,8 +118,10 @@ def create_app(
     load_context: ContextLoader,
     registry: CollectorRegistry,
     extra_registries: tuple[CollectorRegistry, ...] = (),
-    on_load_failure: Callable[[], None] | None = None,
+    on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
+    """`on_fatal` is called when the engine fails to load or dies: the caller ends the
+    process (`state.error` says why)."""
     state = ServerState()
 
     @asynccontextmanager
@@ -95,8 +136,10 @@ def create_app(
             except Exception as exc:
                 log.exception("engine failed to load")
                 state.error = f"engine failed to load: {exc}"
-                if on_load_failure:
-                    on_load_failure()
+                if on_fatal:
+                    on_fatal()
+                return
+            await state.watch(ctx.engine, on_fatal)
 
         loader = asyncio.create_task(load())
         yield
@@ -106,19 +149,22 @@ def create_app(
                 await state.ctx.shadow.stop()
             await state.ctx.engine.shutdown()
 
-    app = FastAPI(title="shadowserve", lifespan=lifespan)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="shadowserve", lifespan=lifespan, **docs)
     app.state.server = state
+    app.state.drain = lambda: state.drain(settings.shutdown_grace_s)
     install_error_handlers(app)
+    install_openapi(app, auth=bool(settings.api_keys))
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(InFlightMiddleware, in_flight=state.in_flight)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
 
     require_bearer(app, settings.api_keys)
 
     @app.get("/health")
     async def health() -> Response:
-        if state.ctx is None:
-            message = state.error or "loading"
-            return JSONResponse({"status": message}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        status = state.status
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -198,6 +198,7 @@ def run_server(settings: ServeSettings) -> None:
     from prometheus_client import REGISTRY, CollectorRegistry
 
     from server.app import create_app
+    from server.lifecycle import GracefulServer
     from server.serving.context import ServingContext
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -205,12 +206,14 @@ def run_server(settings: ServeSettings) -> None:
     extra = (REGISTRY,) if settings.engine == "vllm" else ()
     server: uvicorn.Server | None = None
 
-    def stop() -> None:  # a failed engine load ends the process with a non-zero status
+    def stop() -> None:  # a failed or dead engine ends the process with a non-zero status
         server.should_exit = True
 
-    app = create_app(settings, ServingContext.load, CollectorRegistry(), extra, on_load_failure=stop)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    server = uvicorn.Server(config)
+    app = create_app(settings, ServingContext.load, CollectorRegistry(), extra, on_fatal=stop)
+    # After the drain, connections still open (idle keep-alives, stragglers) get a few seconds.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=5)
+    server = GracefulServer(config, app.state.drain)
     server.run()
     if app.state.server.error:
         sys.exit(f"shadowserve serve: {app.state.server.error}")

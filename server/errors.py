@@ -107,8 +107,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = "payload_too_large" if exc.status_code == 413 else None
         return JSONResponse(
-            error_body(str(exc.detail), type_), status_code=exc.status_code, headers=exc.headers
+            error_body(str(exc.detail), type_, None, code), status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(Exception)

@@ -9,7 +9,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.serving.limits import RequestLimits
 from shadow.settings import ShadowSettings
+
+_LIMITS = RequestLimits()
 
 EngineName = Literal["vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -65,6 +68,20 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
         description="accepted bearer keys for /v1/* (env: comma-separated); none = no auth",
     )
     max_n: int = Field(default=16, ge=1, description="largest `n` (choices per request)")
+    max_request_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest request body (413 above)")
+    max_message_chars: int = Field(
+        default=_LIMITS.max_message_chars, ge=1, description="largest chat message or completions prompt, in characters"
+    )
+    max_prompts: int = Field(default=_LIMITS.max_prompts, ge=1, description="largest batch of prompts in one completions request")
+    max_stop_chars: int = Field(default=_LIMITS.max_stop_chars, ge=1, description="longest stop sequence, in characters")
+    max_request_tokens: int = Field(
+        default=_LIMITS.max_request_tokens, ge=1,
+        description="most tokens one request may ask to generate: prompts x n x max_tokens (or the context's room)",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, time in-flight requests get to finish (then the shadow drains)"
+    )
+    docs: bool = Field(default=False, description="serve /docs and /openapi.json (off: the API surface stays unlisted)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
 
     @field_validator("api_keys", mode="before")
@@ -73,6 +90,10 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_message_chars, self.max_prompts, self.max_stop_chars, self.max_request_tokens)
 
     @model_validator(mode="after")
     def _shadow_fits(self) -> ServeSettings:

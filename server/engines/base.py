@@ -18,6 +18,10 @@ class EngineInputError(ValueError):
     """The engine refused a request's parameters (a client error, not a server fault)."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine can serve nothing more (its process died): the server must go."""
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     max_tokens: int
@@ -56,6 +60,10 @@ class Engine(Protocol):
     async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
         """Teacher-forced over the prompt: for each position 1..n-1, the raw top-k
         log-probs plus the prompt's own token there (llama.cpp's perplexity mode)."""
+        ...
+
+    async def check_health(self) -> None:
+        """Return when the engine can serve; raise EngineDeadError when it never will again."""
         ...
 
     async def shutdown(self) -> None: ...

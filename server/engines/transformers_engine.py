@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from server.engines.base import EngineChunk, SamplingOptions
+from server.engines.base import EngineChunk, EngineDeadError, SamplingOptions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,6 +31,7 @@ class TransformersEngine:
         self.dtype = str(model.dtype).removeprefix("torch.")
         self._stop_ids = _eos_ids(model, tokenizer)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        self._closed = False
 
     @classmethod
     def load(
@@ -74,7 +75,12 @@ class TransformersEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, self._prompt_logprobs, prompt_ids, k)
 
+    async def check_health(self) -> None:
+        if self._closed:  # in-process: only our own shutdown ends it
+            raise EngineDeadError("the transformers engine is shut down")
+
     async def shutdown(self) -> None:
+        self._closed = True
         self._worker.shutdown(wait=False, cancel_futures=True)
 
     def _prompt_logprobs(self, prompt_ids: list[int], k: int) -> list[dict[int, float]]:

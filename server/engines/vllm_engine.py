@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from server.engines.base import EngineChunk, EngineInputError, SamplingOptions
+from server.engines.base import EngineChunk, EngineDeadError, EngineInputError, SamplingOptions
 from server.settings import EngineSettings
 
 
@@ -57,6 +57,7 @@ class VllmEngine:
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
         try:
             params = SamplingParams(
@@ -77,6 +78,8 @@ class VllmEngine:
                 yield _chunk(out.outputs[0], out.finished)
         except VLLMValidationError as exc:
             raise EngineInputError(str(exc)) from exc
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError("the vLLM engine core process died") from exc
 
     async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
         from vllm import SamplingParams
@@ -92,7 +95,14 @@ class VllmEngine:
             raise RuntimeError("vLLM returned no prompt log-probs")
         return [{tid: lp.logprob for tid, lp in pos.items()} for pos in final.prompt_logprobs[1:]]
 
+    async def check_health(self) -> None:
+        """vLLM watches its engine-core process and marks the client dead when it exits."""
+        if self._llm is None or self._llm.errored:
+            raise EngineDeadError("the vLLM engine core process died")
+
     async def shutdown(self) -> None:
+        if self._llm is None:
+            return
         self._llm.shutdown()
         self._llm = None  # finalised now, not at interpreter exit (see load)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
+from server.engines import EngineChunk
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -11,74 +10,55 @@ from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    Usage,
 )
-from server.serving.context import ServingContext, new_request_id, sse_response
-from server.serving.generation import Job, collect, plan_jobs, run_jobs, usage
+from server.serving.generation import Choice, Job, usage
+from server.serving.handler import EndpointHandler
 from server.serving.logprobs import chat_logprobs
-from server.serving.shadowing import Chunks, ShadowTap, tapped
 
 
-class ChatHandler:
-    def __init__(self, ctx: ServingContext):
-        self.ctx = ctx
+class ChatHandler(EndpointHandler[ChatCompletionRequest]):
+    id_prefix = "chatcmpl"
 
-    async def create(self, request: ChatCompletionRequest, shadow_header: str | None = None):
-        ctx = self.ctx
-        ctx.check_model(request.model)
-        prompt = ctx.renderer.chat(request.messages)
-        request_id = new_request_id("chatcmpl")
-        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, ctx.model_name)
-        jobs = plan_jobs(
-            request, [prompt], ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
-            shadow_k=tap.top_k if tap else None,
-        )
-        stream = tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap)
-        if request.stream:
-            return sse_response(self._stream(request, prompt, jobs, stream, request_id))
-        choices = await collect(jobs, stream)
-        k = request.logprobs_k
+    def prompts(self, request: ChatCompletionRequest) -> list[list[int]]:
+        return [self.ctx.renderer.chat(request.messages)]
+
+    def response(
+        self, request: ChatCompletionRequest, prompts: list[list[int]], choices: list[Choice], request_id: str
+    ) -> ChatCompletionResponse:
+        k, token_text = request.logprobs_k, self.ctx.renderer.token_text
         return ChatCompletionResponse(
             id=request_id,
-            model=ctx.model_name,
+            model=self.ctx.model_name,
             choices=[
                 ChatChoice(
                     index=c.index,
                     message=AssistantMessage(content=c.text),
-                    logprobs=None if k is None else chat_logprobs(c.token_ids, c.logprobs, k, ctx.renderer.token_text),
+                    logprobs=None if k is None else chat_logprobs(c.token_ids, c.logprobs, k, token_text),
                     finish_reason=c.finish_reason,
                 )
                 for c in choices
             ],
-            usage=usage([prompt], sum(len(c.token_ids) for c in choices)),
+            usage=usage(prompts, sum(len(c.token_ids) for c in choices)),
         )
 
-    async def _stream(
-        self, request: ChatCompletionRequest, prompt: list[int], jobs: list[Job], stream: Chunks, request_id: str
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        ctx, k = self.ctx, request.logprobs_k
+    def opening(self, jobs: list[Job], request_id: str) -> list[ChatCompletionChunk]:
+        return [self._chunk(request_id, [ChatChunkChoice(index=job.index, delta={"role": "assistant", "content": ""})])
+                for job in jobs]
 
-        def chunk(choices: list[ChatChunkChoice], **extra) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=request_id, model=ctx.model_name, choices=choices, **extra)
+    def chunk(
+        self, request: ChatCompletionRequest, index: int, piece: EngineChunk, request_id: str, offset: int
+    ) -> ChatCompletionChunk:
+        k = request.logprobs_k
+        logprobs = None
+        if k is not None:
+            logprobs = chat_logprobs(piece.token_ids, piece.logprobs or [], k, self.ctx.renderer.token_text)
+        choice = ChatChunkChoice(index=index, delta={"content": piece.text}, logprobs=logprobs,
+                                 finish_reason=piece.finish_reason)
+        return self._chunk(request_id, [choice])
 
-        for job in jobs:
-            yield chunk([ChatChunkChoice(index=job.index, delta={"role": "assistant", "content": ""})])
-        completion_tokens = 0
-        async for index, piece in stream:
-            completion_tokens += len(piece.token_ids)
-            if not (piece.text or piece.finish_reason or (k is not None and piece.token_ids)):
-                continue
-            logprobs = None
-            if k is not None:
-                logprobs = chat_logprobs(piece.token_ids, piece.logprobs or [], k, ctx.renderer.token_text)
-            yield chunk(
-                [
-                    ChatChunkChoice(
-                        index=index,
-                        delta={"content": piece.text},
-                        logprobs=logprobs,
-                        finish_reason=piece.finish_reason,
-                    )
-                ]
-            )
-        if request.stream_options and request.stream_options.include_usage:
-            yield chunk([], usage=usage([prompt], completion_tokens))
+    def usage_chunk(self, request_id: str, totals: Usage) -> ChatCompletionChunk:
+        return self._chunk(request_id, [], usage=totals)
+
+    def _chunk(self, request_id: str, choices: list[ChatChunkChoice], **extra) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=request_id, model=self.ctx.model_name, choices=choices, **extra)

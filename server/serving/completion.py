@@ -2,45 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
+from server.engines import EngineChunk
 from server.errors import InvalidRequestError
-from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from server.serving.context import ServingContext, new_request_id, sse_response
-from server.serving.generation import Job, collect, plan_jobs, run_jobs, usage
+from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from server.serving.generation import Choice, usage
+from server.serving.handler import EndpointHandler
 from server.serving.logprobs import completion_logprobs
-from server.serving.shadowing import Chunks, ShadowTap, tapped
 
 
-class CompletionHandler:
-    def __init__(self, ctx: ServingContext):
-        self.ctx = ctx
+class CompletionHandler(EndpointHandler[CompletionRequest]):
+    id_prefix = "cmpl"
 
-    async def create(self, request: CompletionRequest, shadow_header: str | None = None):
-        ctx = self.ctx
-        ctx.check_model(request.model)
-        prompts = self._prompts(request.prompt)
-        request_id = new_request_id("cmpl")
-        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, ctx.model_name)
-        jobs = plan_jobs(
-            request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
-            shadow_k=tap.top_k if tap else None,
-        )
-        stream = tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap)
-        if request.stream:
-            return sse_response(self._stream(request, prompts, jobs, stream, request_id))
-        choices = await collect(jobs, stream)
-        k = request.logprobs_k
+    def prompts(self, request: CompletionRequest) -> list[list[int]]:
+        """A string, a token-id list, or a batch of either."""
+        renderer, prompt = self.ctx.renderer, request.prompt
+        batch = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+        ids = [renderer.text(p) if isinstance(p, str) else renderer.check_ids(p) for p in batch]
+        if any(not p for p in ids):
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return ids
+
+    def response(
+        self, request: CompletionRequest, prompts: list[list[int]], choices: list[Choice], request_id: str
+    ) -> CompletionResponse:
+        k, token_text = request.logprobs_k, self.ctx.renderer.token_text
         return CompletionResponse(
             id=request_id,
-            model=ctx.model_name,
+            model=self.ctx.model_name,
             choices=[
                 CompletionChoice(
                     index=c.index,
                     text=c.text,
-                    logprobs=None
-                    if k is None
-                    else completion_logprobs(c.token_ids, c.logprobs, k, ctx.renderer.token_text),
+                    logprobs=None if k is None else completion_logprobs(c.token_ids, c.logprobs, k, token_text),
                     finish_reason=c.finish_reason,
                 )
                 for c in choices
@@ -48,34 +41,15 @@ class CompletionHandler:
             usage=usage(prompts, sum(len(c.token_ids) for c in choices)),
         )
 
-    def _prompts(self, prompt: str | list) -> list[list[int]]:
-        """A string, a token-id list, or a batch of either."""
-        renderer = self.ctx.renderer
-        batch = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
-        ids = [renderer.text(p) if isinstance(p, str) else renderer.check_ids(p) for p in batch]
-        if any(not p for p in ids):
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
-        return ids
+    def chunk(
+        self, request: CompletionRequest, index: int, piece: EngineChunk, request_id: str, offset: int
+    ) -> CompletionResponse:
+        k = request.logprobs_k
+        logprobs = None
+        if k is not None:
+            logprobs = completion_logprobs(piece.token_ids, piece.logprobs or [], k, self.ctx.renderer.token_text, offset)
+        choice = CompletionChoice(index=index, text=piece.text, logprobs=logprobs, finish_reason=piece.finish_reason)
+        return CompletionResponse(id=request_id, model=self.ctx.model_name, choices=[choice])
 
-    async def _stream(
-        self, request: CompletionRequest, prompts: list[list[int]], jobs: list[Job], stream: Chunks, request_id: str
-    ) -> AsyncIterator[CompletionResponse]:
-        ctx, k = self.ctx, request.logprobs_k
-        offsets = {job.index: 0 for job in jobs}
-        completion_tokens = 0
-        async for index, piece in stream:
-            completion_tokens += len(piece.token_ids)
-            if not (piece.text or piece.finish_reason or (k is not None and piece.token_ids)):
-                continue
-            logprobs = None
-            if k is not None:
-                logprobs = completion_logprobs(
-                    piece.token_ids, piece.logprobs or [], k, ctx.renderer.token_text, offsets[index]
-                )
-            offsets[index] += len(piece.text)
-            choice = CompletionChoice(index=index, text=piece.text, logprobs=logprobs, finish_reason=piece.finish_reason)
-            yield CompletionResponse(id=request_id, model=ctx.model_name, choices=[choice])
-        if request.stream_options and request.stream_options.include_usage:
-            yield CompletionResponse(
-                id=request_id, model=ctx.model_name, choices=[], usage=usage(prompts, completion_tokens)
-            )
+    def usage_chunk(self, request_id: str, totals: Usage) -> CompletionResponse:
+        return CompletionResponse(id=request_id, model=self.ctx.model_name, choices=[], usage=totals)

@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from server.engines import Engine, load_engine
 from server.errors import APIError, ModelNotFoundError
+from server.serving.limits import RequestLimits
 from server.serving.prompts import PromptRenderer
 from server.settings import ServeSettings
 from shadow.factory import build_shadow_path, load_reference
@@ -30,6 +31,7 @@ class ServingContext:
     max_n: int
     max_logprobs: int
     shadow: ShadowPath | None = None
+    limits: RequestLimits = RequestLimits()
 
     @classmethod
     def load(cls, settings: ServeSettings, registry: CollectorRegistry) -> ServingContext:
@@ -37,7 +39,8 @@ class ServingContext:
         mismatch fails fast), the engine (weights, and vLLM's engine-core process), then
         the noise floor in the dtype the engine really serves in."""
         renderer = PromptRenderer.load(settings.model, settings.trust_remote_code)
-        scorer = load_reference(settings, settings.model, renderer.tokenizer) if settings.shadow_enabled else None
+        scorer = (load_reference(settings, settings.model, renderer.tokenizer, defer_unreachable=True)
+                  if settings.shadow_enabled else None)
         engine = load_engine(settings)
         shadow = None
         if scorer is not None:
@@ -51,6 +54,7 @@ class ServingContext:
             model_name=settings.model_name,
             max_n=settings.max_n,
             max_logprobs=settings.max_logprobs,
+            limits=settings.request_limits,
             shadow=shadow,
         )
 

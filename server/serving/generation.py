@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from server.engines import Engine, EngineChunk, EngineInputError, SamplingOptions
-from server.errors import ContextLengthError, InvalidRequestError
+from server.engines import Engine, EngineChunk, EngineDeadError, EngineInputError, SamplingOptions
+from server.errors import ContextLengthError, InvalidRequestError, ServiceUnavailableError
 from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
 
 _DONE = object()
@@ -128,6 +128,8 @@ async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIte
                 running -= 1
             elif isinstance(item, EngineInputError):
                 raise InvalidRequestError(str(item)) from item
+            elif isinstance(item, EngineDeadError):
+                raise ServiceUnavailableError(f"{item}; this server is restarting") from item
             elif isinstance(item, Exception):
                 raise item
             else:

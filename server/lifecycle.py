@@ -1,0 +1,95 @@
+"""Shutdown and death, as Kubernetes expects them.
+
+SIGTERM: /health turns 503 and new requests are refused (503), the listener stays open
+while in-flight requests finish (at most `shutdown_grace_s`), then uvicorn stops, the
+shadow queue drains and the process exits 0. A second SIGTERM, or SIGINT, stops at once.
+An engine that dies ends the process with a non-zero status (see app.py's watchdog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+
+class InFlight:
+    """Requests under a path prefix that have started and not yet sent their last byte."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class InFlightMiddleware:
+    def __init__(self, app: ASGIApp, in_flight: InFlight, prefix: str = "/v1/"):
+        self.app = app
+        self.in_flight = in_flight
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        self.in_flight.enter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.leave()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, with SIGTERM turned into a drain: `drain()` is the app's (stop admitting,
+    wait for in-flight work); only then does uvicorn's own shutdown begin."""
+
+    def __init__(self, config: uvicorn.Config, drain):
+        super().__init__(config)
+        self._drain = drain
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self._draining and self._loop is not None and not self.should_exit:
+            # Not recorded as captured: uvicorn would re-raise it after shutdown, and a
+            # drained server should exit 0, not die of the signal.
+            self._draining = True
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain_then_exit()))
+            return
+        super().handle_exit(sig, frame)
+
+    async def _drain_then_exit(self) -> None:
+        started = time.monotonic()
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("drain failed")
+        log.info("drained in %.1fs; shutting down", time.monotonic() - started)
+        self.should_exit = True

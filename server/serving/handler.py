@@ -1,0 +1,100 @@
+"""The request flow chat and completions share: limits, prompts (off the event loop),
+shadow admission, engine jobs, then a response or a stream that starts with the
+engine's first output. Each endpoint says only how its prompts and chunks look."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel
+
+from server.engines import EngineChunk
+from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
+from server.serving.context import ServingContext, new_request_id, sse_response
+from server.serving.generation import Choice, Job, collect, plan_jobs, run_jobs, usage
+from server.serving.shadowing import Chunks, ShadowTap, tapped
+
+RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
+
+
+class EndpointHandler(ABC, Generic[RequestT]):
+    id_prefix: str
+
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    async def create(self, request: RequestT, shadow_header: str | None = None):
+        ctx = self.ctx
+        ctx.limits.check(request)
+        ctx.check_model(request.model)
+        # Chat templates and tokenizers take seconds on a multi-megabyte prompt: not on the loop.
+        prompts = await asyncio.to_thread(self.prompts, request)
+        request_id = new_request_id(self.id_prefix)
+        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, ctx.model_name)
+        jobs = plan_jobs(
+            request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
+            shadow_k=tap.top_k if tap else None,
+        )
+        ctx.limits.check_budget(sum(job.options.max_tokens for job in jobs), request.n, len(prompts))
+        # Nothing is sent before the engine's first output: an engine-side refusal is
+        # still an HTTP error, and a client's time to first token is the engine's.
+        stream = await started(tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap))
+        if request.stream:
+            return sse_response(self._events(request, prompts, jobs, stream, request_id))
+        choices = await collect(jobs, stream)
+        return await asyncio.to_thread(self.response, request, prompts, choices, request_id)
+
+    async def _events(
+        self, request: RequestT, prompts: list[list[int]], jobs: list[Job], stream: Chunks, request_id: str
+    ) -> AsyncIterator[BaseModel]:
+        for event in self.opening(jobs, request_id):
+            yield event
+        completion_tokens, sent = 0, {job.index: 0 for job in jobs}  # characters sent per choice
+        async for index, piece in stream:
+            completion_tokens += len(piece.token_ids)
+            if piece.text or piece.finish_reason or (request.logprobs_k is not None and piece.token_ids):
+                yield self.chunk(request, index, piece, request_id, sent[index])
+                sent[index] += len(piece.text)
+        if request.stream_options and request.stream_options.include_usage:
+            yield self.usage_chunk(request_id, usage(prompts, completion_tokens))
+
+    @abstractmethod
+    def prompts(self, request: RequestT) -> list[list[int]]:
+        """Token ids of each prompt (blocking: runs on a worker thread)."""
+
+    @abstractmethod
+    def response(self, request: RequestT, prompts: list[list[int]], choices: list[Choice], request_id: str) -> BaseModel:
+        """The whole answer (blocking: log-prob formatting runs on a worker thread)."""
+
+    def opening(self, jobs: list[Job], request_id: str) -> list[BaseModel]:
+        """Events sent once the engine has started, before its first piece."""
+        return []
+
+    @abstractmethod
+    def chunk(self, request: RequestT, index: int, piece: EngineChunk, request_id: str, offset: int) -> BaseModel:
+        """One streamed piece of choice `index`, `offset` characters into its text."""
+
+    @abstractmethod
+    def usage_chunk(self, request_id: str, totals: Usage) -> BaseModel:
+        """The last event when the client asked for usage."""
+
+
+async def started(stream: Chunks) -> Chunks:
+    """Wait for the stream's first item; errors before it raise here, as HTTP errors."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        return stream
+
+    async def chained() -> Chunks:
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()  # closing aborts the engine requests (client gone)
+
+    return chained()
