@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ShadowHeader = Annotated[str | None, Header(alias="X-Shadow")]
 
 HEALTH_INTERVAL_S = 0.5  # how often the engine's health is read (vLLM notices a dead core at once)
+FATAL_LINGER_S = 2.0  # a dead engine's server answers 503 this long before it exits
 
 ContextLoader = Callable[[ServeSettings, CollectorRegistry], ServingContext]
 
@@ -106,9 +107,10 @@ class ServerState:
             try:
                 await engine.check_health()
             except EngineDeadError as exc:
-                log.error("engine dead: %s; exiting", exc)
+                log.error("engine dead: %s; exiting in %.0fs", exc, FATAL_LINGER_S)
                 self.error = f"engine dead: {exc}"
                 if on_fatal:
+                    await asyncio.sleep(FATAL_LINGER_S)  # probes and clients first read a 503 saying why
                     on_fatal()
                 return
 
@@ -154,7 +156,7 @@ def create_app(
     app.state.server = state
     app.state.drain = lambda: state.drain(settings.shutdown_grace_s)
     install_error_handlers(app)
-    install_openapi(app, auth=bool(settings.api_keys))
+    install_openapi(app, auth=bool(settings.api_keys), max_n=settings.max_n, max_logprobs=settings.max_logprobs)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(InFlightMiddleware, in_flight=state.in_flight)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
