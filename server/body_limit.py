@@ -11,7 +11,7 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_body
+from server.errors import PayloadTooLargeError
 
 
 class BodySizeLimit:
@@ -42,7 +42,7 @@ class BodySizeLimit:
                 if received > self.max_bytes:
                     # FastAPI passes an HTTPException raised while reading the body through;
                     # the app's handler renders it in OpenAI's shape with this status.
-                    raise HTTPException(413, self.message(None))
+                    raise HTTPException(PayloadTooLargeError.status_code, self.message(None))
             return message
 
         await self.app(scope, counted, send)
@@ -59,7 +59,7 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _refuse(send: Send, message: str) -> None:
-    body = json.dumps(error_body(message, "invalid_request_error", None, "payload_too_large")).encode()
+    body = json.dumps(PayloadTooLargeError(message).body()).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

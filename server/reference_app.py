@@ -11,10 +11,10 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliImplicitFlag, NoDecode, SettingsConfigDict
-from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.responses import Response
 
 from server.auth import require_bearer
+from server.body_limit import BodySizeLimit
 from server.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
@@ -80,46 +80,6 @@ class ReferenceSettings(BaseSettings):
         return self
 
 
-class BodyLimitMiddleware:
-    """413 for a score request whose body is over `limit` bytes: by its Content-Length
-    when it has one, else while it streams in (the body is buffered, then replayed)."""
-
-    def __init__(self, app: ASGIApp, limit: int, path: str = SCORE_PATH):
-        self.app, self.limit, self.path = app, limit, path
-
-    def _too_large(self, size: str) -> Response:
-        error = PayloadTooLargeError(f"request body of {size} bytes is over --max-body-bytes {self.limit}")
-        return JSONResponse(error.body(), status_code=error.status_code)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(str(int(declared)))(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await self._too_large(f"at least {size}")(scope, receive, send)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body, sent = b"".join(chunks), False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if sent:
-                return await receive()  # http.disconnect, when it comes
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
 def create_reference_app(
     scorer: LocalScorer,
     tokens: list[str],
@@ -136,7 +96,7 @@ def create_reference_app(
     else:
         app = FastAPI(title="shadowserve reference", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)  # innermost: after the bearer check
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, setting="--max-body-bytes")  # innermost: after the bearer check
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
     require_bearer(app, tokens)
     info = ReferenceInfo(
