@@ -15,14 +15,27 @@ from shadow.scoring import Scorer, check_same_vocab, vocab_fingerprint
 from shadow.settings import ShadowSettings
 
 
-def load_reference(settings: ShadowSettings, candidate_dir: Path, candidate_tokenizer) -> Scorer:
+def load_reference(
+    settings: ShadowSettings, candidate_dir: Path, candidate_tokenizer, *, defer_unreachable: bool = False
+) -> Scorer:
     """Blocking (loads or connects to the reference). Raises ShadowReferenceError when it
-    cannot be used, e.g. when it does not share the candidate's vocabulary."""
-    if settings.shadow_reference_url:
-        from shadow.remote_scorer import RemoteScorer
+    cannot be used, e.g. when it does not share the candidate's vocabulary.
 
+    `defer_unreachable` (the server): a remote reference that cannot be reached is not an
+    error; the scorer starts pending, and `build_shadow_path` has it retried in the
+    background, with the same checks once it answers."""
+    candidate_vocab = vocab_fingerprint(candidate_tokenizer)
+    if settings.shadow_reference_url:
+        from shadow.remote_scorer import ReferenceUnavailableError, RemoteScorer
+
+        url = settings.shadow_reference_url
         token = settings.shadow_reference_token.get_secret_value() if settings.shadow_reference_token else None
-        scorer = RemoteScorer.connect(settings.shadow_reference_url, token, settings.shadow_timeout_s)
+        try:
+            scorer = RemoteScorer.connect(url, token, settings.shadow_timeout_s)
+        except ReferenceUnavailableError:
+            if not defer_unreachable:
+                raise
+            return RemoteScorer.pending(url, token, settings.shadow_timeout_s, settings.shadow_reference_name)
     else:
         from shadow.local_scorer import LocalScorer
 
@@ -35,7 +48,7 @@ def load_reference(settings: ShadowSettings, candidate_dir: Path, candidate_toke
         )
         # In the server's process: its forwards must leave the host to the client's requests.
         scorer.confine(settings.shadow_reference_threads, settings.shadow_reference_nice)
-    check_same_vocab(vocab_fingerprint(candidate_tokenizer), scorer.vocab, scorer.name)
+    check_same_vocab(candidate_vocab, scorer.vocab, scorer.name)
     return scorer
 
 
@@ -54,6 +67,9 @@ def build_shadow_path(
     if settings.shadow_noise_floor:
         scorer.enable_noise_floor(serving_dtype)
         comparisons = (CANDIDATE, NOISE_FLOOR)
+    if getattr(scorer, "state", None) == "unreachable":  # a pending remote reference: checked once it answers
+        candidate_vocab = vocab_fingerprint(candidate_tokenizer)
+        scorer.retry_in_background(lambda vocab, name: check_same_vocab(candidate_vocab, vocab, name))
     reference = settings.shadow_reference_name or scorer.name
     metrics = ShadowMetrics(registry, model_name, reference, settings.shadow_labels, comparisons)
     capture = None

@@ -128,6 +128,9 @@ class ShadowPath:
         if self._closed:
             self.metrics.sample("dropped")
             return
+        if not getattr(self.scorer, "ready", True):  # a remote reference not reachable (yet), or disabled
+            self.metrics.sample("error")
+            return
         kept = ShadowSample(sample.request_id, sample.model, sequences)
         tokens = _sample_tokens(kept)
         if self._queued_tokens + tokens > self.settings.shadow_queue_tokens:
