@@ -52,6 +52,8 @@ class ShadowMetrics:
 
         cmp = ("comparison",)
         self._samples = counter("shadow_samples", "Shadow samples by outcome: compared, dropped (queue full), skipped, error.", ("outcome",))
+        self._sampled = counter(
+            "shadow_sampled", "Requests admitted to the shadow path; each ends as exactly one shadow_samples_total outcome.")
         self._sequences = counter("shadow_sequences", "Compared sequences by result: identical, near_tie, hard.", (*cmp, "result"))
         self._first_divergence = histogram(
             "shadow_first_divergence_position_tokens", "First divergence position of diverged sequences.", _POSITIONS, cmp)
@@ -83,6 +85,7 @@ class ShadowMetrics:
         self._registry = registry
         # Create every labelled child now, so series exist (at 0) before the first event:
         # rate() and absent() behave from the first scrape.
+        self._sampled.labels(**base)
         for outcome in OUTCOMES:
             self._samples.labels(**base, outcome=outcome)
         for comparison in comparisons:
@@ -104,6 +107,9 @@ class ShadowMetrics:
         """Samples so far by outcome (compared, dropped, skipped, error)."""
         return {o: self._registry.get_sample_value("shadow_samples_total", {**self._base, "outcome": o}) or 0.0
                 for o in OUTCOMES}
+
+    def admitted(self) -> None:
+        self._sampled.labels(**self._base).inc()
 
     def sample(self, outcome: str, count: int = 1) -> None:
         self._samples.labels(**self._base, outcome=outcome).inc(count)

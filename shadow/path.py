@@ -111,7 +111,14 @@ class ShadowPath:
     # --- the request side: cheap and non-blocking ---------------------------------
 
     def admit(self, header: str | None = None) -> bool:
-        """Decide at admission, so unsampled requests pay nothing."""
+        """Decide at admission, so unsampled requests pay nothing. An admitted request
+        must end in exactly one outcome: submit() or skip()."""
+        sampled = self._decide(header)
+        if sampled:
+            self.metrics.admitted()
+        return sampled
+
+    def _decide(self, header: str | None) -> bool:
         if header is not None and self.settings.shadow_allow_header:
             value = header.strip().lower()
             if value not in HEADER_VALUES:

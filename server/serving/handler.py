@@ -34,11 +34,16 @@ class EndpointHandler(ABC, Generic[RequestT]):
         prompts = await asyncio.to_thread(self.prompts, request)
         request_id = new_request_id(self.id_prefix)
         tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, ctx.model_name)
-        jobs = plan_jobs(
-            request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
-            shadow_k=tap.top_k if tap else None,
-        )
-        ctx.limits.check_budget(sum(job.options.max_tokens for job in jobs), request.n, len(prompts))
+        try:
+            jobs = plan_jobs(
+                request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
+                shadow_k=tap.top_k if tap else None,
+            )
+            ctx.limits.check_budget(sum(job.options.max_tokens for job in jobs), request.n, len(prompts))
+        except Exception:  # refused: a sampled request still ends as exactly one shadow outcome
+            if tap is not None:
+                tap.abandon()
+            raise
         # Nothing is sent before the engine's first output: an engine-side refusal is
         # still an HTTP error, and a client's time to first token is the engine's.
         stream = await started(tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap))

@@ -109,3 +109,18 @@ def test_invalid_shadow_header_is_a_client_error(demo_model):
         ready(client)
         reply = client.post("/v1/chat/completions", json=BODY, headers={"X-Shadow": "maybe"})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "X-Shadow"
+
+
+def test_every_sampled_request_ends_as_one_outcome(demo_model):
+    """Sampled, then refused (n over the limit: after admission), aborted by its client,
+    scored with an error: each admitted request is exactly one outcome, none lost."""
+    with TestClient(app_with(demo_model, RaisingScorer())) as client:
+        ready(client)
+        assert client.post("/v1/chat/completions", json={**BODY, "n": 10}).status_code == 400
+        assert client.post("/v1/chat/completions", json={**BODY, "max_tokens": 9000}).status_code == 400
+        timed_answer(client)
+        wait_for(client, "error", 1)
+        families = text_string_to_metric_families(client.get("/metrics").text)
+        sampled = sum(s.value for f in families for s in f.samples if s.name == "shadow_sampled_total")
+        assert sampled == 3
+        assert sum(outcomes(client).values()) == sampled, outcomes(client)
