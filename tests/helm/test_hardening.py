@@ -153,23 +153,24 @@ def test_the_candidate_leaves_its_service_then_drains_within_the_grace_period():
     (container,) = spec.containers
     assert spec.termination_grace_period_seconds == 60
     assert container.lifecycle.pre_stop._exec.command == ["sleep", "5"]
-    assert {e.name: e.value for e in container.env}["SHADOWSERVE_SHUTDOWN_GRACE_S"] == "50"  # 60 - 5 - 5
+    assert {e.name: e.value for e in container.env}["SHADOWSERVE_SHUTDOWN_GRACE_S"] == "35"  # 60 - 5 - 10 (shadow drain) - 10
 
     spec = pod(render({"candidate": {"terminationGracePeriodSeconds": 120, "preStopSleepSeconds": 10}}))
     assert spec.termination_grace_period_seconds == 120
     assert spec.containers[0].lifecycle.pre_stop._exec.command == ["sleep", "10"]
-    assert {e.name: e.value for e in spec.containers[0].env}["SHADOWSERVE_SHUTDOWN_GRACE_S"] == "105"
+    assert {e.name: e.value for e in spec.containers[0].env}["SHADOWSERVE_SHUTDOWN_GRACE_S"] == "90"  # 120 - 10 - 10 - 10
 
     spec = pod(render({"candidate": {"preStopSleepSeconds": 0}}))
     assert spec.containers[0].lifecycle is None
-    assert {e.name: e.value for e in spec.containers[0].env}["SHADOWSERVE_SHUTDOWN_GRACE_S"] == "55"
+    assert {e.name: e.value for e in spec.containers[0].env}["SHADOWSERVE_SHUTDOWN_GRACE_S"] == "40"
+    assert "--shadow-drain-s=10" in spec.containers[0].args and "--shadow-max-duty=1" in spec.containers[0].args
 
 
 def test_a_grace_period_shorter_than_the_pre_stop_sleep_is_refused():
     from helm_python import HelmError, HelmValuesError
 
     with pytest.raises(HelmError, match="terminationGracePeriodSeconds must be at least"):
-        render({"candidate": {"terminationGracePeriodSeconds": 8, "preStopSleepSeconds": 5}})
+        render({"candidate": {"terminationGracePeriodSeconds": 24, "preStopSleepSeconds": 5}})
     with pytest.raises(HelmValuesError, match="/candidate/preStopSleepSeconds"):
         render({"candidate": {"preStopSleepSeconds": -1}})
 

@@ -43,9 +43,10 @@ none or no cluster); else, while this release deploys the reference, a random on
 
 {{/* Seconds the server drains for on shutdown: the grace period less the preStop sleep and a 5 s margin. */}}
 {{- define "shadowserve.shutdownGrace" -}}
-{{- $grace := sub (sub (int .Values.candidate.terminationGracePeriodSeconds) (int .Values.candidate.preStopSleepSeconds)) 5 -}}
+{{- $c := .Values.candidate -}}
+{{- $grace := sub (sub (sub (int $c.terminationGracePeriodSeconds) (int $c.preStopSleepSeconds)) (int $c.shadow.drainSeconds)) 10 -}}
 {{- if lt $grace 0 -}}
-{{- fail "candidate.terminationGracePeriodSeconds must be at least candidate.preStopSleepSeconds + 5" -}}
+{{- fail "candidate.terminationGracePeriodSeconds must be at least candidate.preStopSleepSeconds + candidate.shadow.drainSeconds + 10" -}}
 {{- end -}}
 {{- $grace -}}
 {{- end -}}
