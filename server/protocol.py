@@ -9,6 +9,7 @@ of a request and that we do not implement (tools, logit_bias, ...) are refused.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -30,6 +31,32 @@ def _is_default(name: str, value: Any, n: int) -> bool:
     return value is None or value is False or value in ([], {}, "")
 
 
+def _replace(schema: dict) -> Callable[[dict], None]:
+    """A field's documented schema, where the validators accept more or less than its
+    annotation says (so /openapi.json tells clients what really passes)."""
+
+    def apply(target: dict) -> None:
+        target.clear()
+        target.update(schema)
+
+    return apply
+
+
+_NON_EMPTY = {"type": "string", "minLength": 1}
+_STOP_SCHEMA = _replace({"anyOf": [_NON_EMPTY, {"type": "array", "items": _NON_EMPTY, "maxItems": 16}, {"type": "null"}]})
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = _replace({"anyOf": [
+    _NON_EMPTY, _TOKEN_IDS, {"type": "array", "items": _NON_EMPTY, "minItems": 1},
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+]})
+
+
+def _text_part_schema(schema: dict) -> None:
+    schema["properties"]["type"] = {"type": "string", "enum": ["text"]}
+    schema["properties"]["text"] = {"type": "string"}
+    schema["required"] = ["type", "text"]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
@@ -44,13 +71,21 @@ class _Request(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list, json_schema_extra=_STOP_SCHEMA)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("n", "seed", "max_tokens", "max_completion_tokens", "top_logprobs", "logprobs",
+                     mode="before", check_fields=False)
+    @classmethod
+    def _integral_float(cls, value: object) -> object:
+        """JSON (and JSON Schema) has one number type: `2.0` is the integer 2. Booleans and
+        strings stay errors (strict), and so does `2.5`."""
+        return int(value) if type(value) is float and value.is_integer() else value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -77,7 +112,7 @@ class _Request(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, json_schema_extra=_text_part_schema)
 
     type: str
     text: str | None = None
@@ -126,7 +161,7 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(json_schema_extra=_PROMPT_SCHEMA)
     max_tokens: int = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0)
 

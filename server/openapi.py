@@ -1,0 +1,199 @@
+"""Our OpenAPI document, made to tell the truth about what the server answers.
+
+FastAPI documents a 422 `HTTPValidationError` on every route with input; this server
+never sends one. Every failure leaves in OpenAI's error shape (server/errors.py) with the
+status it really has: 400 bad input, 401 bad key (on the protected prefix, when keys are
+configured), 404 unknown model or no shadow path, 413 body too large, 503 model not
+loaded yet. /metrics is Prometheus text, /health a small `{"status": ...}` object, and the
+two completion routes answer JSON or, with `"stream": true`, server-sent events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from server.protocol import ChatCompletionResponse, CompletionResponse
+
+REF = "#/components/schemas/{model}"
+
+ERROR_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "title": "Error",
+        "properties": {
+            "message": {"type": "string"},
+            "type": {"type": "string", "description": "invalid_request_error, not_found_error, service_unavailable, ..."},
+            "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+        "required": ["message", "type", "param", "code"],
+    },
+    "ErrorResponse": {
+        "type": "object",
+        "title": "ErrorResponse",
+        "description": "OpenAI's error shape, used for every failure.",
+        "properties": {"error": {"$ref": "#/components/schemas/Error"}},
+        "required": ["error"],
+    },
+    "HealthStatus": {
+        "type": "object",
+        "title": "HealthStatus",
+        "properties": {"status": {"type": "string", "description": "`ok`, `loading`, or why loading failed"}},
+        "required": ["status"],
+    },
+}
+
+ERROR_DESCRIPTIONS = {
+    "400": "Invalid request (malformed JSON, a wrong type or range, an unsupported feature, too long a prompt)",
+    "401": "Missing or invalid API key",
+    "404": "Not found (no such model; for /v1/shadow/verdict: the shadow path is off)",
+    "413": "Request body too large",
+    "503": "The model is not loaded (yet)",
+}
+
+# One server-sent event: its `data` is a JSON chunk (or an error body), the last one `[DONE]`.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, an ErrorResponse, or [DONE]"}},
+    "required": ["data"],
+}
+
+# Routes that stream server-sent events when the request says `"stream": true`.
+STREAMING: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatCompletionResponse,
+    "/v1/completions": CompletionResponse,
+}
+
+
+def _error(status: str) -> dict:
+    return {
+        "description": ERROR_DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+
+
+def _takes_model(op: dict, schemas: dict) -> bool:
+    if any(p.get("in") == "path" and p.get("name") == "model" for p in op.get("parameters", [])):
+        return True
+    body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    ref = body.get("$ref", "")
+    return "model" in schemas.get(ref.rsplit("/", 1)[-1], {}).get("properties", {})
+
+
+def _set_maximum(node: dict, maximum: int) -> None:
+    """On the integer branch(es) of a property schema."""
+    if node.get("type") == "integer":
+        node["maximum"] = maximum
+    for branch in node.get("anyOf", []):
+        _set_maximum(branch, maximum)
+
+
+# Request fields whose upper bound is a server setting: (schema, property) per setting.
+LIMITED = {
+    "max_n": [("ChatCompletionRequest", "n"), ("CompletionRequest", "n")],
+    "max_logprobs": [("ChatCompletionRequest", "top_logprobs"), ("CompletionRequest", "logprobs")],
+}
+
+
+def rewrite(
+    doc: dict,
+    *,
+    protected_prefix: str = "/v1/",
+    auth: bool = False,
+    max_n: int | None = None,
+    max_logprobs: int | None = None,
+    always_up: tuple[str, ...] = ("/health", "/metrics"),
+    not_found_paths: tuple[str, ...] = ("/v1/shadow/verdict",),
+    streaming: dict[str, type[BaseModel]] | None = None,
+) -> dict:
+    """Post-process FastAPI's generated document in place (and return it)."""
+    streaming = STREAMING if streaming is None else streaming
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    schemas.update(ERROR_SCHEMAS)
+    if streaming:
+        _, defs = models_json_schema([(m, "serialization") for m in streaming.values()], ref_template=REF)
+        schemas.update(defs.get("$defs", {}))
+    for setting, value in (("max_n", max_n), ("max_logprobs", max_logprobs)):
+        for schema_name, prop in LIMITED[setting] if value is not None else ():
+            if prop in schemas.get(schema_name, {}).get("properties", {}):
+                _set_maximum(schemas[schema_name]["properties"][prop], value)
+    if auth:
+        components.setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "one of the server's --api-keys",
+        }
+
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path == "/health":
+                ok = {"application/json": {"schema": {"$ref": "#/components/schemas/HealthStatus"}}}
+                responses["200"] = {"description": "The model is loaded", "content": ok}
+                responses["503"] = {"description": "Loading, or loading failed", "content": ok}
+                continue
+            if path == "/metrics":
+                responses["200"] = {
+                    "description": "Prometheus text exposition",
+                    "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                }
+                continue
+            if path in streaming and method == "post":
+                name = streaming[path].__name__
+                responses["200"] = {
+                    "description": f"A {name}; with `\"stream\": true`, server-sent events: one JSON chunk "
+                    "per `data:` line, then `data: [DONE]`",
+                    "content": {
+                        "application/json": {"schema": {"$ref": REF.format(model=name)}},
+                        "text/event-stream": {"schema": SSE_EVENT},
+                    },
+                }
+            statuses = []
+            has_query = any(p.get("in") == "query" for p in op.get("parameters", []))
+            if "requestBody" in op or has_query:
+                statuses.append("400")
+            if auth and path.startswith(protected_prefix):
+                statuses.append("401")
+                op["security"] = [{"bearer": []}]
+            if path in not_found_paths or _takes_model(op, schemas):
+                statuses.append("404")
+            if method == "post":
+                statuses.append("413")
+            if path not in always_up:
+                statuses.append("503")
+            for status in statuses:
+                responses[status] = _error(status)
+    return doc
+
+
+def install_openapi(
+    app: FastAPI, *, protected_prefix: str = "/v1/", auth: bool = False, **options: Any
+) -> None:
+    """Serve the rewritten document from `app.openapi()` (and so /openapi.json and /docs).
+    `auth`: API keys are configured, so routes under `protected_prefix` may answer 401;
+    `max_n`, `max_logprobs` (options): the server's limits, documented as maxima."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title,
+                version=app.version,
+                openapi_version=app.openapi_version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
+                tags=app.openapi_tags,
+                servers=app.servers,
+            )
+            app.openapi_schema = rewrite(doc, protected_prefix=protected_prefix, auth=auth, **options)
+        return app.openapi_schema
+
+    app.openapi = openapi
