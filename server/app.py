@@ -23,7 +23,6 @@ from server.errors import ModelNotFoundError, NotFoundError, ServiceUnavailableE
 from server.lifecycle import InFlight, InFlightMiddleware
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from server.openapi import install_openapi
-from server.openapi import install_openapi
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.serving.chat import ChatHandler
 from server.serving.completion import CompletionHandler
@@ -157,7 +156,6 @@ def create_app(
     app.state.server = state
     app.state.drain = lambda: state.drain(settings.shutdown_grace_s)
     install_error_handlers(app)
-    install_openapi(app, auth=bool(settings.api_keys), max_n=settings.max_n, max_logprobs=settings.max_logprobs)
     install_openapi(app, auth=bool(settings.api_keys), max_n=settings.max_n, max_logprobs=settings.max_logprobs)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(InFlightMiddleware, in_flight=state.in_flight)
