@@ -106,7 +106,11 @@ class ServerState:
             await asyncio.sleep(HEALTH_INTERVAL_S)
             try:
                 await engine.check_health()
-            except EngineDeadError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # EngineDeadError, or a check that itself broke: both fatal
+                if not isinstance(exc, EngineDeadError):
+                    log.exception("engine health check failed")
                 log.error("engine dead: %s; exiting in %.0fs", exc, FATAL_LINGER_S)
                 self.error = f"engine dead: {exc}"
                 if on_fatal:

@@ -71,6 +71,7 @@ class GracefulServer(uvicorn.Server):
         self._drain = drain
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._drain_task: asyncio.Task | None = None
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -81,9 +82,14 @@ class GracefulServer(uvicorn.Server):
             # Not recorded as captured: uvicorn would re-raise it after shutdown, and a
             # drained server should exit 0, not die of the signal.
             self._draining = True
-            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain_then_exit()))
+            self._loop.call_soon_threadsafe(self._start_drain)
             return
         super().handle_exit(sig, frame)
+        if self._draining or sig == signal.SIGINT:  # a second signal, or Ctrl-C: no more waiting
+            self.force_exit = True
+
+    def _start_drain(self) -> None:
+        self._drain_task = self._loop.create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
         started = time.monotonic()

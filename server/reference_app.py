@@ -59,7 +59,7 @@ class ReferenceSettings(BaseSettings):
         default=MAX_ITEM_TOKENS, ge=1, description="most prompt + output ids in one item of a score request (else 413)"
     )
     max_request_tokens: int = Field(
-        default=MAX_REQUEST_TOKENS, ge=1, description="most prompt + output ids over all items of a score request (else 413)"
+        default=MAX_REQUEST_TOKENS, ge=1, description="most tokens in a score request, its items padded to the longest (what a forward costs; else 413)"
     )
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1, description="largest score request body, in bytes (else 413)")
     docs: CliImplicitFlag[bool] = Field(default=False, description="serve /docs, /redoc and /openapi.json")
@@ -119,18 +119,19 @@ def create_reference_app(
     @app.post("/v1/shadow/score")
     async def score(body: ScoreRequestBody) -> Response:
         items = [ScoreItem(i.prompt_ids, i.output_ids, i.candidate_ids) for i in body.items]
-        total = 0
-        for n, item in enumerate(items):
-            size = len(item.prompt_ids) + len(item.output_ids)
-            total += size
+        sizes = [len(item.prompt_ids) + len(item.output_ids) for item in items]
+        for n, size in enumerate(sizes):
             if size > max_item_tokens:
                 raise PayloadTooLargeError(
                     f"items.{n}: {size} prompt + output tokens is over --max-item-tokens {max_item_tokens}",
                     param=f"items.{n}",
                 )
-        if total > max_request_tokens:
+        # The batch is padded to its longest item: that, not the sum, is what a forward costs.
+        padded = len(sizes) * max(sizes, default=0)
+        if padded > max_request_tokens:
             raise PayloadTooLargeError(
-                f"{total} prompt + output tokens over {len(items)} items is over --max-request-tokens {max_request_tokens}",
+                f"{len(items)} items padded to the longest ({max(sizes)} tokens) make {padded} tokens, over "
+                f"--max-request-tokens {max_request_tokens}",
                 param="items",
             )
         for n, item in enumerate(items):

@@ -16,7 +16,8 @@ from shadow.settings import ShadowSettings
 
 
 def load_reference(
-    settings: ShadowSettings, candidate_dir: Path, candidate_tokenizer, *, defer_unreachable: bool = False
+    settings: ShadowSettings, candidate_dir: Path, candidate_tokenizer, *, trust_remote_code: bool = False,
+    defer_unreachable: bool = False,
 ) -> Scorer:
     """Blocking (loads or connects to the reference). Raises ShadowReferenceError when it
     cannot be used, e.g. when it does not share the candidate's vocabulary.
@@ -43,8 +44,7 @@ def load_reference(
             settings.shadow_reference_model or candidate_dir,
             settings.shadow_reference_adapter,
             settings.shadow_reference_device,
-            # One flag for candidate and reference (`--trust-remote-code`, an engine setting).
-            trust_remote_code=getattr(settings, "trust_remote_code", False),
+            trust_remote_code=trust_remote_code,  # one flag for candidate and reference
         )
         # In the server's process: its forwards must leave the host to the client's requests.
         scorer.confine(settings.shadow_reference_threads, settings.shadow_reference_nice)

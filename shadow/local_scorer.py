@@ -34,10 +34,11 @@ def local_code_only(model_dir: Path) -> bool:
     Returns True when the auto_map names modules present in `model_dir`, False when
     there is no auto_map, and refuses code from anywhere else."""
     config = json.loads((model_dir / "config.json").read_text())
-    auto_map = config.get("auto_map") or {}
-    if not auto_map:
+    if not config.get("auto_map"):
         return False
-    for target in auto_map.values():
+    # The tokenizer's auto_map too: with trust on, AutoTokenizer would fetch what it names.
+    targets = [*config["auto_map"].values(), *_tokenizer_auto_map(model_dir).values()]
+    for target in targets:
         for ref in [target] if isinstance(target, str) else [t for t in target if t]:
             if "--" in ref:
                 raise RemoteCodeError(f"{model_dir}: auto_map '{ref}' points to code outside the directory; refusing")
@@ -45,6 +46,11 @@ def local_code_only(model_dir: Path) -> bool:
             if not (model_dir / f"{module.replace('.', '/')}.py").is_file():
                 raise RemoteCodeError(f"{model_dir}: auto_map names {module}.py, which is not in the directory")
     return True
+
+
+def _tokenizer_auto_map(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer_config.json"
+    return (json.loads(path.read_text()).get("auto_map") or {}) if path.is_file() else {}
 
 
 def remote_code_allowed(model_dir: Path, trust: bool) -> bool:

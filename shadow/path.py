@@ -140,7 +140,9 @@ class ShadowPath:
             return
         kept = ShadowSample(sample.request_id, sample.model, sequences)
         tokens = _sample_tokens(kept)
-        if self._queued_tokens + tokens > self.settings.shadow_queue_tokens:
+        # An empty queue takes any sample (it was fitted to the batch budget already), so a
+        # large batch of prompts is never dropped for a budget it alone exceeds.
+        if self._queued_tokens and self._queued_tokens + tokens > self.settings.shadow_queue_tokens:
             self.metrics.sample("dropped")
         else:
             try:
@@ -216,6 +218,8 @@ class ShadowPath:
                     except asyncio.CancelledError:
                         await recorded
                         raise
+                    except Exception:  # _record counts per sample; this is a bug past that: keep going
+                        log.exception("shadow: recording a batch failed")
             finally:
                 for _ in batch:
                     self._queue.task_done()

@@ -18,6 +18,9 @@ import torch
 
 from server.engines.base import EngineChunk, EngineDeadError, SamplingOptions
 
+# vLLM's rule: a temperature this small samples greedily (dividing by it overflows to inf).
+_GREEDY_BELOW = 1e-5
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -146,7 +149,7 @@ def _sample(logits: torch.Tensor, output: list[int], options: SamplingOptions, g
     if output and (options.presence_penalty or options.frequency_penalty):
         ids, counts = torch.unique(torch.tensor(output), return_counts=True)
         logits[ids] -= options.frequency_penalty * counts + options.presence_penalty
-    if options.temperature == 0:
+    if options.temperature < _GREEDY_BELOW:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / options.temperature, dim=-1)
     if options.top_p < 1.0:

@@ -39,7 +39,8 @@ class ServingContext:
         mismatch fails fast), the engine (weights, and vLLM's engine-core process), then
         the noise floor in the dtype the engine really serves in."""
         renderer = PromptRenderer.load(settings.model, settings.trust_remote_code)
-        scorer = (load_reference(settings, settings.model, renderer.tokenizer, defer_unreachable=True)
+        scorer = (load_reference(settings, settings.model, renderer.tokenizer,
+                                 trust_remote_code=settings.trust_remote_code, defer_unreachable=True)
                   if settings.shadow_enabled else None)
         engine = load_engine(settings)
         shadow = None

@@ -39,7 +39,8 @@ class EndpointHandler(ABC, Generic[RequestT]):
                 request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
                 shadow_k=tap.top_k if tap else None,
             )
-            ctx.limits.check_budget(sum(job.options.max_tokens for job in jobs), request.n, len(prompts))
+            jobs = ctx.limits.fit_budget(jobs, explicit=request.completion_limit is not None, n=request.n,
+                                         prompts=len(prompts))
         except Exception:  # refused: a sampled request still ends as exactly one shadow outcome
             if tap is not None:
                 tap.abandon()

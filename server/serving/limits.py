@@ -8,12 +8,16 @@ so a client knows what to change and an operator what to raise.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from server.errors import InvalidRequestError
 from server.protocol import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:  # settings import this module; generation imports the engines, which import settings
+    from server.serving.generation import Job
 
 
 @dataclass(frozen=True)
@@ -46,14 +50,20 @@ class RequestLimits:
                     f"stop.{i}: a stop sequence of {len(stop)} characters; the limit is {self.max_stop_chars} "
                     "(--max-stop-chars)", param="stop")
 
-    def check_budget(self, generated: int, n: int, prompts: int) -> None:
-        """`generated` = tokens every job may produce at most (max_tokens, or the room
-        left in the context when the client set none) summed over the request's jobs."""
-        if generated > self.max_request_tokens:
+    def fit_budget(self, jobs: list[Job], *, explicit: bool, n: int, prompts: int) -> list[Job]:
+        """The tokens a request may generate, summed over its jobs, within the budget: a
+        client's own max_tokens past it is refused; the context's room (no max_tokens
+        sent) is shared out instead, so a long-context model still answers plain requests."""
+        generated = sum(job.options.max_tokens for job in jobs)
+        if generated <= self.max_request_tokens:
+            return jobs
+        if explicit:
             raise InvalidRequestError(
                 f"this request may generate {generated} tokens ({prompts} prompt(s) x n={n} x max_tokens); "
                 f"the limit is {self.max_request_tokens} (--max-request-tokens): lower n or max_tokens",
                 param="max_tokens")
+        share = max(1, self.max_request_tokens // len(jobs))
+        return [replace(job, options=replace(job.options, max_tokens=min(job.options.max_tokens, share))) for job in jobs]
 
     def _chars(self, text: str, param: str) -> None:
         if len(text) > self.max_message_chars:

@@ -4,6 +4,7 @@ sample. Unsampled requests get no tap and pay nothing."""
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 
 from server.engines import EngineChunk
@@ -76,9 +77,10 @@ def tapped(stream: Chunks, jobs: list[Job], tap: ShadowTap | None) -> Chunks:
     async def tee() -> Chunks:
         choices = {job.index: Choice(job.index, job.prompt_ids) for job in jobs}
         try:
-            async for index, chunk in stream:
-                choices[index].add(chunk)
-                yield index, chunk
+            async with aclosing(stream):  # closing this closes the engine stream (aborts) now, not at GC
+                async for index, chunk in stream:
+                    choices[index].add(chunk)
+                    yield index, chunk
         except BaseException:  # client gone (GeneratorExit/cancel) or engine failure
             tap.abandon()
             raise

@@ -67,18 +67,19 @@ def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:
 
 async def verify(settings: VerifySettings) -> VerifyResult:
     """Blocking loads run in threads; raises ShadowReferenceError, InputError, VerifyError."""
-    renderer = await asyncio.to_thread(PromptRenderer.load, settings.candidate)
+    renderer = await asyncio.to_thread(PromptRenderer.load, settings.candidate, settings.trust_remote_code)
     if settings.corpus is None:
         work = load_prompts(settings.prompts, settings.samples)
     else:
         text = settings.corpus.read_text(encoding="utf-8")
         work = corpus_windows(renderer.text(text), settings.context, settings.samples)
     config = shadow_settings(settings, len(work))
-    scorer = await asyncio.to_thread(load_reference, config, settings.candidate, renderer.tokenizer)
+    scorer = await asyncio.to_thread(
+        load_reference, config, settings.candidate, renderer.tokenizer, trust_remote_code=settings.trust_remote_code)
     engine_settings = EngineSettings(
         model=settings.candidate, served_model_name=CANDIDATE_NAME, engine=settings.engine, dtype=settings.dtype,
         max_model_len=settings.max_model_len, max_logprobs=settings.top_k, enforce_eager=settings.enforce_eager,
-        kv_cache_gib=settings.kv_cache_gib,
+        kv_cache_gib=settings.kv_cache_gib, trust_remote_code=settings.trust_remote_code,
     )
     engine = await asyncio.to_thread(load_engine, engine_settings)
     try:

@@ -34,6 +34,9 @@ class VerifySettings(VerdictSettings):
     top_k: int = Field(default=20, ge=1, le=100, description="candidate (and noise-floor) log-probs compared per token")
     near_tie_margin: float = Field(default=0.25, ge=0, description="nats: a first divergence within it is near_tie, else hard")
     reference_device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    trust_remote_code: bool = Field(
+        default=False, description="run the Python code a model's directory names in its auto_map (candidate and reference)"
+    )
     enforce_eager: bool = Field(default=True, description="vLLM: skip graph compilation (a one-off run starts faster)")
     kv_cache_gib: float | None = Field(default=None, gt=0, description="vLLM KV-cache size in GiB (set it on CPU hosts)")
     max_model_len: int | None = Field(default=None, ge=16, description="context length (default: the model's)")

@@ -78,13 +78,21 @@ def test_a_chunked_body_over_the_limit_is_refused(server):
     (chat(stop=["a-long-stop"]), CHAT, "--max-stop-chars", "stop"),
     (chat(n=4, max_tokens=20), CHAT, "--max-request-tokens", "max_tokens"),
     ({"model": MODEL_NAME, "prompt": ["a", "b"], "n": 2, "max_tokens": 20}, COMPLETIONS, "--max-request-tokens", "max_tokens"),
-    # No max_tokens: the room left in the 512-token context counts.
-    ({"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}, CHAT, "--max-request-tokens", "max_tokens"),
 ])
 def test_each_limit_is_a_400_that_names_its_flag(server, body, path, flag, param):
     error = error_of(httpx.post(server.url + path, json=body, timeout=60), 400)
     assert flag in error["message"] and error["param"] == param
     assert error["type"] == "invalid_request_error"
+
+
+def test_without_max_tokens_the_budget_is_shared_out_not_refused(server):
+    """No max_tokens: the room left in the 512-token context (3 x ~480) is over the budget
+    of 64, so each choice gets 64 // 3 tokens at most instead of a refusal."""
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Tell me a long story."}], "n": 3}
+    reply = httpx.post(server.url + CHAT, json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] <= 64
+    assert any(c["finish_reason"] == "length" for c in reply.json()["choices"])
 
 
 def test_within_the_limits_a_request_is_served(server):

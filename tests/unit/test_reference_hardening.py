@@ -111,6 +111,14 @@ def test_a_request_over_the_request_cap_is_413():
     assert "--max-request-tokens" in error["message"] and "24" in error["message"] and "20" in error["message"]
 
 
+def test_the_request_cap_counts_the_padded_batch_not_the_sum():
+    """14 tokens in all, but padded to the longest item (8) the forward holds 4 x 8 = 32."""
+    reply = client(max_item_tokens=8, max_request_tokens=20).post(
+        "/v1/shadow/score", json={"items": [item(1, 7), item(1, 1), item(1, 1), item(1, 1)]})
+    error = assert_openai_error(reply, 413, "payload_too_large")
+    assert "padded" in error["message"] and "32" in error["message"]
+
+
 def test_a_body_over_the_byte_cap_is_413_by_content_length():
     body = json.dumps({"items": [item(50, 50)]}).encode()
     reply = client(max_body_bytes=len(body) - 1).post(

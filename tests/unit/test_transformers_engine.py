@@ -53,6 +53,15 @@ def test_greedy_tokens_and_raw_logprobs_match_a_full_forward(engine):
         sequence.append(token)
 
 
+def test_a_vanishing_temperature_is_greedy_not_a_crash(engine):
+    """8.1e-126 (found by the fuzzer) overflowed the softmax to nan; vLLM samples greedily
+    below 1e-5, and so do we."""
+    prompt = [1, 520, 9531, 198]
+    greedy = run(engine, prompt, SamplingOptions(max_tokens=4, temperature=0))
+    tiny = run(engine, prompt, SamplingOptions(max_tokens=4, temperature=8.1e-126, seed=3))
+    assert [c.token_ids for c in tiny] == [c.token_ids for c in greedy]
+
+
 def test_logprobs_stay_raw_under_temperature_and_penalties(engine):
     prompt = [1, 520, 9531, 198]
     options = SamplingOptions(max_tokens=5, temperature=1.7, presence_penalty=2.0, frequency_penalty=1.0, seed=1, logprobs=5)

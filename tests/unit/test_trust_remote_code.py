@@ -72,11 +72,11 @@ def test_server_settings_carry_the_flag_to_the_reference_and_the_engine(custom_c
     renderer = PromptRenderer.load(custom_code_dir, trust_remote_code=True)
     off = ServeSettings(model=custom_code_dir, engine="transformers", shadow_rate=1.0, shadow_reference_device="cpu")
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
-        load_reference(off, custom_code_dir, renderer.tokenizer)
+        load_reference(off, custom_code_dir, renderer.tokenizer, trust_remote_code=off.trust_remote_code)
     with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
         load_engine(off)
     on = off.model_copy(update={"trust_remote_code": True})
-    assert load_reference(on, custom_code_dir, renderer.tokenizer).name == custom_code_dir.name
+    assert load_reference(on, custom_code_dir, renderer.tokenizer, trust_remote_code=True).name == custom_code_dir.name
     engine = load_engine(on)
     assert engine.dtype == "float32"
 
@@ -89,3 +89,12 @@ def test_a_native_model_type_needs_no_flag(tmp_path, demo_model):
     # With the flag, still only code inside the directory.
     with pytest.raises(RemoteCodeError, match="not in the directory"):
         remote_code_allowed(tmp_path, True)
+
+
+def test_a_tokenizer_auto_map_pointing_outside_is_refused_even_with_the_flag(custom_code_dir):
+    config = json.loads((custom_code_dir / "tokenizer_config.json").read_text()) \
+        if (custom_code_dir / "tokenizer_config.json").is_file() else {}
+    config["auto_map"] = {"AutoTokenizer": ["someone/elsewhere--tokenization_evil.EvilTokenizer", None]}
+    (custom_code_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(RemoteCodeError, match="outside the directory"):
+        PromptRenderer.load(custom_code_dir, trust_remote_code=True)
