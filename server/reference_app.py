@@ -101,7 +101,7 @@ def create_reference_app(
     require_bearer(app, tokens)
     info = ReferenceInfo(
         name=scorer.name, vocab_size=scorer.vocab.size, vocab_sha256=scorer.vocab.sha256, dtype="float32",
-        noise_dtype=scorer.noise_dtype,
+        noise_dtype=scorer.noise_dtype, max_item_tokens=max_item_tokens, max_request_tokens=max_request_tokens,
     )
 
     @app.get("/health")

@@ -156,7 +156,7 @@ class ShadowPath:
         """A sequence past the longest the reference takes: its first max-tokens tokens of
         prompt + output, so no forward exceeds the batch budget; None (skipped) when the
         prompt alone leaves no room for an output token."""
-        budget = self.settings.shadow_sequence_tokens
+        budget = self._budgets()[0]
         if seq.tokens <= budget:
             return seq
         if len(seq.prompt_ids) >= budget:
@@ -164,6 +164,14 @@ class ShadowPath:
             return None
         self.metrics.oversize("truncated")
         return seq.head(budget)
+
+    def _budgets(self) -> tuple[int, int]:
+        """(longest sequence, padded batch) a reference forward takes: the settings, within
+        a remote reference's own caps (it would refuse more with 413)."""
+        item_cap, batch_cap = getattr(self.scorer, "token_caps", (None, None))
+        sequence = min(self.settings.shadow_sequence_tokens, item_cap or self.settings.shadow_sequence_tokens)
+        batch = min(self.settings.shadow_batch_tokens, batch_cap or self.settings.shadow_batch_tokens)
+        return min(sequence, batch), batch
 
     def _gauge(self) -> None:
         self.metrics.queue_depth(self._queue.qsize() + (self._carry is not None), self._queued_tokens)
@@ -249,7 +257,7 @@ class ShadowPath:
         batch = [first]
         while not self._queue.empty():
             nxt = self._queue.get_nowait()
-            if _padded_tokens([*batch, nxt]) > self.settings.shadow_batch_tokens or \
+            if _padded_tokens([*batch, nxt]) > self._budgets()[1] or \
                     sum(len(s.sequences) for s in (*batch, nxt)) > MAX_BATCH_SEQUENCES:
                 self._carry = nxt
                 break
@@ -268,7 +276,7 @@ class ShadowPath:
         noise_top_k = self.top_k if self.noise_dtype is not None else None
         stats: list[ScoredSequence] = []
         # A lone sample of several sequences can exceed the budget padded together: split it.
-        for n, chunk in enumerate(_chunks(items, self.settings.shadow_batch_tokens)):
+        for n, chunk in enumerate(_chunks(items, self._budgets()[1])):
             if n:
                 await self._idle()
             started = self._clock()

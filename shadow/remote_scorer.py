@@ -91,6 +91,11 @@ class RemoteScorer:
         """Whether samples can be scored now (the shadow path counts them as errors if not)."""
         return self.state == UP
 
+    @property
+    def token_caps(self) -> tuple[int | None, int | None]:
+        """The service's (per sequence, per padded batch) caps; None where unknown."""
+        return (None, None) if self.info is None else (self.info.max_item_tokens, self.info.max_request_tokens)
+
     def enable_noise_floor(self, dtype: str) -> None:
         """The service computes its noise floor in the dtype it was started with; it must
         be the candidate's serving dtype, or the noise floor would measure another dtype.

@@ -138,6 +138,9 @@ class ReferenceInfo(BaseModel):
     dtype: str
     adapter: str | None = None
     noise_dtype: str | None = None  # the serving dtype its noise floor is computed in
+    # The service's caps (413 past them), so its clients fit their batches to them.
+    max_item_tokens: int | None = None
+    max_request_tokens: int | None = None
 
 
 def to_body(item: ScoreItem, scored: ScoredSequence) -> list[PositionBody]:

@@ -96,8 +96,9 @@ def test_the_queue_is_budgeted_in_tokens():
         assert value(path, "shadow_samples_total", outcome="dropped") == 2
         assert value(path, "shadow_queue_tokens") == 14 and value(path, "shadow_queue_depth") == 2
         path.start()
-        await settle(path, lambda: value(path, "shadow_samples_total", outcome="compared") == 2)
-        assert path._queued_tokens == 0 and value(path, "shadow_queue_tokens") == 0
+        await settle(path, lambda: value(path, "shadow_samples_total", outcome="compared") == 2
+                     and value(path, "shadow_queue_tokens") == 0)  # the gauge follows the recording
+        assert path._queued_tokens == 0
         path.submit(short("later"))  # room again once the worker took them
         await path.stop()
         return path
@@ -163,6 +164,39 @@ def test_a_prompt_filling_the_budget_is_skipped_and_a_lone_wide_sample_is_split(
     assert [len(b) for b in recording.batches] == [1, 1]  # one forward per sequence, each 12 <= 16
     assert value(path, "shadow_samples_total", outcome="compared") == 1
     assert len(path.history.snapshot()) == 2
+
+
+def test_a_remote_references_own_caps_bound_the_forward(scorer, tokenizer):
+    """A reference service publishes its caps (413 past them): a 26-token sequence is cut
+    to the service's 16 though the settings' budget (64) would take it whole."""
+    recording = Recording(scorer)
+    recording.token_caps = (16, 32)
+    path = make(recording, shadow_batch_tokens=64)
+    out = list(range(200, 220))
+    seq = ShadowSequence(list(range(100, 106)), out, candidate_entries(out, len(tokenizer)))
+
+    async def go():
+        path.start()
+        path.submit(ShadowSample("long", "cand", [seq]))
+        await path.stop()
+
+    asyncio.run(go())
+    assert [len(i.prompt_ids) + len(i.output_ids) for b in recording.batches for i in b] == [16]
+    assert value(path, "shadow_oversize_sequences_total", action="truncated") == 1
+
+
+def test_an_empty_queue_takes_a_sample_larger_than_its_budget():
+    async def scenario():
+        path = make(EchoScorer(), shadow_queue_tokens=5)
+        path.submit(short("alone"))  # 7 tokens > 5, but nothing is waiting: taken
+        path.submit(short("second"))  # now the budget counts: dropped
+        assert value(path, "shadow_samples_total", outcome="dropped") == 1
+        path.start()
+        await path.stop()
+        return path
+
+    path = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert value(path, "shadow_samples_total", outcome="compared") == 1
 
 
 def test_max_tokens_cannot_exceed_the_batch_budget():
