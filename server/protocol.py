@@ -165,6 +165,17 @@ class CompletionRequest(_Request):
     max_tokens: int = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _integral_ids(cls, value: Any) -> Any:
+        """Token ids written as `2.0` are ids too (one JSON number type, as for `n`)."""
+        def whole(item: Any) -> Any:
+            return int(item) if type(item) is float and item.is_integer() else item
+
+        if isinstance(value, list):
+            return [[whole(i) for i in p] if isinstance(p, list) else whole(p) for p in value]
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value: Any) -> Any:
