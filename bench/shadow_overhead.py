@@ -12,9 +12,8 @@ the chats stream (its `openai-chat` backend). Shadow outcomes come from our /met
 once the shadow queue has drained. The client shares the host with the servers, so the
 figures compare servers within one run; they are not absolutes.
 
-Caveat: the random dataset sets vLLM's `ignore_eos`, which vLLM's server honours and
-shadowserve does not implement, so shadowserve's outputs may stop at EOS: compare output
-tokens/s, and check the output-token column.
+The random dataset sets vLLM's `ignore_eos`; both servers honour it, so every request
+generates its full output length on both (the output-token column shows it).
 """
 
 from __future__ import annotations
@@ -42,6 +41,8 @@ def shadow_counts(url: str) -> dict[str, float] | None:
         for s in family.samples:
             if s.name == "shadow_samples_total":
                 counts[s.labels["outcome"]] = counts.get(s.labels["outcome"], 0.0) + s.value
+            elif s.name == "shadow_sampled_total":
+                counts["sampled"] = counts.get("sampled", 0.0) + s.value
             elif s.name == "shadow_queue_depth":
                 counts["queued"] = counts.get("queued", 0.0) + s.value
     return counts or None
@@ -140,8 +141,8 @@ def main() -> None:
         shadow = ["—"] * 5
         if rate is not None:
             c = counts or {}
-            sampled = sum(c.get(o, 0.0) for o in OUTCOMES) + c.get("queued", 0.0)
-            shadow = [f"{sampled:.0f}", *(f"{c.get(o, 0.0):.0f}" for o in OUTCOMES)]
+            # Admissions, counted apart from the outcomes: their sum must equal it.
+            shadow = [f"{c.get('sampled', 0.0):.0f}", *(f"{c.get(o, 0.0):.0f}" for o in OUTCOMES)]
         ratio = f"{r['output_throughput'] / base:.2f}" if base else "—"
         print(f"| {label} | {'—' if rate is None else rate} | {' | '.join(shadow)} | {r['completed']} | "
               f"{r['total_output_tokens']} | {r['output_throughput']:.1f} | {ratio} |")

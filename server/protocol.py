@@ -78,6 +78,8 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extension (its benchmark client sends it): generate past end-of-sequence.
+    ignore_eos: bool = False
 
     @field_validator("n", "seed", "max_tokens", "max_completion_tokens", "top_logprobs", "logprobs",
                      mode="before", check_fields=False)

@@ -33,6 +33,7 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     # Raw top-k log-probs per generated token: None = none, 0 = the emitted token only.
     logprobs: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: only max_tokens and stop strings end it
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ class TransformersEngine:
             token = _sample(logits, output, options, generator)
             output.append(token)
             top = _top_logprobs(raw, token, options.logprobs)
-            if token in self._stop_ids:
+            if token in self._stop_ids and not options.ignore_eos:
                 yield EngineChunk([token], detok.finish(), top, "stop")
                 return
             text, hit_stop = detok.add(output)

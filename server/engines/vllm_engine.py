@@ -70,6 +70,7 @@ class VllmEngine:
                 presence_penalty=options.presence_penalty,
                 frequency_penalty=options.frequency_penalty,
                 logprobs=options.logprobs,
+                ignore_eos=options.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
             )
             stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)

@@ -79,6 +79,7 @@ def plan_jobs(
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 logprobs=engine_k,
+                ignore_eos=request.ignore_eos,
             )
             jobs.append(Job(p * request.n + i, prompt_ids, options))
     return jobs

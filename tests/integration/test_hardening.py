@@ -95,6 +95,15 @@ def test_without_max_tokens_the_budget_is_shared_out_not_refused(server):
     assert any(c["finish_reason"] == "length" for c in reply.json()["choices"])
 
 
+def test_ignore_eos_runs_to_max_tokens_on_the_transformers_engine(server):
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Say only the word yes."}],
+            "max_tokens": 40, "temperature": 0}
+    plain = httpx.post(server.url + CHAT, json=body, timeout=120).json()
+    assert plain["choices"][0]["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 40
+    forced = httpx.post(server.url + CHAT, json={**body, "ignore_eos": True}, timeout=120).json()
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 40
+
+
 def test_within_the_limits_a_request_is_served(server):
     reply = httpx.post(server.url + CHAT, json=chat(n=2, max_tokens=8, stop=["\n\n"]), timeout=60)
     assert reply.status_code == 200 and len(reply.json()["choices"]) == 2

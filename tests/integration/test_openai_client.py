@@ -121,3 +121,14 @@ def test_completion_batch_of_prompts_is_prompt_major(client):
     assert [c.index for c in reply.choices] == [0, 1, 2, 3]
     single = client.completions.create(model=MODEL_NAME, prompt="Goodbye", max_tokens=3, temperature=0)
     assert reply.choices[2].text == reply.choices[3].text == single.choices[0].text
+
+
+def test_ignore_eos_runs_to_max_tokens(client):
+    """vLLM's extension (its benchmark client sends it), through the official client's
+    extra_body: a greedy answer that ends early ends at max_tokens instead."""
+    messages = [{"role": "user", "content": "Say only the word yes."}]
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=48, temperature=0)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 48
+    forced = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=48, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 48
