@@ -25,16 +25,9 @@ import openai  # noqa: E402
 import psutil  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from bench.serving_throughput import PROMPTS  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works.",
-    "Describe a walk through a forest in autumn.",
-    "Give advice to someone learning to program.",
-    "List five uses for a paperclip.",
-    "What makes a good cup of tea?",
-]
 
 
 def metrics(url: str) -> dict[str, float]:
