@@ -29,7 +29,6 @@ from bench.serving_throughput import PROMPTS  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
 
-
 def metrics(url: str) -> dict[str, float]:
     """Sums by sample name and the label that matters here (outcome)."""
     out: dict[str, float] = {}
