@@ -95,12 +95,18 @@ async def run(args, url: str, pid: int, model: str) -> dict:
     return {"done": done, "tokens": tokens, "errors": errors, "wall": wall, "rss": rows}
 
 
-def settle(url: str, timeout: float = 120) -> dict[str, float]:
-    """Wait until vLLM runs nothing and the shadow queue is empty, then read /metrics."""
+def accounted(m: dict[str, float]) -> float:
+    return sum(m.get(f"shadow_samples_total[{o}]", 0.0) for o in ("compared", "dropped", "skipped", "error"))
+
+
+def settle(url: str, timeout: float) -> dict[str, float]:
+    """Wait until vLLM runs nothing and every sampled request has its outcome (the batch
+    being scored is in neither the queue nor the outcomes), then read /metrics."""
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(url)
-        if (m.get("vllm:num_requests_running", 0) == 0 and m.get("shadow_queue_depth", 0) == 0) or time.monotonic() > deadline:
+        done = m.get("vllm:num_requests_running", 0) == 0 and accounted(m) == m.get("shadow_sampled_total", 0.0)
+        if done or time.monotonic() > deadline:
             return m
         time.sleep(1)
 
@@ -113,6 +119,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--shadow-rate", type=float, default=0.1)
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds before RSS growth is measured from")
+    parser.add_argument("--settle", type=float, default=300.0,
+                        help="seconds to wait after the load for the shadow to finish what it took")
     args = parser.parse_args()
 
     log = Path(tempfile.mkdtemp()) / "server.log"
@@ -124,7 +132,7 @@ def main() -> int:
         print(f"load: {args.concurrency} concurrent streaming chats for {args.duration:.0f}s, "
               f"max_tokens {args.max_tokens}, shadow rate {args.shadow_rate} (server log: {log})", flush=True)
         result = asyncio.run(run(args, server.url, server.process.pid, model))
-        m = settle(server.url)
+        m = settle(server.url, args.settle)
     finally:
         server.stop()
 
@@ -139,7 +147,7 @@ def main() -> int:
         "client errors = 0": not result["errors"],
         "RSS growth after warm-up < 10 %": max(growth.values()) < 0.10,
         "vllm:num_requests_running = 0 at the end": running == 0,
-        "compared + dropped + skipped + error = sampled": sum(outcomes.values()) == sampled,
+        "compared + dropped + skipped + error = sampled": accounted(m) == sampled,
     }
     print()
     print("| figure | value |")

@@ -286,7 +286,7 @@ class ShadowPath:
                     self.settings.shadow_timeout_s,
                 )
             except Exception as exc:
-                log.warning("shadow: reference failed on %d samples: %s", len(batch), exc or type(exc).__name__)
+                log.warning("shadow: reference failed on %d samples: %s", len(batch), str(exc) or type(exc).__name__)
                 self.metrics.sample("error", len(batch))
                 return None
             finally:
