@@ -54,6 +54,8 @@ bench: install
 	$(BIN)/python bench/noise_floor_cost.py --model "$$($(BIN)/shadowserve demo-model)"
 	$(BIN)/python bench/verify_wall_time.py --model "$$($(BIN)/shadowserve demo-model)"
 	$(BIN)/python bench/diagnose_wall_time.py --model "$$($(BIN)/shadowserve demo-model)"
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/load_test.py --model "$$($(BIN)/shadowserve demo-model)"
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/shadow_overhead.py --model "$$($(BIN)/shadowserve demo-model)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
