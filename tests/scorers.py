@@ -60,3 +60,16 @@ class NanScorer(EchoScorer):
     async def score(self, items, top_m, noise_top_k=None):
         return [ScoredSequence([PositionStats({1: float("nan"), 2: -1.0}, [2], [-1.0]) for _ in item.candidate_ids])
                 for item in items]
+
+
+def tiny_local_scorer(tokenizer, seed: int):
+    """The real LocalScorer on a tiny random Llama sharing the demo model's vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shadow.local_scorer import LocalScorer
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LocalScorer(LlamaForCausalLM(config).eval(), tokenizer, "tiny", torch.device("cpu"))

@@ -8,17 +8,19 @@ import pytest
 import torch
 
 from shadow.local_scorer import LocalScorer, local_code_only
-from shadow.scoring import ShadowReferenceError, ScoreItem, VocabInfo, check_same_vocab, vocab_fingerprint
+from shadow.scoring import (
+    ScoreItem,
+    ShadowReferenceError,
+    VocabInfo,
+    check_same_vocab,
+    vocab_fingerprint,
+)
+from tests.scorers import tiny_local_scorer
 
 
 @pytest.fixture(scope="module")
 def scorer(tokenizer) -> LocalScorer:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LocalScorer(LlamaForCausalLM(config).eval(), tokenizer, "tiny", torch.device("cpu"))
+    return tiny_local_scorer(tokenizer, seed=1)
 
 
 ITEMS = [

@@ -26,17 +26,12 @@ from shadow.metrics import ShadowMetrics
 from shadow.path import ShadowPath, ShadowSample, ShadowSequence, duty_idle_s
 from shadow.scoring import ScoreItem
 from shadow.settings import ShadowSettings
-from tests.scorers import LP, EchoScorer
+from tests.scorers import LP, EchoScorer, tiny_local_scorer
 
 
 @pytest.fixture(scope="module")
 def scorer(tokenizer) -> LocalScorer:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LocalScorer(LlamaForCausalLM(config).eval(), tokenizer, "tiny", torch.device("cpu"))
+    return tiny_local_scorer(tokenizer, seed=3)
 
 
 class Recording:
