@@ -41,6 +41,19 @@ class EngineSettings(BaseModel):
         default=False, description="run the Python code in a model's directory (auto_map) for the candidate and the "
         "local reference; off: such a model is refused"
     )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM: tensor-parallel degree (GPUs, or processes on CPU); the attention and KV "
+        "head counts must divide by it")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="vLLM: pipeline-parallel degree (layer stages)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        default=None, description="vLLM: workers as local processes (mp) or on a Ray cluster (default: vLLM's choice)")
+    quantization: str | None = Field(
+        default=None, description="vLLM: quantization method, e.g. awq, gptq, fp8 (default: the checkpoint's own)")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="vLLM: most sequences batched per step")
+    enable_prefix_caching: bool | None = Field(default=None, description="vLLM: reuse KV blocks of shared prefixes")
+    engine_arg: list[str] = Field(
+        default_factory=list, description="vLLM: any other engine argument as KEY=VALUE (repeat the flag), checked by "
+        "vLLM's own parser at start, e.g. block_size=32")
 
     @field_validator("model")
     @classmethod
@@ -49,9 +62,40 @@ class EngineSettings(BaseModel):
             raise ValueError(f"{value} is not a Hugging Face model directory (no config.json)")
         return value
 
+    @model_validator(mode="after")
+    def _engine_options(self):
+        """vLLM-only options on the transformers engine are refused; for vLLM the parallel
+        layout is checked against the model's head and layer counts, and --engine-arg by
+        vLLM's parser, so a mistake stops the start before any weight is read."""
+        import json
+
+        from server.engines.vllm_args import check_parallel, parse_engine_args
+
+        vllm_only = [name for name in VLLM_ONLY if getattr(self, name) != type(self).model_fields[name].get_default(
+            call_default_factory=True)]
+        if self.engine != "vllm":
+            if vllm_only:
+                flags = ", ".join("--" + name.replace("_", "-") for name in vllm_only)
+                raise ValueError(f"{flags}: vLLM engine options, not available with --engine {self.engine}")
+            return self
+        config = json.loads((self.model / "config.json").read_text())
+        check_parallel(config.get("text_config", config), self.tensor_parallel_size, self.pipeline_parallel_size)
+        if self.quantization is not None:
+            from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+            if self.quantization not in QUANTIZATION_METHODS:
+                raise ValueError(f"--quantization {self.quantization}: not a vLLM quantization method; "
+                                 f"one of {', '.join(QUANTIZATION_METHODS)}")
+        parse_engine_args(self.engine_arg)
+        return self
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.name
+
+
+VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "quantization",
+             "max_num_seqs", "enable_prefix_caching", "engine_arg")
 
 
 class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):

@@ -25,9 +25,13 @@ class VllmEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from server.engines.vllm_args import parse_engine_args
         from shadow.local_scorer import remote_code_allowed
 
         trust = remote_code_allowed(settings.model, settings.trust_remote_code)
+        # Options left unset keep vLLM's defaults; --engine-arg was checked with the settings.
+        chosen = {name: getattr(settings, name) for name in (
+            "distributed_executor_backend", "quantization", "max_num_seqs", "enable_prefix_caching")}
         args = AsyncEngineArgs(
             model=str(settings.model),
             served_model_name=settings.model_name,
@@ -41,6 +45,10 @@ class VllmEngine:
             seed=settings.seed,
             trust_remote_code=trust,
             disable_log_stats=False,  # keeps vLLM's Prometheus metrics on
+            tensor_parallel_size=settings.tensor_parallel_size,
+            pipeline_parallel_size=settings.pipeline_parallel_size,
+            **{name: value for name, value in chosen.items() if value is not None},
+            **parse_engine_args(settings.engine_arg),
         )
         llm = AsyncLLM.from_engine_args(args)
         # `auto` is resolved by vLLM (an fp32 checkpoint is served in bf16/fp16).
