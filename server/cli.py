@@ -140,6 +140,48 @@ class Inspect(BaseModel):
         print(render(run_tool("inspect", lambda: inspect_model(self.model, self.kv_dtype))))
 
 
+class Plan(BaseModel):
+    """Capacity plan on a device type: weights per device, KV-cache tokens, where the fp32
+    reference fits, and the decode speed memory bandwidth allows."""
+
+    model: CliPositionalArg[Path]
+    device: str | None = Field(default=None, description="device type: h200-141gb, h100-80gb, h100-pcie-80gb, "
+                               "a100-80gb, a100-40gb, l40s-48gb, a10-24gb, l4-24gb, rtx4090-24gb; or give "
+                               "--memory-gib and --bandwidth-gbs")
+    memory_gib: float | None = Field(default=None, gt=0, description="usable memory per device (with --bandwidth-gbs)")
+    bandwidth_gbs: float | None = Field(default=None, gt=0, description="memory bandwidth per device, GB/s")
+    block_size: int | None = Field(default=None, ge=1, description="vLLM KV block size (default 16; vLLM on CPU: 128)")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="tensor-parallel degree")
+    dtype: Literal["fp32", "bf16", "fp16", "int8", "int4"] = Field(default="bf16", description="weight dtype")
+    kv_dtype: Literal["fp32", "bf16", "fp16", "int8"] | None = Field(default=None, description="default: --dtype")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM's memory share per device")
+    reserve_gib: float = Field(default=1.5, ge=0, description="activations, graphs and context per device (estimate)")
+    kv_cache_gib: float | None = Field(default=None, gt=0, description="a fixed KV-cache size, as serve --kv-cache-gib")
+
+    def cli_cmd(self) -> None:
+        import json
+
+        from adapters.plan import DEVICES, Device, PlanError, plan, render
+
+        def work():
+            if self.device is not None:
+                if self.device not in DEVICES:
+                    raise PlanError(f"unknown device {self.device!r}; one of {', '.join(DEVICES)}, "
+                                    "or --memory-gib and --bandwidth-gbs")
+                device = DEVICES[self.device]
+            elif self.memory_gib and self.bandwidth_gbs:
+                device = Device("custom", self.memory_gib, self.bandwidth_gbs)
+            else:
+                raise PlanError("give --device, or --memory-gib and --bandwidth-gbs")
+            if self.block_size is not None:
+                device = Device(device.name, device.memory_gib, device.bandwidth_gbs, self.block_size)
+            path = self.model / "config.json" if self.model.is_dir() else self.model
+            return plan(json.loads(path.read_text()), device, self.tensor_parallel_size, self.dtype, self.kv_dtype,
+                        self.gpu_memory_utilization, self.reserve_gib, kv_cache_gib=self.kv_cache_gib)
+
+        print(render(run_tool("plan", work)))
+
+
 class Diagnose(BaseModel):
     """Where and why a candidate departs from its reference: a config diff, weight forensics
     (streaming, one tensor pair at a time) and activation localisation against a noise
@@ -187,6 +229,7 @@ class Shadowserve(BaseSettings, cli_prog_name="shadowserve", cli_kebab_case=True
     merge_tp: CliSubCommand[MergeTp]
     merge_lora: CliSubCommand[MergeLora]
     inspect: CliSubCommand[Inspect]
+    plan: CliSubCommand[Plan]
     diagnose: CliSubCommand[Diagnose]
 
     def cli_cmd(self) -> None:
