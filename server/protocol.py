@@ -19,13 +19,37 @@ FinishReason = Literal["stop", "length"]
 # Fields that change what a request means; silently ignoring them would return wrong answers.
 _UNSUPPORTED = (
     "tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias",
-    "audio", "modalities", "prediction", "suffix", "best_of", "echo",
+    "audio", "modalities", "prediction", "suffix", "best_of",
 )
+
+
+# vLLM's request extensions this server does not implement, with the value that means
+# "off" (vLLM's default; null is off too). Anything else is refused with a 400, never
+# silently dropped: a client relying on it would get a different answer than from vLLM.
+_VLLM_OFF: dict[str, Any] = {
+    "use_beam_search": False, "length_penalty": 1.0, "stop_token_ids": [], "include_stop_str_in_output": False,
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    "truncation_side": None, "logprob_token_ids": None, "allowed_token_ids": None, "bad_words": [],
+    "add_generation_prompt": True, "continue_final_message": False, "documents": None, "chat_template": None,
+    "chat_template_kwargs": None, "media_io_kwargs": None, "mm_processor_kwargs": None, "structured_outputs": None,
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None, "priority": 0,
+    "return_token_ids": None, "return_token_offsets": False, "return_prompt_text": None, "return_mm_kwargs": None,
+    "cache_salt": None, "kv_transfer_params": None, "ec_transfer_params": None, "vllm_xargs": None,
+    "repetition_detection": None, "thinking_token_budget": None, "reasoning_effort": None, "include_reasoning": True,
+    "parallel_tool_calls": True, "echo": False, "prompt_logprobs": None, "prompt_embeds": None, "watermarking": None,
+    "logits_processors": None, "routed_experts_prompt_start": 0,
+}
+
+
+def _is_off(name: str, value: Any) -> bool:
+    return value is None or value == _VLLM_OFF[name]
 
 
 def _is_default(name: str, value: Any, n: int) -> bool:
     if name == "best_of":
         return value is None or value == n
+    if name == "tool_choice":
+        return value is None or value == "none"
     if name == "response_format":
         return value is None or value == {"type": "text"}
     return value is None or value is False or value in ([], {}, "")
@@ -78,10 +102,19 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # vLLM's extension (its benchmark client sends it): generate past end-of-sequence.
-    ignore_eos: bool = False
+    # vLLM's sampling extensions, with its semantics (its benchmark client sends ignore_eos).
+    ignore_eos: bool = Field(default=False, description="vLLM: generate past end-of-sequence")
+    min_tokens: int = Field(default=0, ge=0, description="vLLM: no end-of-sequence or stop string before this many")
+    top_k: int | None = Field(default=None, ge=-1, description="vLLM: sample among the k likeliest (0 or -1: all)")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0,
+                                description="vLLM: drop tokens below min_p x the likeliest token's probability")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, le=100.0, description="vLLM: >1 discourages tokens already in the prompt or output")
+    return_tokens_as_token_ids: bool | None = Field(
+        default=None, description="vLLM: log-prob tokens as 'token_id:N' (for tokens that are not valid text)")
 
-    @field_validator("n", "seed", "max_tokens", "max_completion_tokens", "top_logprobs", "logprobs",
+    @field_validator("n", "seed", "max_tokens", "max_completion_tokens", "top_logprobs", "logprobs", "min_tokens",
+                     "top_k", "prompt_logprobs",
                      mode="before", check_fields=False)
     @classmethod
     def _integral_float(cls, value: object) -> object:
@@ -108,6 +141,9 @@ class _Request(BaseModel):
         for name, value in (self.model_extra or {}).items():
             if name in _UNSUPPORTED and not _is_default(name, value, self.n):
                 raise ValueError(f"'{name}' is not supported by this server")
+            if name in _VLLM_OFF and not _is_off(name, value):
+                raise ValueError(f"'{name}' (a vLLM extension) is not supported by this server; "
+                                 f"leave it out or send {_VLLM_OFF[name]!r}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self

@@ -34,6 +34,13 @@ class SamplingOptions:
     # Raw top-k log-probs per generated token: None = none, 0 = the emitted token only.
     logprobs: int | None = None
     ignore_eos: bool = False  # vLLM's extension: only max_tokens and stop strings end it
+    # vLLM's sampling extensions, with its semantics: no EOS or stop string before
+    # min_tokens; top_k 0 = all; min_p relative to the likeliest token; repetition_penalty
+    # over prompt and output tokens (positive logits divided, negative multiplied).
+    min_tokens: int = 0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,16 @@ stops generating at the next token.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from server.engines.base import EngineChunk, EngineDeadError, SamplingOptions
+from server.engines.base import EngineChunk, EngineDeadError, EngineInputError, SamplingOptions
 
 # vLLM's rule: a temperature this small samples greedily (dividing by it overflows to inf).
 _GREEDY_BELOW = 1e-5
@@ -54,6 +55,9 @@ class TransformersEngine:
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, request_id: str
     ) -> AsyncIterator[EngineChunk]:
+        if options.min_tokens > options.max_tokens:  # vLLM's own check and wording
+            raise EngineInputError(f"min_tokens must be less than or equal to max_tokens={options.max_tokens}, "
+                                   f"got {options.min_tokens}.")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -118,13 +122,14 @@ class TransformersEngine:
             cache = out.past_key_values
             logits = out.logits[0, -1].float()
             raw = torch.log_softmax(logits, dim=-1)
-            token = _sample(logits, output, options, generator)
+            early = len(output) < options.min_tokens  # no end-of-sequence yet (vLLM's min_tokens)
+            token = _sample(logits, prompt_ids, output, options, generator, self._stop_ids if early else ())
             output.append(token)
             top = _top_logprobs(raw, token, options.logprobs)
             if token in self._stop_ids and not options.ignore_eos:
                 yield EngineChunk([token], detok.finish(), top, "stop")
                 return
-            text, hit_stop = detok.add(output)
+            text, hit_stop = detok.add(output, check_stops=len(output) > options.min_tokens)
             if hit_stop:
                 yield EngineChunk([token], text, top, "stop")
                 return
@@ -143,15 +148,30 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _sample(logits: torch.Tensor, output: list[int], options: SamplingOptions, generator) -> int:
-    """Penalties, temperature and top-p as OpenAI/vLLM define them; greedy at temperature 0."""
+def _sample(logits: torch.Tensor, prompt: list[int], output: list[int], options: SamplingOptions, generator,
+            banned: Iterable[int] = ()) -> int:
+    """vLLM's sampler, in its order: banned ids (EOS before min_tokens), repetition, frequency
+    and presence penalties, then greedy at temperature ~0, or temperature, min-p, top-k, top-p."""
     logits = logits.clone()
+    banned = list(banned)
+    if banned:
+        logits[banned] = -math.inf
+    if options.repetition_penalty != 1.0:
+        seen = torch.unique(torch.tensor(prompt + output))
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / options.repetition_penalty, picked * options.repetition_penalty)
     if output and (options.presence_penalty or options.frequency_penalty):
         ids, counts = torch.unique(torch.tensor(output), return_counts=True)
         logits[ids] -= options.frequency_penalty * counts + options.presence_penalty
     if options.temperature < _GREEDY_BELOW:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / options.temperature, dim=-1)
+    logits = logits / options.temperature
+    if options.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits[probs < options.min_p * probs.max()] = -math.inf
+    if 0 < options.top_k < logits.numel():
+        logits[logits < torch.topk(logits, options.top_k).values[-1]] = -math.inf
+    probs = torch.softmax(logits, dim=-1)
     if options.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, 0) - sorted_probs > options.top_p
@@ -181,14 +201,15 @@ class _StopAwareText:
         self._text = ""
         self._sent = 0
 
-    def add(self, output_ids: list[int]) -> tuple[str, bool]:
+    def add(self, output_ids: list[int], check_stops: bool = True) -> tuple[str, bool]:
+        """`check_stops` False (before min_tokens, as vLLM): stop strings neither end nor hold text."""
         self._text = self._tokenizer.decode(output_ids, skip_special_tokens=True)
-        for stop in self._stops:
+        for stop in self._stops if check_stops else ():
             at = self._text.find(stop, max(0, self._sent - len(stop)))
             if at != -1:
                 self._text = self._text[:at]
                 return self.finish(), True
-        safe = len(self._text) - self._hold
+        safe = len(self._text) - (self._hold if check_stops else 0)
         while safe > self._sent and self._text[safe - 1] == "\ufffd":
             safe -= 1
         return self._take(max(safe, self._sent)), False

@@ -79,6 +79,10 @@ class VllmEngine:
                 frequency_penalty=options.frequency_penalty,
                 logprobs=options.logprobs,
                 ignore_eos=options.ignore_eos,
+                min_tokens=options.min_tokens,
+                top_k=options.top_k,
+                min_p=options.min_p,
+                repetition_penalty=options.repetition_penalty,
                 output_kind=RequestOutputKind.DELTA,
             )
             stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)

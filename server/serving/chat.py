@@ -26,7 +26,7 @@ class ChatHandler(EndpointHandler[ChatCompletionRequest]):
     def response(
         self, request: ChatCompletionRequest, prompts: list[list[int]], choices: list[Choice], request_id: str
     ) -> ChatCompletionResponse:
-        k, token_text = request.logprobs_k, self.ctx.renderer.token_text
+        k, token_text = request.logprobs_k, self.token_text(request)
         return ChatCompletionResponse(
             id=request_id,
             model=self.ctx.model_name,
@@ -52,7 +52,7 @@ class ChatHandler(EndpointHandler[ChatCompletionRequest]):
         k = request.logprobs_k
         logprobs = None
         if k is not None:
-            logprobs = chat_logprobs(piece.token_ids, piece.logprobs or [], k, self.ctx.renderer.token_text)
+            logprobs = chat_logprobs(piece.token_ids, piece.logprobs or [], k, self.token_text(request))
         choice = ChatChunkChoice(index=index, delta={"content": piece.text}, logprobs=logprobs,
                                  finish_reason=piece.finish_reason)
         return self._chunk(request_id, [choice])

@@ -25,7 +25,7 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
     def response(
         self, request: CompletionRequest, prompts: list[list[int]], choices: list[Choice], request_id: str
     ) -> CompletionResponse:
-        k, token_text = request.logprobs_k, self.ctx.renderer.token_text
+        k, token_text = request.logprobs_k, self.token_text(request)
         return CompletionResponse(
             id=request_id,
             model=self.ctx.model_name,
@@ -47,7 +47,7 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
         k = request.logprobs_k
         logprobs = None
         if k is not None:
-            logprobs = completion_logprobs(piece.token_ids, piece.logprobs or [], k, self.ctx.renderer.token_text, offset)
+            logprobs = completion_logprobs(piece.token_ids, piece.logprobs or [], k, self.token_text(request), offset)
         choice = CompletionChoice(index=index, text=piece.text, logprobs=logprobs, finish_reason=piece.finish_reason)
         return CompletionResponse(id=request_id, model=self.ctx.model_name, choices=[choice])
 

@@ -80,6 +80,10 @@ def plan_jobs(
                 frequency_penalty=request.frequency_penalty,
                 logprobs=engine_k,
                 ignore_eos=request.ignore_eos,
+                min_tokens=request.min_tokens,
+                top_k=max(request.top_k or 0, 0),
+                min_p=request.min_p or 0.0,
+                repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
             )
             jobs.append(Job(p * request.n + i, prompt_ids, options))
     return jobs

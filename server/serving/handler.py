@@ -67,6 +67,10 @@ class EndpointHandler(ABC, Generic[RequestT]):
         if request.stream_options and request.stream_options.include_usage:
             yield self.usage_chunk(request_id, usage(prompts, completion_tokens))
 
+    def token_text(self, request: RequestT):
+        """How log-prob entries name tokens: their text, or vLLM's `token_id:N` on request."""
+        return _token_id if request.return_tokens_as_token_ids else self.ctx.renderer.token_text
+
     @abstractmethod
     def prompts(self, request: RequestT) -> list[list[int]]:
         """Token ids of each prompt (blocking: runs on a worker thread)."""
@@ -104,3 +108,7 @@ async def started(stream: Chunks) -> Chunks:
             await stream.aclose()  # closing aborts the engine requests (client gone)
 
     return chained()
+
+
+def _token_id(token_id: int) -> str:
+    return f"token_id:{token_id}"

@@ -50,3 +50,33 @@ def test_vllm_and_transformers_agree(vllm_server, hf_server, prompt):
         assert v_top.keys() == h_top.keys()
         worst = max(worst, *(abs(v_top[t] - h_top[t]) for t in v_top))
     assert worst < 1e-3, f"max |Δlogprob| {worst:.2e}"
+
+
+@pytest.mark.parametrize("extensions", [
+    {"repetition_penalty": 1.5},  # greedy path changes: a repeating answer no longer repeats
+    {"repetition_penalty": 0.7},
+    {"min_tokens": 12, "max_tokens": 12},  # EOS barred: all 12 tokens generated
+    {"top_k": 1, "temperature": 1.0, "seed": 3},  # top-k 1 is greedy whatever the temperature
+    {"min_p": 0.999, "temperature": 1.0, "seed": 3},  # only the likeliest token is left
+])
+def test_vllm_sampling_extensions_agree(vllm_server, hf_server, extensions):
+    """vLLM honours its extensions; the transformers engine reimplements them: the same
+    request gives the same tokens on both (and differs from the plain greedy answer where
+    the extension changes the path)."""
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 12,
+            "temperature": 0, **extensions}
+
+    def text(server, **override) -> tuple[str, int]:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json={**body, **override}, headers=server.headers,
+                           timeout=120)
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        return data["choices"][0]["message"]["content"], data["usage"]["completion_tokens"]
+
+    on_vllm, on_hf = text(vllm_server), text(hf_server)
+    assert on_vllm == on_hf
+    if "min_tokens" in extensions:
+        plain = text(vllm_server, min_tokens=0)
+        assert on_vllm[1] == 12 and plain[1] < 12, plain  # SmolLM2 answers "Yes." and stops
+    if "repetition_penalty" in extensions:
+        assert on_vllm != text(vllm_server, repetition_penalty=1.0)

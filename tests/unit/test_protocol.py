@@ -67,3 +67,37 @@ def test_completion_limits():
         CompletionRequest(model="m", prompt=[])
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate({"model": "m", "prompt": [1.5]})
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"stop_token_ids": [2]}, "stop_token_ids"),
+    ({"skip_special_tokens": False}, "skip_special_tokens"),
+    ({"structured_outputs": {"json": {}}}, "structured_outputs"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+    ({"length_penalty": 0.5}, "length_penalty"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"priority": 5}, "priority"),
+])
+def test_vllm_extensions_not_implemented_are_refused_by_name(fields, named):
+    with pytest.raises(ValidationError, match=f"'{named}' \\(a vLLM extension\\) is not supported"):
+        chat(**fields)
+
+
+@pytest.mark.parametrize("fields", [
+    {"use_beam_search": False}, {"stop_token_ids": []}, {"skip_special_tokens": True}, {"length_penalty": 1.0},
+    {"structured_outputs": None}, {"priority": 0}, {"tool_choice": "none"}, {"add_generation_prompt": True},
+])
+def test_vllm_extensions_at_their_off_value_pass(fields):
+    chat(**fields)
+
+
+def test_vllm_sampling_extensions_are_honoured_fields():
+    request = chat(min_tokens=3, top_k=40, min_p=0.05, repetition_penalty=1.1, ignore_eos=True,
+                   return_tokens_as_token_ids=True)
+    assert (request.min_tokens, request.top_k, request.min_p, request.repetition_penalty) == (3, 40, 0.05, 1.1)
+    assert chat(top_k=-1).top_k == -1 and chat(top_k=2.0).top_k == 2  # -1: vLLM's old "all"
+    for bad in ({"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0}, {"min_tokens": -1}, {"min_tokens": 1.5}):
+        with pytest.raises(ValidationError):
+            chat(**bad)

@@ -98,11 +98,35 @@ def test_closing_the_stream_stops_the_worker(engine):
 def test_sampling_rules():
     logits = torch.tensor([3.0, 2.9, -5.0])
     gen = torch.Generator().manual_seed(0)
-    assert _sample(logits, [], SamplingOptions(max_tokens=1, temperature=0), gen) == 0
+    assert _sample(logits, [], [], SamplingOptions(max_tokens=1, temperature=0), gen) == 0
     # top_p smaller than the top token's probability keeps only the top token.
-    assert {_sample(logits, [], SamplingOptions(max_tokens=1, top_p=0.1), gen) for _ in range(50)} == {0}
+    assert {_sample(logits, [], [], SamplingOptions(max_tokens=1, top_p=0.1), gen) for _ in range(50)} == {0}
     # A frequency penalty on an already generated token pushes the choice elsewhere.
-    assert _sample(logits, [0, 0], SamplingOptions(max_tokens=1, temperature=0, frequency_penalty=1.0), gen) == 1
+    assert _sample(logits, [], [0, 0], SamplingOptions(max_tokens=1, temperature=0, frequency_penalty=1.0), gen) == 1
+
+
+def test_vllm_sampling_extensions():
+    logits = torch.tensor([3.0, 2.9, 1.0, -5.0])
+    gen = torch.Generator().manual_seed(0)
+    draws = lambda options, n=200: {_sample(logits, [], [], options, gen) for _ in range(n)}  # noqa: E731
+    # top_k 2: only the two likeliest ever drawn; top_k 0: all but the very unlikely.
+    assert draws(SamplingOptions(max_tokens=1, top_k=2)) == {0, 1}
+    assert draws(SamplingOptions(max_tokens=1, top_k=0), 2000) >= {0, 1, 2}
+    # min_p 0.5: p(1)/p(0) = e^-0.1 = 0.90 stays, p(2)/p(0) = e^-2 = 0.14 goes.
+    assert draws(SamplingOptions(max_tokens=1, min_p=0.5)) == {0, 1}
+    # Repetition penalty 2 on token 0 (prompt) halves its positive logit: 1.5 < 2.9.
+    assert _sample(logits, [0], [], SamplingOptions(max_tokens=1, temperature=0, repetition_penalty=2.0), gen) == 1
+    # Below 1 it rewards repeats: token 1 (output) goes from 2.9 to 2.9 / 0.1 = 29.
+    assert _sample(logits, [], [1], SamplingOptions(max_tokens=1, temperature=0, repetition_penalty=0.1), gen) == 1
+    # Banned ids (EOS before min_tokens) are never drawn, even greedily.
+    assert _sample(logits, [], [], SamplingOptions(max_tokens=1, temperature=0), gen, banned=[0]) == 1
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer):
+    ids = tokenizer.encode("Hello world. Next line")
+    text = _StopAwareText(tokenizer, (". Ne",))
+    streamed = "".join(text.add(ids[:n], check_stops=False)[0] for n in range(1, len(ids) + 1))
+    assert streamed + text.finish() == "Hello world. Next line"
 
 
 def test_stop_strings_truncate_and_are_never_streamed(tokenizer):
