@@ -23,14 +23,28 @@ from server.errors import ModelNotFoundError, NotFoundError, ServiceUnavailableE
 from server.lifecycle import InFlight, InFlightMiddleware
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from server.openapi import install_openapi
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from server.serving.chat import ChatHandler
 from server.serving.completion import CompletionHandler
 from server.serving.context import ServingContext
+from server.serving.tokenize import TokenizeHandler
 from server.settings import ServeSettings
 from shadow.report import ShadowReport
 
 log = logging.getLogger(__name__)
+
+# Routes behind --api-keys: the OpenAI API, and vLLM's tokenizer routes (they cost a
+# tokenization). Probes (/health) and Prometheus (/metrics) stay open.
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 
 # `X-Shadow: always|never`, honoured only when the operator allows it (shadow settings).
 ShadowHeader = Annotated[str | None, Header(alias="X-Shadow")]
@@ -74,9 +88,11 @@ class ServerState:
         self.in_flight = InFlight()
         self.chat: ChatHandler | None = None
         self.completion: CompletionHandler | None = None
+        self.tokens: TokenizeHandler | None = None
 
     def ready(self, ctx: ServingContext) -> None:
         self.ctx, self.chat, self.completion = ctx, ChatHandler(ctx), CompletionHandler(ctx)
+        self.tokens = TokenizeHandler(ctx)
 
     @property
     def status(self) -> str:
@@ -160,12 +176,13 @@ def create_app(
     app.state.server = state
     app.state.drain = lambda: state.drain(settings.shutdown_grace_s)
     install_error_handlers(app)
-    install_openapi(app, auth=bool(settings.api_keys), max_n=settings.max_n, max_logprobs=settings.max_logprobs)
+    install_openapi(app, protected_prefix=PROTECTED, auth=bool(settings.api_keys), max_n=settings.max_n,
+                    max_logprobs=settings.max_logprobs)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(InFlightMiddleware, in_flight=state.in_flight)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
 
-    require_bearer(app, settings.api_keys)
+    require_bearer(app, settings.api_keys, PROTECTED)
 
     @app.get("/health")
     async def health() -> Response:
@@ -208,5 +225,17 @@ def create_app(
     async def completions(request: CompletionRequest, http: Request, x_shadow: ShadowHeader = None):
         state.require()
         return await cancel_on_disconnect(http, state.completion.create(request, x_shadow))
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's: the served tokenizer (and chat template) on a prompt or messages."""
+        state.require()
+        return await state.tokens.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's: token ids back to text."""
+        state.require()
+        return await state.tokens.detokenize(request)
 
     return app

@@ -26,7 +26,7 @@ def key_matches(key: str, digests: list[bytes]) -> bool:
     return matched
 
 
-def require_bearer(app: FastAPI, keys: list[str], prefix: str = "/v1/") -> None:
+def require_bearer(app: FastAPI, keys: list[str], prefix: str | tuple[str, ...] = "/v1/") -> None:
     if not keys:
         return
     digests = [_digest(k) for k in keys]

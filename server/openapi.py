@@ -82,8 +82,8 @@ def _takes_model(op: dict, schemas: dict) -> bool:
     if any(p.get("in") == "path" and p.get("name") == "model" for p in op.get("parameters", [])):
         return True
     body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
-    ref = body.get("$ref", "")
-    return "model" in schemas.get(ref.rsplit("/", 1)[-1], {}).get("properties", {})
+    refs = [body.get("$ref", "")] + [branch.get("$ref", "") for branch in body.get("anyOf", [])]
+    return any("model" in schemas.get(ref.rsplit("/", 1)[-1], {}).get("properties", {}) for ref in refs)
 
 
 def _set_maximum(node: dict, maximum: int) -> None:
@@ -104,7 +104,7 @@ LIMITED = {
 def rewrite(
     doc: dict,
     *,
-    protected_prefix: str = "/v1/",
+    protected_prefix: str | tuple[str, ...] = "/v1/",
     auth: bool = False,
     max_n: int | None = None,
     max_logprobs: int | None = None,
@@ -175,7 +175,7 @@ def rewrite(
 
 
 def install_openapi(
-    app: FastAPI, *, protected_prefix: str = "/v1/", auth: bool = False, **options: Any
+    app: FastAPI, *, protected_prefix: str | tuple[str, ...] = "/v1/", auth: bool = False, **options: Any
 ) -> None:
     """Serve the rewritten document from `app.openapi()` (and so /openapi.json and /docs).
     `auth`: API keys are configured, so routes under `protected_prefix` may answer 401;

@@ -327,3 +327,54 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- vLLM's /tokenize and /detokenize ----------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """A completions `prompt`, or chat `messages` rendered by the model's chat template."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    # vLLM's defaults: a prompt gets the tokenizer's special tokens, messages only the template's.
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        if self.messages is not None and self.add_special_tokens:
+            raise ValueError("add_special_tokens with messages is not supported (the chat template places them)")
+        for name in ("continue_final_message", "chat_template", "chat_template_kwargs", "tools"):
+            if (self.model_extra or {}).get(name) not in (None, False, [], {}):
+                raise ValueError(f"'{name}' is not supported by this server")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _integral_ids(cls, value: Any) -> Any:
+        return [int(v) if type(v) is float and v.is_integer() else v for v in value] if isinstance(value, list) else value
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

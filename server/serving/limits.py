@@ -34,7 +34,7 @@ class RequestLimits:
         check_encodable(request)
         if isinstance(request, ChatCompletionRequest):
             for i, message in enumerate(request.messages):
-                self._chars(message.text(), f"messages.{i}.content")
+                self.check_chars(message.text(), f"messages.{i}.content")
         else:
             batch = request.prompt if isinstance(request.prompt, list) and not _is_ids(request.prompt) else [request.prompt]
             if len(batch) > self.max_prompts:
@@ -43,7 +43,7 @@ class RequestLimits:
                     "(--max-prompts)", param="prompt")
             for i, prompt in enumerate(batch):
                 if isinstance(prompt, str):
-                    self._chars(prompt, "prompt" if len(batch) == 1 else f"prompt.{i}")
+                    self.check_chars(prompt, "prompt" if len(batch) == 1 else f"prompt.{i}")
         for i, stop in enumerate(request.stop):
             if len(stop) > self.max_stop_chars:
                 raise InvalidRequestError(
@@ -65,7 +65,7 @@ class RequestLimits:
         share = max(1, self.max_request_tokens // len(jobs))
         return [replace(job, options=replace(job.options, max_tokens=min(job.options.max_tokens, share))) for job in jobs]
 
-    def _chars(self, text: str, param: str) -> None:
+    def check_chars(self, text: str, param: str) -> None:
         if len(text) > self.max_message_chars:
             raise InvalidRequestError(
                 f"{param}: {len(text)} characters; the limit is {self.max_message_chars} (--max-message-chars)",

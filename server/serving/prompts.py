@@ -28,7 +28,7 @@ class PromptRenderer:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def chat(self, messages: list[ChatMessage]) -> list[int]:
+    def chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions")
         conversation = [
@@ -36,20 +36,20 @@ class PromptRenderer:
         ]
         try:
             encoded = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
             )
         except Exception as exc:  # template-raised errors (e.g. role order) are the client's
             raise InvalidRequestError(f"cannot render the chat template: {exc}", param="messages") from exc
         return list(encoded["input_ids"])
 
-    def text(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+    def text(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
-    def check_ids(self, ids: list[int]) -> list[int]:
+    def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise InvalidRequestError(
-                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", param="prompt"
+                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", param=param
             )
         return ids
 

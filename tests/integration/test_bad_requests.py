@@ -58,6 +58,21 @@ CASES = [
     ("missing-key", "POST", CHAT, chat(), {"Authorization": ""}, 401, "invalid_request_error", None, "invalid_api_key"),
     ("wrong-key", "POST", CHAT, chat(), {"Authorization": "Bearer nope"}, 401, "invalid_request_error", None, "invalid_api_key"),
     ("wrong-key-beats-bad-body", "POST", CHAT, "{not json", {"Authorization": "Bearer nope"}, 401, "invalid_request_error", None, "invalid_api_key"),
+    # vLLM's extensions: honoured ones checked like OpenAI's fields, the others refused by name.
+    ("min-tokens-past-max", "POST", CHAT, chat(max_tokens=4, min_tokens=9), None, 400, "invalid_request_error", None, None),
+    ("top-k-below-minus-one", "POST", CHAT, chat(top_k=-2), None, 400, "invalid_request_error", "top_k", None),
+    ("min-p-above-one", "POST", CHAT, chat(min_p=1.5), None, 400, "invalid_request_error", "min_p", None),
+    ("repetition-penalty-zero", "POST", COMPLETIONS, completion(repetition_penalty=0), None, 400, "invalid_request_error", "repetition_penalty", None),
+    ("beam-search-refused", "POST", CHAT, chat(use_beam_search=True), None, 400, "invalid_request_error", None, None),
+    ("guided-json-refused", "POST", COMPLETIONS, completion(guided_json={"type": "object"}), None, 400, "invalid_request_error", None, None),
+    # vLLM's tokenizer routes: same keys, shapes and checks.
+    ("tokenize-neither", "POST", "/tokenize", {"model": MODEL_NAME}, None, 400, "invalid_request_error", None, None),
+    ("tokenize-both", "POST", "/tokenize", {"prompt": "a", "messages": OK_MESSAGES}, None, 400, "invalid_request_error", None, None),
+    ("tokenize-prompt-number", "POST", "/tokenize", {"prompt": 5}, None, 400, "invalid_request_error", "prompt", None),
+    ("tokenize-unknown-model", "POST", "/tokenize", {"model": "gpt-9", "prompt": "a"}, None, 404, "invalid_request_error", "model", "model_not_found"),
+    ("tokenize-missing-key", "POST", "/tokenize", {"prompt": "a"}, {"Authorization": ""}, 401, "invalid_request_error", None, "invalid_api_key"),
+    ("detokenize-outside-vocab", "POST", "/detokenize", {"tokens": [10**9]}, None, 400, "invalid_request_error", "tokens", None),
+    ("detokenize-strings", "POST", "/detokenize", {"tokens": ["a"]}, None, 400, "invalid_request_error", "tokens.0", None),
 ]
 
 

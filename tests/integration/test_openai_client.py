@@ -132,3 +132,34 @@ def test_ignore_eos_runs_to_max_tokens(client):
     forced = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=48, temperature=0,
                                             extra_body={"ignore_eos": True})
     assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 48
+
+
+def test_vllm_extensions_through_extra_body(client, tokenizer):
+    """vLLM's fields, sent as its users send them (openai's `extra_body`), are honoured."""
+    reply = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+        extra_body={"min_tokens": 6, "top_k": 5, "repetition_penalty": 1.2, "return_tokens_as_token_ids": True},
+    )
+    tokens = reply.choices[0].logprobs.content
+    assert reply.usage.completion_tokens == 6 and len(tokens) == 6
+    ids = [int(t.token.removeprefix("token_id:")) for t in tokens]
+    assert all(t.token.startswith("token_id:") for t in tokens)
+    assert tokenizer.decode(ids) == reply.choices[0].message.content
+
+
+def test_tokenize_and_detokenize_routes(client, vllm_server, tokenizer):
+    """vLLM's /tokenize and /detokenize, against the tokenizer and chat template applied here."""
+    import httpx
+
+    post = lambda path, body: httpx.post(vllm_server.url + path, json=body, headers=vllm_server.headers,  # noqa: E731
+                                         timeout=30)
+    text = "Grüße, 世界! Hello world."
+    reply = post("/tokenize", {"model": MODEL_NAME, "prompt": text, "return_token_strs": True}).json()
+    assert reply["tokens"] == tokenizer.encode(text) and reply["count"] == len(reply["tokens"])
+    assert reply["token_strs"] == tokenizer.convert_ids_to_tokens(reply["tokens"]) and reply["max_model_len"] == 2048
+    chat = post("/tokenize", {"messages": MESSAGES}).json()
+    assert chat["count"] == chat_prompt_len(tokenizer, MESSAGES)
+    # The count is what the completion route bills as prompt tokens.
+    billed = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=1).usage.prompt_tokens
+    assert chat["count"] == billed
+    assert post("/detokenize", {"tokens": reply["tokens"]}).json() == {"prompt": text}
