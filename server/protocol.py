@@ -200,8 +200,26 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(json_schema_extra=_PROMPT_SCHEMA)
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=16, ge=0, description="0: score the prompt only (with echo or prompt_logprobs)")
     logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = Field(default=False, description="the prompt before the completion (and its log-probs, with "
+                       "logprobs; the first token has none)")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, description="vLLM: the top-k log-probs at every prompt position (teacher-forced)")
+
+    @model_validator(mode="after")
+    def _prompt_scoring(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not (self.echo or self.prompt_logprobs is not None):
+            raise ValueError("max_tokens 0 generates nothing: it scores the prompt, with echo or prompt_logprobs")
+        if self.stream and (self.echo or self.prompt_logprobs is not None):
+            raise ValueError("echo and prompt_logprobs are not supported with stream")
+        return self
+
+    @property
+    def prompt_k(self) -> int | None:
+        """Log-probs needed over the prompt: for prompt_logprobs, and for echo with logprobs."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -296,9 +314,19 @@ class ChatCompletionChunk(_Response):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    # null for an echoed prompt's first token (nothing predicts it), as OpenAI and vLLM send.
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry. `rank` is 1-based among the top-k; null for the
+    prompt's own token when it is outside them."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
 
 
 class CompletionChoice(BaseModel):
@@ -306,6 +334,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # vLLM's: per prompt position, {token id: entry}; the first position is null. Only when asked.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        default=None, exclude_if=lambda value: value is None)
 
 
 class CompletionResponse(_Response):

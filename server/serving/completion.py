@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from server.engines import EngineChunk
 from server.errors import InvalidRequestError
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from server.serving.generation import Choice, usage
 from server.serving.handler import EndpointHandler
-from server.serving.logprobs import completion_logprobs
+from server.serving.logprobs import completion_logprobs, echo_logprobs, joined, prompt_logprobs
 
 
 class CompletionHandler(EndpointHandler[CompletionRequest]):
@@ -22,24 +24,49 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return ids
 
+    async def score_prompts(self, request: CompletionRequest, prompts: list[list[int]],
+                            request_id: str) -> list[list[dict[int, float]]] | None:
+        k = request.prompt_k
+        if k is None:
+            return None
+        if k > self.ctx.max_logprobs:
+            param = "prompt_logprobs" if request.prompt_logprobs == k else "logprobs"
+            raise InvalidRequestError(f"{param} must be at most {self.ctx.max_logprobs}", param=param)
+        engine = self.ctx.engine
+        return list(await asyncio.gather(*(
+            engine.prompt_logprobs(ids, k, f"{request_id}-prompt-{p}") for p, ids in enumerate(prompts))))
+
     def response(
         self, request: CompletionRequest, prompts: list[list[int]], choices: list[Choice], request_id: str
     ) -> CompletionResponse:
-        k, token_text = request.logprobs_k, self.token_text(request)
         return CompletionResponse(
             id=request_id,
             model=self.ctx.model_name,
-            choices=[
-                CompletionChoice(
-                    index=c.index,
-                    text=c.text,
-                    logprobs=None if k is None else completion_logprobs(c.token_ids, c.logprobs, k, token_text),
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
+            choices=[self._choice(request, prompts, c) for c in choices],
             usage=usage(prompts, sum(len(c.token_ids) for c in choices)),
         )
+
+    def _choice(self, request: CompletionRequest, prompts: list[list[int]], c: Choice) -> CompletionChoice:
+        k, token_text = request.logprobs_k, self.token_text(request)
+        prompt_ids = prompts[c.index // request.n]
+        text, logprobs = c.text, None
+        if k is not None:
+            logprobs = completion_logprobs(c.token_ids, c.logprobs, k, token_text)
+        if request.echo:
+            text = self._prompt_text(request, c.index // request.n, prompt_ids) + text
+            if logprobs is not None:
+                logprobs = joined(echo_logprobs(prompt_ids, c.prompt_logprobs, k, token_text), logprobs)
+        scored = None
+        if request.prompt_logprobs is not None:
+            scored = prompt_logprobs(prompt_ids, c.prompt_logprobs, request.prompt_logprobs, token_text)
+        return CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
+                                prompt_logprobs=scored)
+
+    def _prompt_text(self, request: CompletionRequest, p: int, prompt_ids: list[int]) -> str:
+        """The prompt as the client sent it (token-id prompts decoded), as vLLM echoes it."""
+        prompt = request.prompt
+        batch = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+        return batch[p] if isinstance(batch[p], str) else self.ctx.renderer.tokenizer.decode(prompt_ids)
 
     def chunk(
         self, request: CompletionRequest, index: int, piece: EngineChunk, request_id: str, offset: int

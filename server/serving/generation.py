@@ -33,6 +33,8 @@ class Choice:
     text: str = ""
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    # Teacher-forced over the prompt (positions 1..n-1), when the request asked for them.
+    prompt_logprobs: list[dict[int, float]] | None = None
 
     def add(self, chunk: EngineChunk) -> None:
         self.token_ids += chunk.token_ids

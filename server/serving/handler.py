@@ -41,17 +41,30 @@ class EndpointHandler(ABC, Generic[RequestT]):
             )
             jobs = ctx.limits.fit_budget(jobs, explicit=request.completion_limit is not None, n=request.n,
                                          prompts=len(prompts))
-        except Exception:  # refused: a sampled request still ends as exactly one shadow outcome
+            scored = await self.score_prompts(request, prompts, request_id)
+        except BaseException:  # refused: a sampled request still ends as exactly one shadow outcome
             if tap is not None:
                 tap.abandon()
             raise
-        # Nothing is sent before the engine's first output: an engine-side refusal is
-        # still an HTTP error, and a client's time to first token is the engine's.
-        stream = await started(tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap))
-        if request.stream:
-            return sse_response(self._events(request, prompts, jobs, stream, request_id))
-        choices = await collect(jobs, stream)
+        if all(job.options.max_tokens == 0 for job in jobs):  # the prompt scored, nothing to generate
+            if tap is not None:
+                tap.abandon()
+            choices = [Choice(job.index, job.prompt_ids, finish_reason="length") for job in jobs]
+        else:
+            # Nothing is sent before the engine's first output: an engine-side refusal is
+            # still an HTTP error, and a client's time to first token is the engine's.
+            stream = await started(tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap))
+            if request.stream:
+                return sse_response(self._events(request, prompts, jobs, stream, request_id))
+            choices = await collect(jobs, stream)
+        for choice in choices if scored is not None else ():
+            choice.prompt_logprobs = scored[choice.index // request.n]
         return await asyncio.to_thread(self.response, request, prompts, choices, request_id)
+
+    async def score_prompts(self, request: RequestT, prompts: list[list[int]],
+                            request_id: str) -> list[list[dict[int, float]]] | None:
+        """Teacher-forced log-probs over each prompt, when the endpoint's request asks."""
+        return None
 
     async def _events(
         self, request: RequestT, prompts: list[list[int]], jobs: list[Job], stream: Chunks, request_id: str
