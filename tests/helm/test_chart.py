@@ -8,10 +8,11 @@ import pytest
 from kubernetes.client import ApiClient
 
 from tests.helm.chart import CANARY_VALUES, CHART, by_kind, dashboard, render
+from tests.helm.crd_models import RelabelConfig, ScaledObject
 
 CORE = {"Deployment": "V1Deployment", "Service": "V1Service", "Secret": "V1Secret", "ConfigMap": "V1ConfigMap",
         "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler", "NetworkPolicy": "V1NetworkPolicy"}
-CUSTOM = {"ServiceMonitor", "PrometheusRule", "AnalysisTemplate", "MetricTemplate"}
+CUSTOM = {"ServiceMonitor", "PrometheusRule", "AnalysisTemplate", "MetricTemplate", "ScaledObject"}
 
 
 def as_k8s(doc: dict):
@@ -39,7 +40,7 @@ def test_lint_is_clean(values):
 
 def test_default_release_has_every_piece(stable):
     kinds = sorted(d["kind"] for d in stable)
-    assert kinds == sorted(["Deployment", "Deployment", "Service", "Service", "HorizontalPodAutoscaler", "Secret",
+    assert kinds == sorted(["Deployment", "Deployment", "Service", "Service", "ScaledObject", "Secret",
                             "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "ConfigMap"])
     for doc in stable:
         assert doc["apiVersion"] and doc["metadata"]["name"].startswith("shadowserve-stable")
@@ -64,17 +65,55 @@ def test_candidate_deployment(stable):
                                                "SHADOWSERVE_SHUTDOWN_GRACE_S"}
 
 
-def test_reference_runs_in_its_own_deployment_with_an_autoscaler(stable):
+def test_reference_runs_in_its_own_deployment_scaled_by_keda_on_shadow_load(stable):
     reference = as_k8s(next(d for d in by_kind(stable, "Deployment") if d["metadata"]["name"].endswith("-reference")))
     assert reference.spec.template.spec.containers[0].args[0] == "reference"
     assert reference.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
-    hpa = as_k8s(by_kind(stable, "HorizontalPodAutoscaler")[0])
+    assert reference.spec.replicas is None  # the autoscaler owns it
+    (doc,) = by_kind(stable, "ScaledObject")
+    scaled = ScaledObject.model_validate(doc)
+    assert scaled.spec.scaleTargetRef.name == "shadowserve-stable-reference"
+    assert (scaled.spec.minReplicaCount, scaled.spec.maxReplicaCount) == (1, 4)
+    triggers = {t.name: t.metadata for t in scaled.spec.triggers}
+    assert triggers["shadow-queue-depth"] == {"serverAddress": "http://prometheus-operated.monitoring:9090",
+                                              "query": 'sum(shadow_queue_depth{model="candidate"})', "threshold": "32"}
+    assert triggers["shadow-dropped-rate"]["query"] == \
+        'sum(rate(shadow_samples_total{model="candidate",outcome="dropped"}[2m]))'
+    assert by_kind(stable, "HorizontalPodAutoscaler") == []
+
+
+def test_keda_settings_and_the_cpu_fallback():
+    custom = render({"reference": {"autoscaling": {"keda": {"prometheusAddress": "http://prom:9090",
+                                                            "queueDepthPerReplica": 8, "droppedPerSecond": 0.5}}}})
+    scaled = ScaledObject.model_validate(by_kind(custom, "ScaledObject")[0])
+    assert {t.metadata["serverAddress"] for t in scaled.spec.triggers} == {"http://prom:9090"}
+    assert [t.metadata["threshold"] for t in scaled.spec.triggers] == ["8", "0.5"]
+    fallback = render({"reference": {"autoscaling": {"mode": "hpa"}}})
+    assert by_kind(fallback, "ScaledObject") == []
+    hpa = as_k8s(by_kind(fallback, "HorizontalPodAutoscaler")[0])
     assert hpa.spec.scale_target_ref.name == "shadowserve-stable-reference" and hpa.spec.max_replicas == 4
+    off = render({"reference": {"autoscaling": {"enabled": False}}})
+    assert not by_kind(off, "ScaledObject") and not by_kind(off, "HorizontalPodAutoscaler")
+
+
+def test_the_crd_models_can_fail():
+    """The typed ScaledObject refuses what KEDA's CRD refuses (a number in trigger metadata)."""
+    from pydantic import ValidationError
+
+    doc = by_kind(render(), "ScaledObject")[0]
+    doc["spec"]["triggers"][0]["metadata"]["threshold"] = 32
+    with pytest.raises(ValidationError):
+        ScaledObject.model_validate(doc)
+    with pytest.raises(ValidationError):
+        RelabelConfig.model_validate({"action": "rename"})
 
 
 def test_monitoring_objects(stable):
     (monitor,) = by_kind(stable, "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert {k: endpoint[k] for k in ("port", "path", "interval")} == {"port": "http", "path": "/metrics", "interval": "15s"}
+    (relabel,) = [RelabelConfig.model_validate(r) for r in endpoint["metricRelabelings"]]
+    assert relabel.targetLabel == "variant" and relabel.replacement == "stable"
     (config_map,) = by_kind(stable, "ConfigMap")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     board = dashboard(stable)

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from server.verify.inputs import BUILTIN_PROMPTS
-from tests.helm.chart import CANARY_VALUES, all_queries, render, rule_groups
+from tests.helm.chart import CANARY_VALUES, all_queries, by_kind, render, rule_groups
+from tests.helm.crd_models import RelabelConfig
 from tests.servers import free_port, start_server
 
 pytestmark = pytest.mark.integration
@@ -40,8 +41,12 @@ def scraped_server(demo_model, tmp_path_factory):
     )
     port = free_port()
     (tmp / "rules.yml").write_text(yaml.safe_dump(rule_groups(render())))
+    # The canary release's ServiceMonitor relabelling, as the Prometheus Operator writes it.
+    (monitor,) = by_kind(render(CANARY_VALUES, name="shadowserve-canary"), "ServiceMonitor")
+    relabel = [RelabelConfig.model_validate(r).as_prometheus() for r in monitor["spec"]["endpoints"][0]["metricRelabelings"]]
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(tmp / "rules.yml")],
-              "scrape_configs": [{"job_name": "shadowserve", "static_configs": [{"targets": [server.url.removeprefix("http://")]}]}]}
+              "scrape_configs": [{"job_name": "shadowserve", "metric_relabel_configs": relabel,
+                                  "static_configs": [{"targets": [server.url.removeprefix("http://")]}]}]}
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     prometheus = subprocess.Popen(
         [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
@@ -123,3 +128,12 @@ def test_the_gates_see_the_right_numbers(scraped_server):
     assert all(math.isfinite(v) for v in gate.values()), gate
     assert 1 / 3 < gate["kl-noise-ratio"] <= 2.0
     assert gate["excess-top1-disagreement"] <= 0.01 and gate["excess-hard-divergence"] <= 0.1
+
+
+def test_vllm_series_carry_the_release_variant(scraped_server):
+    """The chart's relabelling gives vLLM's own series the release's variant (canary here),
+    and leaves ours, which carry it already, as they are."""
+    assert _value(scraped_server, 'count(vllm:num_requests_running{variant="canary"})') >= 1
+    assert _value(scraped_server, 'count(vllm:num_requests_running{variant=""})') == 0
+    assert _value(scraped_server, 'count(shadow_samples_total{variant="canary"})') >= 1
+    assert _value(scraped_server, 'count({exported_variant!=""})') == 0
