@@ -185,20 +185,25 @@ PANELS = [
     ),
     dict(
         title="Serving throughput (vLLM)",
-        description="Finished requests and generated tokens per second, from vLLM's own metrics.",
+        description="Finished requests and generated tokens per second, from vLLM's own metrics, per variant "
+                    "(the ServiceMonitor gives vLLM's series the release's variant).",
         unit="short",
         targets=[
-            target(f'sum(rate(vllm:request_success_total{{model_name=~"$model"}}[{RI}]))', "requests/s"),
-            target(f'sum(rate(vllm:generation_tokens_total{{model_name=~"$model"}}[{RI}]))', "output tokens/s"),
+            target(f'sum by (variant) (rate(vllm:request_success_total{{model_name=~"$model",variant=~"$variant"}}[{RI}]))',
+                   "{{variant}} requests/s"),
+            target(f'sum by (variant) (rate(vllm:generation_tokens_total{{model_name=~"$model",variant=~"$variant"}}[{RI}]))',
+                   "{{variant}} output tokens/s"),
         ],
     ),
     dict(
         title="Serving latency (vLLM)",
-        description="Time to first token and end-to-end request latency quantiles, from vLLM's own metrics.",
+        description="Time to first token and end-to-end request latency quantiles, from vLLM's own metrics, "
+                    "per variant.",
         unit="s",
         targets=[
-            target(f'histogram_quantile({q}, sum by (le) (rate(vllm:{metric}_bucket{{model_name=~"$model"}}[{RI}])))',
-                   f"{name} p{p}")
+            target(f'histogram_quantile({q}, sum by (le, variant) '
+                   f'(rate(vllm:{metric}_bucket{{model_name=~"$model",variant=~"$variant"}}[{RI}])))',
+                   f"{{{{variant}}}} {name} p{p}")
             for metric, name in (("time_to_first_token_seconds", "TTFT"), ("e2e_request_latency_seconds", "e2e"))
             for q, p in ((0.5, "50"), (0.99, "99"))
         ],
