@@ -272,8 +272,11 @@ def run_reference(settings: ReferenceSettings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        from shadow.placement import parse_max_memory
+
         scorer = LocalScorer.load(
-            settings.model, settings.adapter, settings.device, settings.name, trust_remote_code=settings.trust_remote_code
+            settings.model, settings.adapter, settings.device, settings.name, trust_remote_code=settings.trust_remote_code,
+            max_memory=parse_max_memory(settings.max_memory) if settings.max_memory else None,
         )
         if settings.noise_dtype != "none":
             scorer.enable_noise_floor(settings.noise_dtype)

@@ -40,11 +40,15 @@ def load_reference(
     else:
         from shadow.local_scorer import LocalScorer
 
+        from shadow.placement import parse_max_memory
+
+        memory = settings.shadow_reference_max_memory
         scorer = LocalScorer.load(
             settings.shadow_reference_model or candidate_dir,
             settings.shadow_reference_adapter,
             settings.shadow_reference_device,
             trust_remote_code=trust_remote_code,  # one flag for candidate and reference
+            max_memory=parse_max_memory(memory) if memory else None,
         )
         # In the server's process: its forwards must leave the host to the client's requests.
         scorer.confine(settings.shadow_reference_threads, settings.shadow_reference_nice)

@@ -85,32 +85,50 @@ class LocalScorer:
         self._keeps_logits = True  # until the model's forward refuses `logits_to_keep`
         self.noise_dtype: str | None = None
         self._noise_model = None  # the reference in the serving dtype (None for float32: the fp32 rows serve)
+        self.device_map: dict | None = None  # accelerate's placement, when spread across devices
 
     @classmethod
     def load(
         cls, model_dir: Path, adapter: Path | None = None, device: str = "auto", name: str | None = None,
-        trust_remote_code: bool = False,
+        trust_remote_code: bool = False, max_memory: dict[int | str, str] | None = None,
     ) -> LocalScorer:
+        """`max_memory` (accelerate's: {0: "70GiB", "cpu": "200GiB", ...}) places the model
+        across those devices with accelerate's device map instead of on `device`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not (model_dir / "config.json").is_file():
             raise ShadowReferenceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
         trust = remote_code_allowed(model_dir, trust_remote_code)
-        target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust)
+        device_map = None
+        if max_memory:
+            from shadow.placement import load_placed
+
+            model, device_map = load_placed(model_dir, max_memory, trust)
+            target = model.device  # inputs go where the embeddings are; accelerate's hooks move the rest
+        else:
+            target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust).to(target)
         if adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter)  # kept unmerged: the exact reference
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
         default_name = model_dir.name + (f"+{adapter.name}" if adapter else "")
-        return cls(model.to(target).eval(), tokenizer, name or default_name, target)
+        scorer = cls(model.eval(), tokenizer, name or default_name, target)
+        scorer.device_map = device_map
+        return scorer
 
     def enable_noise_floor(self, dtype: str) -> None:
         """Blocking: a copy of the reference in the serving dtype (none for float32: the
         noise floor of an fp32 candidate is the fp32 reference itself, exactly)."""
         if dtype not in DTYPES:
             raise ShadowReferenceError(f"no noise floor for dtype '{dtype}' (one of {', '.join(DTYPES)})")
+        from shadow.placement import offloaded
+
+        if dtype != "float32" and self.device_map is not None and offloaded(self.device_map):
+            raise ShadowReferenceError(
+                "the noise floor needs the reference's weights resident: this device map offloads some of them "
+                "(to disk, or to CPU beside GPUs); give the devices more memory, or turn the noise floor off")
         with self._lock:
             self._noise_model = None if dtype == "float32" else serving_dtype_copy(self._model, dtype)
             self.noise_dtype = dtype

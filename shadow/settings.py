@@ -85,6 +85,10 @@ class ShadowSettings(VerdictSettings):
         default=None, description="`reference` label value (default: the reference's directory or service name)"
     )
     shadow_reference_device: str = Field(default="auto", description="local reference device: auto, cpu, cuda, cuda:N")
+    shadow_reference_max_memory: str | None = Field(
+        default=None, description="spread the local reference across devices with accelerate's device map, "
+        "within this memory per device: '0=70GiB,1=70GiB' (GPU indices), cpu=SIZE, disk=SIZE (offload, slow); "
+        "a reference that does not fit stops the start")
     shadow_queue_size: int = Field(default=256, ge=1, description="samples waiting for the reference; more are dropped and counted")
     shadow_batch_tokens: int = Field(default=2048, ge=1, description="token budget of one reference batch (prompt + output)")
     shadow_queue_tokens: int = Field(
@@ -167,3 +171,12 @@ class ShadowSettings(VerdictSettings):
     @property
     def shadow_enabled(self) -> bool:
         return self.shadow_rate > 0 or self.shadow_allow_header
+
+    @field_validator("shadow_reference_max_memory")
+    @classmethod
+    def _max_memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            from shadow.placement import parse_max_memory
+
+            parse_max_memory(value)
+        return value
