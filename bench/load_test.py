@@ -126,7 +126,7 @@ def main() -> int:
     log = Path(tempfile.mkdtemp()) / "server.log"
     server = start_server(
         ["--model", str(args.model), "--dtype", "bfloat16", "--kv-cache-gib", "2", "--max-model-len", "1024",
-         "--shadow-rate", str(args.shadow_rate)], log)
+         "--shadow-rate", str(args.shadow_rate)], log, unconfined=False)
     try:
         model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
         print(f"load: {args.concurrency} concurrent streaming chats for {args.duration:.0f}s, "

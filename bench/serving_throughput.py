@@ -80,7 +80,7 @@ def main() -> None:
     servers = {
         "shadowserve (vllm engine)": lambda: start_server(
             ["--model", args.model, "--dtype", args.dtype, "--kv-cache-gib", "2", "--max-model-len", "2048"],
-            logs / "shadowserve.log"),
+            logs / "shadowserve.log", unconfined=False),
     }
     if args.baseline:
         port = free_port()

@@ -118,7 +118,8 @@ def main() -> None:
     for rate in (float(r) for r in args.rates.split(",")):
         runs.append(("shadowserve", rate, lambda rate=rate: start_server(
             ["--model", str(args.model), *common, "--kv-cache-gib", str(args.kv_cache_gib),
-             "--shadow-rate", str(rate), *args.serve_arg], logs / f"shadowserve-{rate}.log", timeout=900)))
+             "--shadow-rate", str(rate), *args.serve_arg], logs / f"shadowserve-{rate}.log", timeout=900,
+            unconfined=False)))
 
     rows = []
     for label, rate, start in runs:
