@@ -22,6 +22,7 @@ from server.errors import (
     install_error_handlers,
 )
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
+from shadow.placement import MaxMemory
 from shadow.scoring import ReferenceBusyError, ReferenceInfo, ScoreItem, ScoreRequestBody, ScoreResponseBody, to_body
 
 
@@ -45,7 +46,7 @@ class ReferenceSettings(BaseSettings):
     adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on top of the reference")
     name: str | None = Field(default=None, description="reference name reported to servers (default: directory[+adapter])")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
-    max_memory: str | None = Field(
+    max_memory: MaxMemory = Field(
         default=None, description="spread the reference across devices with accelerate's device map, within this "
         "memory per device: '0=70GiB,1=70GiB' (GPU indices), cpu=SIZE, disk=SIZE (offload, slow)")
     trust_remote_code: bool = Field(default=False, description="run the Python code in the model's directory (auto_map)")
@@ -67,15 +68,6 @@ class ReferenceSettings(BaseSettings):
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1, description="largest score request body, in bytes (else 413)")
     docs: CliImplicitFlag[bool] = Field(default=False, description="serve /docs, /redoc and /openapi.json")
     log_level: str = Field(default="info")
-
-    @field_validator("max_memory")
-    @classmethod
-    def _max_memory(cls, value: str | None) -> str | None:
-        if value is not None:
-            from shadow.placement import parse_max_memory
-
-            parse_max_memory(value)
-        return value
 
     @field_validator("tokens", mode="before")
     @classmethod

@@ -9,8 +9,9 @@ import logging
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Annotated
 
-import torch
+from pydantic import AfterValidator
 
 from shadow.scoring import ShadowReferenceError
 
@@ -44,9 +45,20 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     return out
 
 
+def _checked(value: str | None) -> str | None:
+    if value is not None:
+        parse_max_memory(value)
+    return value
+
+
+# A setting holding accelerate's max_memory as text, checked when the settings are read.
+MaxMemory = Annotated[str | None, AfterValidator(_checked)]
+
+
 def plan_device_map(model_dir: Path, max_memory: dict[int | str, str], trust: bool) -> tuple[dict[str, int | str], float]:
     """accelerate's map for the fp32 model within `max_memory` (no weight read), and the
     model's fp32 size in bytes. Refuses a map that spills to disk unless disk was given."""
+    import torch
     from accelerate import infer_auto_device_map, init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -71,6 +83,7 @@ def plan_device_map(model_dir: Path, max_memory: dict[int | str, str], trust: bo
 
 def load_placed(model_dir: Path, max_memory: dict[int | str, str], trust: bool):
     """The fp32 model dispatched by accelerate across `max_memory`'s devices."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     device_map, size = plan_device_map(model_dir, max_memory, trust)

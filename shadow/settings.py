@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from shadow.placement import MaxMemory
 from shadow.verdict import VerdictPolicy
 
 _DEFAULT = VerdictPolicy()
@@ -85,7 +86,7 @@ class ShadowSettings(VerdictSettings):
         default=None, description="`reference` label value (default: the reference's directory or service name)"
     )
     shadow_reference_device: str = Field(default="auto", description="local reference device: auto, cpu, cuda, cuda:N")
-    shadow_reference_max_memory: str | None = Field(
+    shadow_reference_max_memory: MaxMemory = Field(
         default=None, description="spread the local reference across devices with accelerate's device map, "
         "within this memory per device: '0=70GiB,1=70GiB' (GPU indices), cpu=SIZE, disk=SIZE (offload, slow); "
         "a reference that does not fit stops the start")
@@ -171,12 +172,3 @@ class ShadowSettings(VerdictSettings):
     @property
     def shadow_enabled(self) -> bool:
         return self.shadow_rate > 0 or self.shadow_allow_header
-
-    @field_validator("shadow_reference_max_memory")
-    @classmethod
-    def _max_memory(cls, value: str | None) -> str | None:
-        if value is not None:
-            from shadow.placement import parse_max_memory
-
-            parse_max_memory(value)
-        return value
