@@ -109,7 +109,7 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="bind port")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="accepted bearer keys for /v1/* (env: comma-separated); none = no auth",
+        description="accepted bearer keys for /v1/*, /tokenize and /detokenize (env: comma-separated); none = no auth",
     )
     max_n: int = Field(default=16, ge=1, description="largest `n` (choices per request)")
     max_request_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest request body (413 above)")
