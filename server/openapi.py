@@ -97,7 +97,8 @@ def _set_maximum(node: dict, maximum: int) -> None:
 # Request fields whose upper bound is a server setting: (schema, property) per setting.
 LIMITED = {
     "max_n": [("ChatCompletionRequest", "n"), ("CompletionRequest", "n")],
-    "max_logprobs": [("ChatCompletionRequest", "top_logprobs"), ("CompletionRequest", "logprobs")],
+    "max_logprobs": [("ChatCompletionRequest", "top_logprobs"), ("CompletionRequest", "logprobs"),
+                     ("CompletionRequest", "prompt_logprobs")],
 }
 
 

@@ -45,6 +45,16 @@ def _is_off(name: str, value: Any) -> bool:
     return value is None or value == _VLLM_OFF[name]
 
 
+def _document_vllm_off(schema: dict) -> None:
+    """The vLLM extensions a request type does not implement, documented as what passes:
+    their off value or null (anything else is a 400), so /openapi.json tells the truth."""
+    for name, off in _VLLM_OFF.items():
+        schema["properties"].setdefault(name, {
+            "anyOf": [{"const": off}, {"type": "null"}],
+            "description": "vLLM extension not supported here: only its off value (or null) is accepted",
+        })
+
+
 def _is_default(name: str, value: Any, n: int) -> bool:
     if name == "best_of":
         return value is None or value == n
@@ -89,7 +99,7 @@ class StreamOptions(BaseModel):
 
 class _Request(BaseModel):
     # strict: JSON carries exact types, so `"n": true` or `"temperature": "0.5"` are errors.
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_document_vllm_off)
 
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -108,8 +118,9 @@ class _Request(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, description="vLLM: sample among the k likeliest (0 or -1: all)")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0,
                                 description="vLLM: drop tokens below min_p x the likeliest token's probability")
+    # vLLM takes any positive value; past these bounds float32 logits overflow (inf, then NaN).
     repetition_penalty: float | None = Field(
-        default=None, gt=0.0, le=100.0, description="vLLM: >1 discourages tokens already in the prompt or output")
+        default=None, ge=0.01, le=100.0, description="vLLM: >1 discourages tokens already in the prompt or output")
     return_tokens_as_token_ids: bool | None = Field(
         default=None, description="vLLM: log-prob tokens as 'token_id:N' (for tokens that are not valid text)")
 

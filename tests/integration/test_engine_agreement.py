@@ -55,7 +55,9 @@ def test_vllm_and_transformers_agree(vllm_server, hf_server, prompt):
 @pytest.mark.parametrize("extensions", [
     {"repetition_penalty": 1.5},  # greedy path changes: a repeating answer no longer repeats
     {"repetition_penalty": 0.7},
-    {"min_tokens": 12, "max_tokens": 12},  # EOS barred: all 12 tokens generated
+    # EOS barred: all 12 tokens generated (the plain answer, "2 + 2 = 4", stops after 8).
+    {"min_tokens": 12, "max_tokens": 12,
+     "messages": [{"role": "user", "content": "What is 2+2? Answer with a number only."}]},
     {"top_k": 1, "temperature": 1.0, "seed": 3},  # top-k 1 is greedy whatever the temperature
     {"min_p": 0.999, "temperature": 1.0, "seed": 3},  # only the likeliest token is left
 ])
@@ -77,6 +79,6 @@ def test_vllm_sampling_extensions_agree(vllm_server, hf_server, extensions):
     assert on_vllm == on_hf
     if "min_tokens" in extensions:
         plain = text(vllm_server, min_tokens=0)
-        assert on_vllm[1] == 12 and plain[1] < 12, plain  # SmolLM2 answers "Yes." and stops
+        assert on_vllm[1] == 12 and plain[1] < 12, plain
     if "repetition_penalty" in extensions:
         assert on_vllm != text(vllm_server, repetition_penalty=1.0)

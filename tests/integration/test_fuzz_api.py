@@ -58,6 +58,11 @@ KNOWN_FINDINGS = (
     # Cross-field rules the request schema does not express (yet).
     "stream_options is only allowed when stream is true",
     "top_logprobs requires logprobs to be true",
+    "max_tokens 0 generates nothing",
+    "echo and prompt_logprobs are not supported with stream",
+    "min_tokens must be less than or equal to max_tokens",
+    "give either prompt or messages",
+    "add_special_tokens with messages is not supported",
     # seed: 2**63-1 is documented exactly, but a JSON number just above it compares equal
     # as a double in the fuzzer's validator.
     "seed: Input should be less than or equal to",
@@ -129,6 +134,7 @@ def api_schema(fuzz_server):
 OPERATIONS = [
     ("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
     ("GET", "/v1/shadow/verdict"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+    ("POST", "/tokenize"), ("POST", "/detokenize"),
 ]
 
 
