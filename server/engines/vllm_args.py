@@ -32,28 +32,23 @@ class EngineArgError(ValueError):
 
 
 def check_parallel(config: dict, tensor_parallel: int, pipeline_parallel: int) -> None:
-    """The degrees vLLM can split this model into: attention heads divide by the tensor
-    degree (KV heads too, or the degree by them: vLLM then replicates KV heads), and
-    every pipeline stage holds at least one layer."""
+    """The degrees vLLM can split this model into (`adapters.plan.valid_degree`: heads
+    divide by the tensor degree, KV heads divide by it or it by them), and every
+    pipeline stage holding at least one layer."""
+    from adapters.plan import valid_degree
+
     heads = config.get("num_attention_heads")
     kv = config.get("num_key_value_heads") or heads
     layers = config.get("num_hidden_layers")
-    if tensor_parallel > 1 and heads:
-        if heads % tensor_parallel:
-            raise EngineArgError(
-                f"--tensor-parallel-size {tensor_parallel}: the model's {heads} attention heads do not divide by "
-                f"{tensor_parallel} ({kv} KV heads); use a degree that divides both: {_divisors(heads, kv)}")
-        if kv % tensor_parallel and tensor_parallel % kv:
-            raise EngineArgError(
-                f"--tensor-parallel-size {tensor_parallel}: the model's {kv} KV heads neither divide by "
-                f"{tensor_parallel} nor divide it ({heads} attention heads); use one of {_divisors(heads, kv)}")
+    if tensor_parallel > 1 and heads and not valid_degree(heads, kv, tensor_parallel):
+        why = (f"the model's {heads} attention heads do not divide by {tensor_parallel}" if heads % tensor_parallel
+               else f"the model's {kv} KV heads neither divide by {tensor_parallel} nor divide it")
+        working = [d for d in range(1, heads + 1) if valid_degree(heads, kv, d)]
+        raise EngineArgError(f"--tensor-parallel-size {tensor_parallel}: {why} ({heads} attention heads, {kv} KV "
+                             f"heads); use a degree that splits both: {working}")
     if pipeline_parallel > 1 and layers and pipeline_parallel > layers:
         raise EngineArgError(
             f"--pipeline-parallel-size {pipeline_parallel}: the model has only {layers} layers to split")
-
-
-def _divisors(heads: int, kv: int) -> list[int]:
-    return [d for d in range(1, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]
 
 
 def parse_engine_args(pairs: list[str]) -> dict[str, Any]:
