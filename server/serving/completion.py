@@ -17,9 +17,8 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
 
     def prompts(self, request: CompletionRequest) -> list[list[int]]:
         """A string, a token-id list, or a batch of either."""
-        renderer, prompt = self.ctx.renderer, request.prompt
-        batch = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
-        ids = [renderer.text(p) if isinstance(p, str) else renderer.check_ids(p) for p in batch]
+        renderer = self.ctx.renderer
+        ids = [renderer.text(p) if isinstance(p, str) else renderer.check_ids(p) for p in _batch(request.prompt)]
         if any(not p for p in ids):
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return ids
@@ -64,9 +63,8 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
 
     def _prompt_text(self, request: CompletionRequest, p: int, prompt_ids: list[int]) -> str:
         """The prompt as the client sent it (token-id prompts decoded), as vLLM echoes it."""
-        prompt = request.prompt
-        batch = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
-        return batch[p] if isinstance(batch[p], str) else self.ctx.renderer.tokenizer.decode(prompt_ids)
+        prompt = _batch(request.prompt)[p]
+        return prompt if isinstance(prompt, str) else self.ctx.renderer.tokenizer.decode(prompt_ids)
 
     def chunk(
         self, request: CompletionRequest, index: int, piece: EngineChunk, request_id: str, offset: int
@@ -80,3 +78,8 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
 
     def usage_chunk(self, request_id: str, totals: Usage) -> CompletionResponse:
         return CompletionResponse(id=request_id, model=self.ctx.model_name, choices=[], usage=totals)
+
+
+def _batch(prompt: str | list) -> list:
+    """A string, a token-id list, or a batch of either, as a batch."""
+    return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
