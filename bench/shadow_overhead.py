@@ -147,7 +147,13 @@ def main() -> None:
         ratio = f"{r['output_throughput'] / base:.2f}" if base else "—"
         print(f"| {label} | {'—' if rate is None else rate} | {' | '.join(shadow)} | {r['completed']} | "
               f"{r['total_output_tokens']} | {r['output_throughput']:.1f} | {ratio} |")
+    expected = args.num_prompts * args.output_len
     for label, rate, r, _ in rows:
+        # ignore_eos: every request runs to --output-len. The client reads the count from the
+        # stream's usage chunk; a smaller total means it lost events (and the row is wrong).
+        if r["total_output_tokens"] != expected:
+            print(f"INVALID {label} (rate {rate}): the client counted {r['total_output_tokens']} output tokens, "
+                  f"not {expected}: it lost stream events; do not compare this row")
         if r["failed"]:
             first = next((e for e in r["errors"] if e), "")
             print(f"{label} (rate {rate}): {r['failed']} failed requests, first error: {first[:300]}")

@@ -18,7 +18,25 @@ EngineName = Literal["vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class EngineSettings(BaseModel):
+class VllmOptions(BaseModel):
+    """vLLM's own engine options: `serve` and `verify` take the same ones."""
+
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM: tensor-parallel degree (GPUs, or processes on CPU); the attention and KV "
+        "head counts must divide by it")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="vLLM: pipeline-parallel degree (layer stages)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        default=None, description="vLLM: workers as local processes (mp) or on a Ray cluster (default: vLLM's choice)")
+    quantization: str | None = Field(
+        default=None, description="vLLM: quantization method, e.g. awq, gptq, fp8 (default: the checkpoint's own)")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="vLLM: most sequences batched per step")
+    enable_prefix_caching: bool | None = Field(default=None, description="vLLM: reuse KV blocks of shared prefixes")
+    engine_arg: list[str] = Field(
+        default_factory=list, description="vLLM: any other engine argument as KEY=VALUE (repeat the flag), checked by "
+        "vLLM's own parser at start, e.g. block_size=32")
+
+
+class EngineSettings(VllmOptions):
     """What an engine needs to load a candidate."""
 
     model: Path = Field(description="local Hugging Face model directory (config.json, safetensors, tokenizer)")
@@ -41,19 +59,6 @@ class EngineSettings(BaseModel):
         default=False, description="run the Python code in a model's directory (auto_map) for the candidate and the "
         "local reference; off: such a model is refused"
     )
-    tensor_parallel_size: int = Field(
-        default=1, ge=1, description="vLLM: tensor-parallel degree (GPUs, or processes on CPU); the attention and KV "
-        "head counts must divide by it")
-    pipeline_parallel_size: int = Field(default=1, ge=1, description="vLLM: pipeline-parallel degree (layer stages)")
-    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
-        default=None, description="vLLM: workers as local processes (mp) or on a Ray cluster (default: vLLM's choice)")
-    quantization: str | None = Field(
-        default=None, description="vLLM: quantization method, e.g. awq, gptq, fp8 (default: the checkpoint's own)")
-    max_num_seqs: int | None = Field(default=None, ge=1, description="vLLM: most sequences batched per step")
-    enable_prefix_caching: bool | None = Field(default=None, description="vLLM: reuse KV blocks of shared prefixes")
-    engine_arg: list[str] = Field(
-        default_factory=list, description="vLLM: any other engine argument as KEY=VALUE (repeat the flag), checked by "
-        "vLLM's own parser at start, e.g. block_size=32")
 
     @field_validator("model")
     @classmethod
@@ -69,10 +74,10 @@ class EngineSettings(BaseModel):
         vLLM's parser, so a mistake stops the start before any weight is read."""
         import json
 
-        from server.engines.vllm_args import check_parallel, parse_engine_args
+        from server.engines.vllm_args import check_cpu_pipeline, check_parallel, parse_engine_args
 
-        vllm_only = [name for name in VLLM_ONLY if getattr(self, name) != type(self).model_fields[name].get_default(
-            call_default_factory=True)]
+        vllm_only = [name for name, field in VllmOptions.model_fields.items()
+                     if getattr(self, name) != field.get_default(call_default_factory=True)]
         if self.engine != "vllm":
             if vllm_only:
                 flags = ", ".join("--" + name.replace("_", "-") for name in vllm_only)
@@ -80,6 +85,10 @@ class EngineSettings(BaseModel):
             return self
         config = json.loads((self.model / "config.json").read_text())
         check_parallel(config.get("text_config", config), self.tensor_parallel_size, self.pipeline_parallel_size)
+        if self.pipeline_parallel_size > 1:
+            from vllm.platforms import current_platform
+
+            check_cpu_pipeline(self.pipeline_parallel_size, self.enforce_eager, current_platform.is_cpu())
         if self.quantization is not None:
             from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
@@ -92,10 +101,6 @@ class EngineSettings(BaseModel):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.name
-
-
-VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "quantization",
-             "max_num_seqs", "enable_prefix_caching", "engine_arg")
 
 
 class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):

@@ -51,6 +51,17 @@ def check_parallel(config: dict, tensor_parallel: int, pipeline_parallel: int) -
             f"--pipeline-parallel-size {pipeline_parallel}: the model has only {layers} layers to split")
 
 
+def check_cpu_pipeline(pipeline_parallel: int, enforce_eager: bool, on_cpu: bool) -> None:
+    """vLLM's CPU backend allocates the buffers a later pipeline stage receives into only
+    in its compile warm-up, which eager mode skips: the first request then kills the engine
+    (`assert self.intermediate_tensors is not None`, seen with vLLM 0.32 on CPU)."""
+    if on_cpu and pipeline_parallel > 1 and enforce_eager:
+        raise EngineArgError(
+            f"--pipeline-parallel-size {pipeline_parallel} with --enforce-eager true: vLLM's CPU backend skips the "
+            "warm-up that sets up a later stage's input buffers in eager mode, and its engine dies on the first "
+            "request; give --enforce-eager false (compiled, about 2 minutes more to start)")
+
+
 def parse_engine_args(pairs: list[str]) -> dict[str, Any]:
     """`KEY=VALUE` pairs (KEY in vLLM's spelling, dashes or underscores) to typed
     `AsyncEngineArgs` fields, through vLLM's own argument parser."""

@@ -87,4 +87,7 @@ def sse_response(events: AsyncIterator[BaseModel]) -> EventSourceResponse:
             yield json.dumps(APIError("internal server error").body())
         yield "[DONE]"
 
-    return EventSourceResponse(lines(), ping=15, sep="\n")
+    # No keep-alive comments (ping=0): neither OpenAI nor vLLM sends them, and clients that
+    # parse SSE by hand lose events after one (vLLM's own `bench serve` client drops every
+    # event that follows a comment line until two events share a read: usage included).
+    return EventSourceResponse(lines(), ping=0, sep="\n")

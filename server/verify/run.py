@@ -19,7 +19,6 @@ from server.protocol import ChatCompletionRequest
 from server.serving.chat import ChatHandler
 from server.serving.context import ServingContext
 from server.serving.prompts import PromptRenderer
-from server.settings import EngineSettings
 from server.verify.inputs import corpus_windows, load_prompts
 from server.verify.settings import VerifySettings
 from shadow.factory import build_shadow_path, load_reference
@@ -53,6 +52,7 @@ def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:
         shadow_reference_model=settings.reference,
         shadow_reference_adapter=settings.adapter,
         shadow_reference_device=settings.reference_device,
+        shadow_reference_max_memory=settings.reference_max_memory,
         shadow_queue_size=samples + 1,
         shadow_queue_tokens=2**62,
         shadow_max_duty=1.0,  # offline: no client to leave the host to
@@ -76,12 +76,7 @@ async def verify(settings: VerifySettings) -> VerifyResult:
     config = shadow_settings(settings, len(work))
     scorer = await asyncio.to_thread(
         load_reference, config, settings.candidate, renderer.tokenizer, trust_remote_code=settings.trust_remote_code)
-    engine_settings = EngineSettings(
-        model=settings.candidate, served_model_name=CANDIDATE_NAME, engine=settings.engine, dtype=settings.dtype,
-        max_model_len=settings.max_model_len, max_logprobs=settings.top_k, enforce_eager=settings.enforce_eager,
-        kv_cache_gib=settings.kv_cache_gib, trust_remote_code=settings.trust_remote_code,
-    )
-    engine = await asyncio.to_thread(load_engine, engine_settings)
+    engine = await asyncio.to_thread(load_engine, settings.engine_settings(CANDIDATE_NAME))
     try:
         shadow = await asyncio.to_thread(
             build_shadow_path, config, scorer, model_name=CANDIDATE_NAME, serving_dtype=engine.dtype,

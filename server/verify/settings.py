@@ -8,11 +8,12 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliImplicitFlag, CliPositionalArg
 
-from server.settings import DType, EngineName
+from server.settings import DType, EngineName, EngineSettings, VllmOptions
+from shadow.placement import MaxMemory
 from shadow.settings import VerdictSettings
 
 
-class VerifySettings(VerdictSettings):
+class VerifySettings(VerdictSettings, VllmOptions):
     """Judge a candidate against its reference offline: the shadow pipeline on fixed prompts
     (or a corpus), the noise floor beside it, a report and a verdict. Exit code 0 pass,
     1 fail, 3 inconclusive, 2 usage or load error."""
@@ -34,6 +35,9 @@ class VerifySettings(VerdictSettings):
     top_k: int = Field(default=20, ge=1, le=100, description="candidate (and noise-floor) log-probs compared per token")
     near_tie_margin: float = Field(default=0.25, ge=0, description="nats: a first divergence within it is near_tie, else hard")
     reference_device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    reference_max_memory: MaxMemory = Field(
+        default=None, description="spread the reference across devices within this memory per device, as "
+        "serve's --shadow-reference-max-memory: '0=70GiB,1=70GiB', cpu=SIZE, disk=SIZE")
     trust_remote_code: bool = Field(
         default=False, description="run the Python code a model's directory names in its auto_map (candidate and reference)"
     )
@@ -63,4 +67,14 @@ class VerifySettings(VerdictSettings):
     def _one_input(self) -> VerifySettings:
         if self.corpus is not None and self.prompts is not None:
             raise ValueError("give --prompts or --corpus, not both")
+        self.engine_settings()  # the engine options are checked now, before anything loads
         return self
+
+    def engine_settings(self, served_model_name: str | None = None) -> EngineSettings:
+        """The candidate's engine as `serve` would load it, with the same vLLM options."""
+        return EngineSettings(
+            model=self.candidate, served_model_name=served_model_name, engine=self.engine, dtype=self.dtype,
+            max_model_len=self.max_model_len, max_logprobs=self.top_k, enforce_eager=self.enforce_eager,
+            kv_cache_gib=self.kv_cache_gib, trust_remote_code=self.trust_remote_code,
+            **self.model_dump(include=set(VllmOptions.model_fields)),
+        )

@@ -10,7 +10,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from server.engines.vllm_args import EngineArgError, check_parallel, parse_engine_args
+from server.engines.vllm_args import EngineArgError, check_cpu_pipeline, check_parallel, parse_engine_args
 from server.settings import ServeSettings
 
 # SmolLM2-135M: 9 query heads, 3 KV heads, 30 layers. InternLM2-20B: 48 / 8 / 48.
@@ -128,3 +128,47 @@ def test_config_of_a_multimodal_model_uses_its_text_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"text_config": SMOLLM2}))
     with pytest.raises(ValidationError, match="9 attention heads"):
         ServeSettings(model=tmp_path, tensor_parallel_size=2)
+
+
+def test_verify_hands_its_engine_the_same_vllm_options(demo_model):
+    """verify takes serve's vLLM options and builds the engine from them; a bad layout stops
+    it while its flags are read, before the reference loads."""
+    from server.verify.settings import VerifySettings
+
+    settings = VerifySettings(candidate=demo_model, reference=demo_model, tensor_parallel_size=3,
+                              pipeline_parallel_size=2, enforce_eager=False, max_num_seqs=4, engine_arg=["block_size=32"],
+                              reference_max_memory="cpu=2GiB")
+    engine = settings.engine_settings("candidate")
+    assert (engine.tensor_parallel_size, engine.pipeline_parallel_size, engine.max_num_seqs, engine.engine_arg) == \
+        (3, 2, 4, ["block_size=32"])
+    assert (engine.model, engine.model_name, engine.max_logprobs) == (demo_model, "candidate", settings.top_k)
+    with pytest.raises(ValidationError, match="9 attention heads"):
+        VerifySettings(candidate=demo_model, reference=demo_model, tensor_parallel_size=2)
+    with pytest.raises(ValidationError, match="vLLM engine options"):
+        VerifySettings(candidate=demo_model, reference=demo_model, engine="transformers", max_num_seqs=4)
+
+
+def test_verify_cli_refuses_a_bad_layout_with_exit_2(demo_model):
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "verify", str(demo_model), str(demo_model), "--tensor-parallel-size", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "9 attention heads" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_eager_pipeline_on_cpu_is_refused_before_it_kills_the_engine(demo_model):
+    """vLLM's CPU backend, eager, pipeline 2: the second stage's input buffers are never set
+    up and the first request kills the engine (seen here); compiled it works
+    (test_pipeline_parallel)."""
+    with pytest.raises(EngineArgError, match="--enforce-eager false"):
+        check_cpu_pipeline(2, enforce_eager=True, on_cpu=True)
+    check_cpu_pipeline(2, enforce_eager=False, on_cpu=True)
+    check_cpu_pipeline(2, enforce_eager=True, on_cpu=False)  # GPUs warm up in eager mode too
+    check_cpu_pipeline(1, enforce_eager=True, on_cpu=True)
+    with pytest.raises(ValidationError, match="engine dies on the first request"):
+        ServeSettings(model=demo_model, pipeline_parallel_size=2, enforce_eager=True)
+    from server.verify.settings import VerifySettings  # verify is eager by default
+
+    with pytest.raises(ValidationError, match="--enforce-eager false"):
+        VerifySettings(candidate=demo_model, reference=demo_model, pipeline_parallel_size=2)
