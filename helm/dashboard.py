@@ -168,7 +168,7 @@ PANELS = [
     dict(
         title="Shadow samples by outcome",
         description=("compared; dropped (queue full or shutdown); skipped (aborted, failed or empty generation); error "
-                     "(reference failed, timed out or returned NaN)."),
+                     "(reference failed, a remote reference timed out, or NaN)."),
         unit="reqps",
         targets=[target(f"sum by (outcome) ({rate('shadow_samples_total')})", "{{outcome}}")],
     ),

@@ -74,6 +74,8 @@ def remote_code_allowed(model_dir: Path, trust: bool) -> bool:
 
 
 class LocalScorer:
+    cancellable = False  # a forward in progress cannot be abandoned (see Scorer.cancellable)
+
     def __init__(self, model, tokenizer, name: str, device: torch.device):
         self._model = model
         self.name = name

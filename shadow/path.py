@@ -283,7 +283,7 @@ class ShadowPath:
             try:
                 stats += await asyncio.wait_for(
                     self.scorer.score(chunk, self.settings.shadow_reference_top_m, noise_top_k),
-                    self.settings.shadow_timeout_s,
+                    self.settings.shadow_timeout_s if self.scorer.cancellable else None,
                 )
             except Exception as exc:
                 log.warning("shadow: reference failed on %d samples: %s", len(batch), str(exc) or type(exc).__name__)

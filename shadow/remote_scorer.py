@@ -61,6 +61,8 @@ def fetch_info(url: str, token: str | None, timeout: float) -> ReferenceInfo:
 
 
 class RemoteScorer:
+    cancellable = True
+
     def __init__(self, url: str, token: str | None, timeout: float, info: ReferenceInfo | None, name: str | None = None):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)

@@ -77,6 +77,11 @@ class Scorer(Protocol):
     name: str
     vocab: VocabInfo
     noise_dtype: str | None  # the dtype the noise floor is computed in; None until enabled
+    # Whether giving up on a slow call frees the reference. A remote call can be abandoned
+    # (shadow_timeout_s bounds it); an in-process forward cannot be stopped: timing it out
+    # would only count a batch that is still computing as an error and make the next one
+    # wait behind it, so a slow local reference is bounded by the queue (drops) instead.
+    cancellable: bool
 
     def enable_noise_floor(self, dtype: str) -> None:
         """Blocking: prepare the reference in the serving dtype, or raise ShadowReferenceError."""

@@ -18,6 +18,7 @@ class EchoScorer:
 
     name = "echo"
     vocab = VocabInfo(3, "x")
+    cancellable = True  # an abandoned call frees it, as a remote reference's does
 
     def __init__(self, flip_at: int | None = None, delay: float = 0.0):
         self.batches: list[int] = []

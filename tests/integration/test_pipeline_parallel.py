@@ -56,10 +56,14 @@ def shadow_total(server: RunningServer, name: str, **labels) -> float:
                if s.name == name and labels.items() <= s.labels.items())
 
 
-def transformers_greedy(model_dir, tokenizer, prompt: str) -> str:
+@pytest.fixture(scope="module")
+def transformers_model(demo_model):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+
+
+def transformers_greedy(model, tokenizer, prompt: str) -> str:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)
     with torch.no_grad():
@@ -74,7 +78,7 @@ def test_the_engine_really_runs_two_stages(split_server):
     assert len(ranks) == 2, f"expected two pipeline worker processes, saw {ranks}"
 
 
-def test_the_openai_client_gets_transformers_greedy_tokens(split_server, demo_model, tokenizer):
+def test_the_openai_client_gets_transformers_greedy_tokens(split_server, transformers_model, tokenizer):
     client = openai.OpenAI(base_url=f"{split_server.url}/v1", api_key=API_KEY, max_retries=0)
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
@@ -82,7 +86,7 @@ def test_the_openai_client_gets_transformers_greedy_tokens(split_server, demo_mo
                                                temperature=0)
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model=MODEL_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
-        expected = transformers_greedy(demo_model, tokenizer, prompt)
+        expected = transformers_greedy(transformers_model, tokenizer, prompt)
         assert reply.choices[0].message.content == expected == streamed
 
 

@@ -39,6 +39,7 @@ class Recording:
 
     def __init__(self, inner):
         self.inner, self.name, self.vocab, self.noise_dtype = inner, inner.name, inner.vocab, None
+        self.cancellable = inner.cancellable
         self.batches: list[list[ScoreItem]] = []
 
     async def score(self, items, top_m, noise_top_k=None):
