@@ -40,6 +40,7 @@ def stage_cpus() -> str:
 def split_server(demo_model, tmp_path_factory) -> RunningServer:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLLM_CPU_OMP_THREADS_BIND", stage_cpus())
+        patch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # the stage check reads vLLM's start-up lines
         server = start_server(
             ["--model", str(demo_model), "--dtype", "float32", "--enforce-eager", "false", "--max-model-len", "1024",
              "--kv-cache-gib", "1", "--pipeline-parallel-size", "2", "--distributed-executor-backend", "mp",
