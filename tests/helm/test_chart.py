@@ -58,6 +58,11 @@ def test_candidate_deployment(stable):
     assert container.startup_probe.http_get.path == "/health"
     assert container.startup_probe.period_seconds * container.startup_probe.failure_threshold >= 600
     assert deployment.spec.template.spec.volumes[0].persistent_volume_claim.claim_name == "models"
+    # vLLM's engine processes talk through /dev/shm: a container's 64 MiB default stopped
+    # the engine in the CPU image ("160 MiB required, 62 MiB free").
+    shm = next(v for v in deployment.spec.template.spec.volumes if v.name == "shm")
+    assert (shm.empty_dir.medium, shm.empty_dir.size_limit) == ("Memory", "1Gi")
+    assert any(m.name == "shm" and m.mount_path == "/dev/shm" for m in container.volume_mounts)
     args = container.args
     assert args[0] == "serve" and "--shadow-labels=variant=stable" in args
     assert "--shadow-reference-url=http://shadowserve-stable-reference:8001" in args
@@ -192,6 +197,7 @@ BAD_VALUES = [
     ({"prometheusRule": {"window": "ten minutes"}}, "/prometheusRule/window"),
     ({"analysis": {"prometheusAddress": "prometheus:9090"}}, "/analysis/prometheusAddress"),
     ({"candidate": {"modelVolume": {"claimName": "", "path": "/m"}}}, "/candidate/modelVolume/claimName"),
+    ({"candidate": {"shmSize": "lots"}}, "/candidate/shmSize"),
 ]
 
 
