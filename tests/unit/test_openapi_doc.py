@@ -66,3 +66,33 @@ def test_statuses_schemas_and_media_types(auth):
         "logprobs"]["anyOf"][0].items()
     message = schemas["AssistantMessage"]
     assert "refusal" in message["properties"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_schema_valid_vllm_extensions_are_accepted(path):
+    """What schemathesis generates as schema-valid for the unsupported vLLM extensions
+    passes the request model (CI once drew `kv_transfer_params: 54826` from a
+    `{"const": null}` the generator ignores)."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+
+    from server.protocol import _VLLM_OFF
+
+    model = ChatCompletionRequest if "chat" in path else CompletionRequest
+    own = set(model.model_fields)
+    operation = schemathesis.openapi.from_dict(make_app(auth=False).openapi())[path]["POST"]
+    seen = set()
+
+    @given(case=operation.as_strategy(GenerationMode.POSITIVE))
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    def check(case):
+        extensions = {k: v for k, v in case.body.items() if k in _VLLM_OFF and k not in own}
+        seen.update(extensions)
+        body = {"model": "m", **({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}),
+                **extensions}
+        model.model_validate(body)  # raises on a refused extension
+
+    check()
+    assert len(seen) >= 10  # the generator did reach the extension fields
