@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -77,6 +78,35 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def in_daemon_thread(fn: Callable[[], object]) -> asyncio.Future:
+    """`fn()` on a thread of its own, awaitable. Not the loop's default executor: a start
+    that hangs inside the engine would hold asyncio.run's exit (it joins that executor),
+    while a daemon thread is simply left behind."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(outcome: BaseException | None, result: object = None) -> None:
+        if future.done():  # awaited no longer (timed out, or the server stopped)
+            return
+        if outcome is None:
+            future.set_result(result)
+        else:
+            future.set_exception(outcome)
+
+    def run() -> None:
+        try:
+            result, outcome = fn(), None
+        except BaseException as exc:  # noqa: BLE001 (handed to the awaiting task)
+            result, outcome = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, outcome, result)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            pass
+
+    threading.Thread(target=run, name="engine-load", daemon=True).start()
+    return future
+
+
 class ServerState:
     """Readiness: `ctx` appears once the engine is up; `error` if loading failed or the
     engine died; `draining` from SIGTERM on. Only a ready, live, undrained server admits."""
@@ -84,6 +114,7 @@ class ServerState:
     def __init__(self) -> None:
         self.ctx: ServingContext | None = None
         self.error: str | None = None
+        self.loading = False  # the engine's load thread is running (it may hang inside the engine)
         self.draining = False
         self.in_flight = InFlight()
         self.chat: ChatHandler | None = None
@@ -148,16 +179,29 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        async def load() -> None:
+        def load_in_thread() -> ServingContext:
             try:
-                ctx = await asyncio.to_thread(load_context, settings, registry)
+                return load_context(settings, registry)
+            finally:
+                state.loading = False
+
+        async def load() -> None:
+            limit = settings.start_timeout_s or None
+            try:
+                state.loading = True
+                ctx = await asyncio.wait_for(in_daemon_thread(load_in_thread), limit)
                 if ctx.shadow is not None:
                     ctx.shadow.start()
                 state.ready(ctx)
                 log.info("model %s ready (%s engine)", settings.model_name, settings.engine)
-            except Exception as exc:
+            except TimeoutError:  # the thread is left behind; the caller ends the process
+                state.error = f"engine did not start within {limit:.0f}s (--start-timeout-s)"
+                log.error("%s", state.error)
+            except (Exception, SystemExit) as exc:  # a library's SystemExit in the load thread too
                 log.exception("engine failed to load")
-                state.error = f"engine failed to load: {exc}"
+                state.error = f"engine failed to load: {exc!r}" if isinstance(exc, SystemExit) else \
+                    f"engine failed to load: {exc}"
+            if state.error:
                 if on_fatal:
                     on_fatal()
                 return

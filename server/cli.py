@@ -241,7 +241,7 @@ def run_server(settings: ServeSettings) -> None:
     from prometheus_client import REGISTRY, CollectorRegistry
 
     from server.app import create_app
-    from server.lifecycle import GracefulServer
+    from server.lifecycle import GracefulServer, abandon_load
     from server.serving.context import ServingContext
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -258,6 +258,8 @@ def run_server(settings: ServeSettings) -> None:
                             timeout_graceful_shutdown=5)
     server = GracefulServer(config, app.state.drain)
     server.run()
+    if app.state.server.loading:  # stopped or timed out mid-start: the load thread may never return
+        abandon_load(app.state.server.error)
     if app.state.server.error:
         sys.exit(f"shadowserve serve: {app.state.server.error}")
 

@@ -4,16 +4,22 @@ SIGTERM: /health turns 503 and new requests are refused (503), the listener stay
 while in-flight requests finish (at most `shutdown_grace_s`), then uvicorn stops, the
 shadow queue drains and the process exits 0. A second SIGTERM, or SIGINT, stops at once.
 An engine that dies ends the process with a non-zero status (see app.py's watchdog).
+A start that never finished (SIGTERM during load, --start-timeout-s, or an engine whose
+start hangs) ends the engine's processes and the process itself without joining the
+load thread, which may never return: `abandon_load`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import time
 from types import FrameType
 
+import psutil
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -99,3 +105,31 @@ class GracefulServer(uvicorn.Server):
             log.exception("drain failed")
         log.info("drained in %.1fs; shutting down", time.monotonic() - started)
         self.should_exit = True
+
+
+def abandon_load(error: str | None, grace_s: float = 5.0) -> None:
+    """Ends the process while the engine's load thread still runs: the engine's child
+    processes (vLLM's EngineCore and its workers) get SIGTERM, then SIGKILL after
+    `grace_s`, and the process exits at once (1 with `error`, else 0), since Python's exit
+    would otherwise wait on that thread for ever."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        _signal(child, psutil.Process.terminate)
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        _signal(child, psutil.Process.kill)
+    psutil.wait_procs(alive, timeout=grace_s)
+    log.warning("engine start abandoned: %d engine process(es) ended", len(children))
+    if error:
+        print(f"shadowserve serve: {error}", file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if error else 0)
+
+
+def _signal(process: psutil.Process, send) -> None:
+    try:
+        send(process)
+    except psutil.NoSuchProcess:
+        pass

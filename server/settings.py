@@ -130,6 +130,11 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
     shutdown_grace_s: float = Field(
         default=30.0, ge=0, description="on SIGTERM, time in-flight requests get to finish (then the shadow drains)"
     )
+    start_timeout_s: float = Field(
+        default=1800.0, ge=0,
+        description="longest the engine may take to load and start, compilation included (0: no limit); "
+                    "past it the server exits 1 (a vLLM start can hang after a failed compile)",
+    )
     docs: bool = Field(default=False, description="serve /docs and /openapi.json (off: the API surface stays unlisted)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
 
