@@ -160,7 +160,7 @@ def test_verify_cli_refuses_a_bad_layout_with_exit_2(demo_model):
 def test_an_eager_pipeline_on_cpu_is_refused_before_it_kills_the_engine(demo_model):
     """vLLM's CPU backend, eager, pipeline 2: the second stage's input buffers are never set
     up and the first request kills the engine (seen here); compiled it works
-    (test_pipeline_parallel)."""
+    (test_parallel)."""
     with pytest.raises(EngineArgError, match="--enforce-eager false"):
         check_cpu_pipeline(2, enforce_eager=True, on_cpu=True)
     check_cpu_pipeline(2, enforce_eager=False, on_cpu=True)
