@@ -74,7 +74,7 @@ class EngineSettings(VllmOptions):
         vLLM's parser, so a mistake stops the start before any weight is read."""
         import json
 
-        from server.engines.vllm_args import check_cpu_pipeline, check_parallel, parse_engine_args
+        from server.engines.vllm_args import check_parallel, check_platform, parse_engine_args
 
         vllm_only = [name for name, field in VllmOptions.model_fields.items()
                      if getattr(self, name) != field.get_default(call_default_factory=True)]
@@ -85,10 +85,11 @@ class EngineSettings(VllmOptions):
             return self
         config = json.loads((self.model / "config.json").read_text())
         check_parallel(config.get("text_config", config), self.tensor_parallel_size, self.pipeline_parallel_size)
-        if self.pipeline_parallel_size > 1:
+        if self.pipeline_parallel_size > 1 or self.distributed_executor_backend == "ray":
             from vllm.platforms import current_platform
 
-            check_cpu_pipeline(self.pipeline_parallel_size, self.enforce_eager, current_platform.is_cpu())
+            check_platform(self.pipeline_parallel_size, self.enforce_eager, self.distributed_executor_backend,
+                           current_platform)
         if self.quantization is not None:
             from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 

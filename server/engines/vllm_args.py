@@ -51,11 +51,21 @@ def check_parallel(config: dict, tensor_parallel: int, pipeline_parallel: int) -
             f"--pipeline-parallel-size {pipeline_parallel}: the model has only {layers} layers to split")
 
 
-def check_cpu_pipeline(pipeline_parallel: int, enforce_eager: bool, on_cpu: bool) -> None:
-    """vLLM's CPU backend allocates the buffers a later pipeline stage receives into only
-    in its compile warm-up, which eager mode skips: the first request then kills the engine
-    (`assert self.intermediate_tensors is not None`, seen with vLLM 0.32 on CPU)."""
-    if on_cpu and pipeline_parallel > 1 and enforce_eager:
+def check_platform(pipeline_parallel: int, enforce_eager: bool, backend: str | None, platform) -> None:
+    """What vLLM's platform (`vllm.platforms.current_platform`) cannot run, refused before
+    anything starts:
+    - Ray where the platform has no Ray device (`ray_device_key` empty, vLLM's own test):
+      its CPU backend starts a Ray instance and then fails with "current platform cpu does
+      not support ray." (vLLM 0.32).
+    - A pipeline in eager mode on CPU: the backend allocates the buffers a later stage
+      receives into only in its compile warm-up, which eager mode skips, so the first
+      request kills the engine (`assert self.intermediate_tensors is not None`)."""
+    if backend == "ray" and not platform.ray_device_key:
+        raise EngineArgError(
+            f"--distributed-executor-backend ray: vLLM's {platform.device_name} backend does not support Ray "
+            "(it would start a Ray instance, then fail with 'current platform "
+            f"{platform.device_name} does not support ray.'); use mp, vLLM's processes on this host")
+    if platform.is_cpu() and pipeline_parallel > 1 and enforce_eager:
         raise EngineArgError(
             f"--pipeline-parallel-size {pipeline_parallel} with --enforce-eager true: vLLM's CPU backend skips the "
             "warm-up that sets up a later stage's input buffers in eager mode, and its engine dies on the first "

@@ -6,11 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
-from server.engines.vllm_args import EngineArgError, check_cpu_pipeline, check_parallel, parse_engine_args
+from server.engines.vllm_args import (
+    EngineArgError,
+    check_parallel,
+    check_platform,
+    parse_engine_args,
+)
 from server.settings import ServeSettings
 
 # SmolLM2-135M: 9 query heads, 3 KV heads, 30 layers. InternLM2-20B: 48 / 8 / 48.
@@ -157,18 +163,37 @@ def test_verify_cli_refuses_a_bad_layout_with_exit_2(demo_model):
     assert "9 attention heads" in result.stderr and "Traceback" not in result.stderr
 
 
+# vLLM's CUDA platform cannot be imported from the CPU build: its two attributes used here.
+GPU = SimpleNamespace(device_name="cuda", ray_device_key="GPU", is_cpu=lambda: False)
+
+
 def test_an_eager_pipeline_on_cpu_is_refused_before_it_kills_the_engine(demo_model):
     """vLLM's CPU backend, eager, pipeline 2: the second stage's input buffers are never set
     up and the first request kills the engine (seen here); compiled it works
     (test_parallel)."""
+    from vllm.platforms.cpu import CpuPlatform
+
     with pytest.raises(EngineArgError, match="--enforce-eager false"):
-        check_cpu_pipeline(2, enforce_eager=True, on_cpu=True)
-    check_cpu_pipeline(2, enforce_eager=False, on_cpu=True)
-    check_cpu_pipeline(2, enforce_eager=True, on_cpu=False)  # GPUs warm up in eager mode too
-    check_cpu_pipeline(1, enforce_eager=True, on_cpu=True)
+        check_platform(2, True, "mp", CpuPlatform())
+    check_platform(2, False, "mp", CpuPlatform())
+    check_platform(2, True, "mp", GPU)  # GPUs warm up in eager mode too
+    check_platform(1, True, "mp", CpuPlatform())
     with pytest.raises(ValidationError, match="engine dies on the first request"):
         ServeSettings(model=demo_model, pipeline_parallel_size=2, enforce_eager=True)
     from server.verify.settings import VerifySettings  # verify is eager by default
 
     with pytest.raises(ValidationError, match="--enforce-eager false"):
         VerifySettings(candidate=demo_model, reference=demo_model, pipeline_parallel_size=2)
+
+
+def test_ray_on_the_cpu_backend_is_refused_with_vllms_reason(demo_model):
+    """Ray 2.60 installs and starts here, and vLLM 0.32's CPU backend then fails with
+    "current platform cpu does not support ray." (seen): refused before anything starts.
+    The platform's own `ray_device_key` decides, so a GPU host passes."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    with pytest.raises(EngineArgError, match="does not support ray"):
+        check_platform(1, True, "ray", CpuPlatform())
+    check_platform(1, True, "ray", GPU)
+    with pytest.raises(ValidationError, match="use mp"):
+        ServeSettings(model=demo_model, tensor_parallel_size=3, distributed_executor_backend="ray")
