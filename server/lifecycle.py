@@ -110,8 +110,8 @@ class GracefulServer(uvicorn.Server):
 def abandon_load(error: str | None, grace_s: float = 5.0) -> None:
     """Ends the process while the engine's load thread still runs: the engine's child
     processes (vLLM's EngineCore and its workers) get SIGTERM, then SIGKILL after
-    `grace_s`, and the process exits at once (1 with `error`, else 0), since Python's exit
-    would otherwise wait on that thread for ever."""
+    `grace_s`, and the process exits at once (1 with `error`, else 0): a normal exit would
+    join the engine's non-daemon processes and run the hung engine's exit hooks."""
     children = psutil.Process().children(recursive=True)
     for child in children:
         _signal(child, psutil.Process.terminate)
