@@ -7,6 +7,7 @@ answer 503 while weights load (Kubernetes readiness), then 200.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -82,29 +83,18 @@ def in_daemon_thread(fn: Callable[[], object]) -> asyncio.Future:
     """`fn()` on a thread of its own, awaitable. Not the loop's default executor: a start
     that hangs inside the engine would hold asyncio.run's exit (it joins that executor),
     while a daemon thread is simply left behind."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(outcome: BaseException | None, result: object = None) -> None:
-        if future.done():  # awaited no longer (timed out, or the server stopped)
-            return
-        if outcome is None:
-            future.set_result(result)
-        else:
-            future.set_exception(outcome)
+    done: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
+        if not done.set_running_or_notify_cancel():  # given up on before it began
+            return
         try:
-            result, outcome = fn(), None
-        except BaseException as exc:  # noqa: BLE001 (handed to the awaiting task)
-            result, outcome = None, exc
-        try:
-            loop.call_soon_threadsafe(settle, outcome, result)
-        except RuntimeError:  # the loop is closed: nobody is waiting
-            pass
+            done.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 (a library's SystemExit too: handed to the awaiting task)
+            done.set_exception(exc)
 
     threading.Thread(target=run, name="engine-load", daemon=True).start()
-    return future
+    return asyncio.wrap_future(done)
 
 
 class ServerState:

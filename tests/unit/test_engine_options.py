@@ -11,12 +11,7 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from server.engines.vllm_args import (
-    EngineArgError,
-    check_parallel,
-    check_platform,
-    parse_engine_args,
-)
+from server.engines.vllm_args import EngineArgError, check_parallel, check_platform, parse_engine_args
 from server.settings import ServeSettings
 
 # SmolLM2-135M: 9 query heads, 3 KV heads, 30 layers. InternLM2-20B: 48 / 8 / 48.
