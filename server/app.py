@@ -41,6 +41,7 @@ from server.serving.context import ServingContext
 from server.serving.tokenize import TokenizeHandler
 from server.settings import ServeSettings
 from shadow.report import ShadowReport
+from shadow.scoring import ReferenceLoadError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 # `X-Shadow: always|never`, honoured only when the operator allows it (shadow settings).
 ShadowHeader = Annotated[str | None, Header(alias="X-Shadow")]
 
+REFERENCE_EXIT = 2  # a reference that cannot be used is a configuration error (as verify's exit 2)
 HEALTH_INTERVAL_S = 0.5  # how often the engine's health is read (vLLM notices a dead core at once)
 FATAL_LINGER_S = 2.0  # a dead engine's server answers 503 this long before it exits
 
@@ -104,6 +106,7 @@ class ServerState:
     def __init__(self) -> None:
         self.ctx: ServingContext | None = None
         self.error: str | None = None
+        self.exit_code = 1  # the process's status when `error` ends it
         self.loading = False  # the engine's load thread is running (it may hang inside the engine)
         self.draining = False
         self.in_flight = InFlight()
@@ -187,6 +190,9 @@ def create_app(
             except TimeoutError:  # the thread is left behind; the caller ends the process
                 state.error = f"engine did not start within {limit:.0f}s (--start-timeout-s)"
                 log.error("%s", state.error)
+            except ReferenceLoadError as exc:  # the engine was not even started: the reference is at fault
+                log.error("the reference failed to load: %s", exc)
+                state.error, state.exit_code = f"the reference failed to load: {exc}", REFERENCE_EXIT
             except (Exception, SystemExit) as exc:  # a library's SystemExit in the load thread too
                 log.exception("engine failed to load")
                 state.error = f"engine failed to load: {exc!r}" if isinstance(exc, SystemExit) else \

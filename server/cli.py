@@ -261,7 +261,8 @@ def run_server(settings: ServeSettings) -> None:
     if app.state.server.loading:  # stopped or timed out mid-start: the load thread may never return
         abandon_load(app.state.server.error)
     if app.state.server.error:
-        sys.exit(f"shadowserve serve: {app.state.server.error}")
+        print(f"shadowserve serve: {app.state.server.error}", file=sys.stderr)
+        sys.exit(app.state.server.exit_code)
 
 
 def run_reference(settings: ReferenceSettings) -> None:

@@ -106,6 +106,7 @@ def create_reference_app(
     info = ReferenceInfo(
         name=scorer.name, vocab_size=scorer.vocab.size, vocab_sha256=scorer.vocab.sha256, dtype="float32",
         noise_dtype=scorer.noise_dtype, max_item_tokens=max_item_tokens, max_request_tokens=max_request_tokens,
+        loaded_as=scorer.loaded_as, integrity_problems=scorer.integrity_problems,
     )
 
     @app.get("/health")

@@ -4,6 +4,7 @@ registry, and the optional capture."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -11,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from shadow.capture import DivergenceCapture
 from shadow.metrics import CANDIDATE, NOISE_FLOOR, ShadowMetrics
 from shadow.path import ShadowPath
+from shadow.reference_check import ReferenceCheck
 from shadow.scoring import Scorer, check_same_vocab, vocab_fingerprint
 from shadow.settings import ShadowSettings
 
@@ -64,9 +66,11 @@ def build_shadow_path(
     serving_dtype: str,
     candidate_tokenizer,
     registry: CollectorRegistry,
+    self_check: Callable[[], Awaitable[ReferenceCheck]] | None = None,
 ) -> ShadowPath:
     """Blocking (builds the serving-dtype copy of a local reference). `serving_dtype` is
-    the dtype the engine really runs in (vLLM's `auto` resolves it at load)."""
+    the dtype the engine really runs in (vLLM's `auto` resolves it at load). `self_check`:
+    the reference's self-check, run before anything is judged (server/serving/reference_probe.py)."""
     comparisons = (CANDIDATE,)
     if settings.shadow_noise_floor:
         scorer.enable_noise_floor(serving_dtype)
@@ -85,4 +89,5 @@ def build_shadow_path(
             settings.shadow_capture_backups,
             decode,
         )
-    return ShadowPath(settings, scorer, metrics, capture, model_name=model_name, reference_name=reference)
+    return ShadowPath(settings, scorer, metrics, capture, model_name=model_name, reference_name=reference,
+                      self_check=self_check)

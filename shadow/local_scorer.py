@@ -6,7 +6,6 @@ model in the candidate's serving dtype and runs it over the same batch."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -17,60 +16,8 @@ import torch
 
 from shadow.compare import PositionStats
 from shadow.noise_floor import DTYPES, fp32_accumulation, serving_dtype_copy
+from shadow.remote_code import remote_code_allowed, remote_code_explained
 from shadow.scoring import ReferenceBusyError, ScoredSequence, ScoreItem, ShadowReferenceError, VocabInfo, vocab_fingerprint
-
-
-class RemoteCodeError(ShadowReferenceError):
-    """The model needs its own Python code and `--trust-remote-code` was not given, or its
-    code lives outside the model directory. Raised for the candidate's loaders too."""
-
-
-TRUST_FLAG = "--trust-remote-code"
-
-
-def local_code_only(model_dir: Path) -> bool:
-    """Whether config.json's auto_map names code, all of it in `model_dir` itself.
-
-    Returns True when the auto_map names modules present in `model_dir`, False when
-    there is no auto_map, and refuses code from anywhere else."""
-    config = json.loads((model_dir / "config.json").read_text())
-    if not config.get("auto_map"):
-        return False
-    # The tokenizer's auto_map too: with trust on, AutoTokenizer would fetch what it names.
-    targets = [*config["auto_map"].values(), *_tokenizer_auto_map(model_dir).values()]
-    for target in targets:
-        for ref in [target] if isinstance(target, str) else [t for t in target if t]:
-            if "--" in ref:
-                raise RemoteCodeError(f"{model_dir}: auto_map '{ref}' points to code outside the directory; refusing")
-            module = ref.rsplit(".", 1)[0]
-            if not (model_dir / f"{module.replace('.', '/')}.py").is_file():
-                raise RemoteCodeError(f"{model_dir}: auto_map names {module}.py, which is not in the directory")
-    return True
-
-
-def _tokenizer_auto_map(model_dir: Path) -> dict:
-    path = model_dir / "tokenizer_config.json"
-    return (json.loads(path.read_text()).get("auto_map") or {}) if path.is_file() else {}
-
-
-def remote_code_allowed(model_dir: Path, trust: bool) -> bool:
-    """The `trust_remote_code` to load `model_dir` with: only with the explicit flag, and
-    then only for code inside the directory (nothing is downloaded). A model whose type
-    transformers knows loads natively without it (an auto_map left in its config is
-    ignored). Raises RemoteCodeError, naming the flag, when the model cannot load so."""
-    config = json.loads((model_dir / "config.json").read_text())
-    if not config.get("auto_map"):
-        return False
-    if not trust:
-        from transformers import CONFIG_MAPPING
-
-        if config.get("model_type") in CONFIG_MAPPING:
-            return False
-        raise RemoteCodeError(
-            f"{model_dir}: model type '{config.get('model_type')}' needs the Python code in its directory "
-            f"(config.json auto_map); it runs only with {TRUST_FLAG} (off by default: it executes that code)"
-        )
-    return local_code_only(model_dir)
 
 
 class LocalScorer:
@@ -88,6 +35,8 @@ class LocalScorer:
         self.noise_dtype: str | None = None
         self._noise_model = None  # the reference in the serving dtype (None for float32: the fp32 rows serve)
         self.device_map: dict | None = None  # accelerate's placement, when spread across devices
+        self.loaded_as = type(model).__name__  # how the model was loaded, for reports
+        self.integrity_problems: list[str] = []  # parameters or buffers unmaterialised or non-finite
 
     @classmethod
     def load(
@@ -96,28 +45,73 @@ class LocalScorer:
     ) -> LocalScorer:
         """`max_memory` (accelerate's: {0: "70GiB", "cpu": "200GiB", ...}) places the model
         across those devices with accelerate's device map instead of on `device`."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from adapters.native import native_type
 
         if not (model_dir / "config.json").is_file():
             raise ShadowReferenceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        if native_type(model_dir) is not None:
+            scorer = cls._load_native(model_dir, adapter, device, name, max_memory)
+        else:
+            scorer = cls._load_transformers(model_dir, adapter, device, name, trust_remote_code, max_memory)
+        # accelerate's offload keeps offloaded weights on the meta device, and loads them per forward
+        scorer.integrity_problems = integrity_problems(scorer._model, meta_allowed=scorer.device_map is not None)
+        return scorer
+
+    @classmethod
+    def _load_transformers(cls, model_dir: Path, adapter: Path | None, device: str, name: str | None,
+                           trust_remote_code: bool, max_memory: dict | None) -> LocalScorer:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         trust = remote_code_allowed(model_dir, trust_remote_code)
         device_map = None
-        if max_memory:
-            from shadow.placement import load_placed
+        with remote_code_explained(model_dir, trust):
+            if max_memory:
+                from shadow.placement import load_placed
 
-            model, device_map = load_placed(model_dir, max_memory, trust)
-            target = model.device  # inputs go where the embeddings are; accelerate's hooks move the rest
-        else:
-            target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust).to(target)
+                model, device_map = load_placed(model_dir, max_memory, trust)
+                target = model.device  # inputs go where the embeddings are; accelerate's hooks move the rest
+            else:
+                target = _device(device)
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust).to(target)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+        loaded_as = f"transformers {type(model).__name__}" + (" (the directory's own code)" if trust else "")
         if adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter)  # kept unmerged: the exact reference
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+            loaded_as += " + the unmerged adapter (peft)"
         default_name = model_dir.name + (f"+{adapter.name}" if adapter else "")
         scorer = cls(model.eval(), tokenizer, name or default_name, target)
         scorer.device_map = device_map
+        scorer.loaded_as = loaded_as
+        return scorer
+
+    @classmethod
+    def _load_native(cls, model_dir: Path, adapter: Path | None, device: str, name: str | None,
+                     max_memory: dict | None) -> LocalScorer:
+        """A released layout transformers has no class for (InternLM2), by the project's own
+        forward: its remote code, if any, is not run."""
+        from adapters.errors import AdapterError
+        from adapters.native import DESCRIPTIONS, NATIVE, native_type
+        from adapters.native.vocab import load_vocab
+
+        kind = native_type(model_dir)
+        if adapter is not None:
+            raise ShadowReferenceError(
+                f"{model_dir}: an unmerged PEFT adapter on the native {kind} forward is not supported; "
+                f"convert the base first (shadowserve convert {kind}-to-llama) and use the adapter on that")
+        if max_memory:
+            raise ShadowReferenceError(
+                f"{model_dir}: the native {kind} forward runs on one device (--shadow-reference-device); "
+                "placement across devices (max memory) needs a transformers model: convert it first")
+        target = _device(device)
+        try:
+            model = NATIVE[kind](model_dir, torch.float32, target)
+            tokenizer = load_vocab(model_dir)
+        except AdapterError as exc:
+            raise ShadowReferenceError(str(exc)) from exc
+        scorer = cls(model, tokenizer, name or model_dir.name, target)
+        scorer.loaded_as = DESCRIPTIONS[kind]
         return scorer
 
     def enable_noise_floor(self, dtype: str) -> None:
@@ -236,6 +230,30 @@ class LocalScorer:
             values = rows[i, wanted].tolist()
             reference.append(PositionStats(dict(zip(wanted, values)), top_ids[i].tolist(), top_lp[i].tolist()))
         return ScoredSequence(reference, noise)
+
+
+def _device(device: str) -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+
+
+MAX_INTEGRITY_PROBLEMS = 8
+
+
+def integrity_problems(model: torch.nn.Module, meta_allowed: bool = False) -> list[str]:
+    """Parameters and buffers that were never materialised (still on the meta device) or
+    hold NaN/inf: a reference with any of them computes garbage, silently. Uninitialised
+    memory that happens to be finite is not seen here; the probe's perplexity sees it."""
+    problems = []
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta:
+                if not meta_allowed:
+                    problems.append(f"{kind} {name} was never materialised (meta device)")
+            elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                problems.append(f"{kind} {name} holds non-finite values")
+            if len(problems) >= MAX_INTEGRITY_PROBLEMS:
+                return [*problems, "(and possibly more)"]
+    return problems
 
 
 def _confine_this_thread(threads: int, nice: int) -> int:

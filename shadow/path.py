@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from shadow.candidate import CandidateLogprobs
@@ -18,6 +19,7 @@ from shadow.capture import DivergenceCapture
 from shadow.compare import SequenceComparison, compare_sequence
 from shadow.history import ComparedSequence, History
 from shadow.metrics import NOISE_FLOOR, ShadowMetrics
+from shadow.reference_check import ReferenceCheck, ReferenceUntrustedError
 from shadow.report import ShadowReport, build_report
 from shadow.scoring import MAX_BATCH_SEQUENCES, ScoredSequence, ScoreItem, Scorer
 from shadow.settings import ShadowSettings
@@ -71,7 +73,10 @@ class ShadowPath:
         *,
         model_name: str = "candidate",
         reference_name: str | None = None,
+        self_check: Callable[[], Awaitable[ReferenceCheck]] | None = None,
     ):
+        """`self_check`: the reference's self-check (shadow/reference_check.py), run before
+        the first sample is scored; a reference that fails it is never judged against."""
         self.settings = settings
         self.scorer = scorer
         self.metrics = metrics
@@ -89,6 +94,13 @@ class ShadowPath:
         self._sleep = self._pause  # replaceable in tests
         self._wake = asyncio.Event()  # set on stop: a pause ends at once, the queue drains
         self._closed = False
+        self._self_check = self_check
+        self.reference_check: ReferenceCheck | None = None  # None: not (yet) checked
+
+    @property
+    def refused(self) -> bool:
+        """The reference failed its self-check: nothing is sampled or judged."""
+        return self.reference_check is not None and not self.reference_check.trusted
 
     @property
     def top_k(self) -> int:
@@ -105,7 +117,7 @@ class ShadowPath:
         return build_report(
             self.history.snapshot(window_s), model=self.model_name, reference=self.reference_name,
             noise_dtype=self.noise_dtype, policy=self.settings.verdict_policy, window_s=window_s,
-            evicted=self.history.evicted, with_trajectory=with_trajectory,
+            evicted=self.history.evicted, with_trajectory=with_trajectory, reference_check=self.reference_check,
         )
 
     # --- the request side: cheap and non-blocking ---------------------------------
@@ -113,7 +125,7 @@ class ShadowPath:
     def admit(self, header: str | None = None) -> bool:
         """Decide at admission, so unsampled requests pay nothing. An admitted request
         must end in exactly one outcome: submit() or skip()."""
-        sampled = self._decide(header)
+        sampled = not self.refused and self._decide(header)
         if sampled:
             self.metrics.admitted()
         return sampled
@@ -208,7 +220,42 @@ class ShadowPath:
 
     # --- the worker --------------------------------------------------------------
 
+    async def run_reference_check(self, retry: bool = True) -> ReferenceCheck | None:
+        """Run the self-check once (no-op without one, or when done). `retry`: a check that
+        cannot run (the reference not reachable yet, a failed call) is retried with backoff
+        until it can (the server); without it the failure is raised (verify)."""
+        delay = 1.0
+        while self._self_check is not None and self.reference_check is None:
+            try:
+                if not getattr(self.scorer, "ready", True):  # a remote reference not reachable yet
+                    raise ReferenceUntrustedError("the reference is not reachable yet")
+                self._settle(await self._self_check())
+            except Exception as exc:
+                if not retry:
+                    raise
+                log.warning("shadow: the reference self-check could not run (%s); retrying in %.0fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 60.0)
+        return self.reference_check
+
+    def _settle(self, check: ReferenceCheck) -> None:
+        self.reference_check = check
+        if check.trusted:
+            log.info("shadow: reference %s passed its self-check: %s", self.reference_name, check.summary())
+            return
+        log.error("shadow: REFUSING to judge against the reference %s (nothing is sampled): %s. %s",
+                  self.reference_name, "; ".join(check.reasons), check.summary())
+        while not self._queue.empty():  # taken before the refusal: nothing to compare them against
+            self._queue.get_nowait()
+            self._queue.task_done()
+            self.metrics.sample("skipped")
+        self._queued_tokens = 0
+        self._gauge()
+
     async def _run(self) -> None:
+        await self.run_reference_check()
+        if self.refused:
+            return
         while True:
             batch = await self._next_batch()
             try:

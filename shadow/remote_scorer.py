@@ -94,6 +94,16 @@ class RemoteScorer:
         return self.state == UP
 
     @property
+    def loaded_as(self) -> str:
+        how = self.info.loaded_as if self.info is not None and self.info.loaded_as else "unknown"
+        return f"remote reference service {self._url} ({how})"
+
+    @property
+    def integrity_problems(self) -> list[str]:
+        """What the service's own load-time check found (it has the model; we do not)."""
+        return [] if self.info is None else list(self.info.integrity_problems)
+
+    @property
     def token_caps(self) -> tuple[int | None, int | None]:
         """The service's (per sequence, per padded batch) caps; None where unknown."""
         return (None, None) if self.info is None else (self.info.max_item_tokens, self.info.max_request_tokens)

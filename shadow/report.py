@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from shadow.compare import SequenceComparison
 from shadow.history import ComparedSequence
+from shadow.reference_check import ReferenceCheck
 from shadow.verdict import Interval, PairedSequences, Status, VerdictPolicy, judge
 
 # llama.cpp's percentile rows, highest first.
@@ -82,6 +83,8 @@ class ShadowReport(BaseModel):
     noise_floor: SideReport | None
     verdict: VerdictBody
     trajectory: list[TrajectoryPoint] | None = None  # the verdict after each sequence, in arrival order
+    # The reference's self-check (probe perplexities); None while not run, or when it is off.
+    reference_check: ReferenceCheck | None = None
 
 
 def build_report(
@@ -94,17 +97,25 @@ def build_report(
     window_s: float | None = None,
     evicted: int = 0,
     with_trajectory: bool = False,
+    reference_check: ReferenceCheck | None = None,
 ) -> ShadowReport:
     candidate = [r.candidate for r in records]
     noise = [r.noise for r in records if r.noise is not None]
-    if noise_dtype is None or len(noise) != len(records):
+    trajectory = None
+    if reference_check is not None and not reference_check.trusted:
+        verdict = VerdictBody(
+            status="inconclusive",
+            reasons=["refused to judge: the reference failed its self-check, so a difference could be the "
+                     "reference's fault, not the candidate's", *reference_check.reasons, reference_check.summary()],
+            policy=asdict(policy),
+        )
+    elif noise_dtype is None or len(noise) != len(records):
         verdict = VerdictBody(
             status="inconclusive",
             reasons=["the noise floor is off (--shadow-noise-floor off): there is nothing to judge the drift against; "
                      "the candidate's statistics are reported as they are"],
             policy=asdict(policy),
         )
-        trajectory = None
     else:
         verdict = _verdict_body(judge(paired(records), policy), policy)
         trajectory = verdict_trajectory(records, policy) if with_trajectory else None
@@ -122,6 +133,7 @@ def build_report(
         noise_floor=side_report(noise) if noise else None,
         verdict=verdict,
         trajectory=trajectory,
+        reference_check=reference_check,
     )
 
 

@@ -30,6 +30,10 @@ class ShadowReferenceError(RuntimeError):
     """The reference cannot be used (load failure, vocabulary or dtype mismatch, bad reply)."""
 
 
+class ReferenceLoadError(ShadowReferenceError):
+    """The reference could not be loaded or reached at start-up (the candidate may be fine)."""
+
+
 class ReferenceBusyError(ShadowReferenceError):
     """The reference is still computing an earlier batch; this one is refused, not queued."""
 
@@ -82,6 +86,9 @@ class Scorer(Protocol):
     # would only count a batch that is still computing as an error and make the next one
     # wait behind it, so a slow local reference is bounded by the queue (drops) instead.
     cancellable: bool
+    loaded_as: str  # how the reference model was loaded (a transformers class, the native forward, ...)
+    # Parameters or buffers found unmaterialised or non-finite at load: the self-check refuses such a reference.
+    integrity_problems: list[str]
 
     def enable_noise_floor(self, dtype: str) -> None:
         """Blocking: prepare the reference in the serving dtype, or raise ShadowReferenceError."""
@@ -146,6 +153,8 @@ class ReferenceInfo(BaseModel):
     # The service's caps (413 past them), so its clients fit their batches to them.
     max_item_tokens: int | None = None
     max_request_tokens: int | None = None
+    loaded_as: str | None = None  # how the service loaded its model
+    integrity_problems: list[str] = []  # what its load-time integrity check found
 
 
 def to_body(item: ScoreItem, scored: ScoredSequence) -> list[PositionBody]:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import NoDecode
 
 from shadow.placement import MaxMemory
+from shadow.reference_check import MAX_EXCESS_NATS
 from shadow.verdict import VerdictPolicy
 
 _DEFAULT = VerdictPolicy()
@@ -38,6 +39,17 @@ class VerdictSettings(BaseModel):
     )
     verdict_noise_kl_floor: float = Field(
         default=_DEFAULT.noise_kl_floor, gt=0, description="nats/token: smallest noise-floor KL a ratio is taken against (fp32)"
+    )
+
+    verdict_reference_check: bool = Field(
+        default=True,
+        description="before judging, score a built-in probe text on reference and candidate; refuse a reference far "
+                    "worse than its candidate, or with unmaterialised / non-finite tensors",
+    )
+    verdict_reference_max_excess_nats: float = Field(
+        default=MAX_EXCESS_NATS, gt=0,
+        description="nats/token: the most the reference's probe log-loss may exceed the candidate's (precision "
+                    "noise is ~1e-3; 0.25 is perplexity x1.28)",
     )
 
     @property

@@ -17,6 +17,8 @@ class EchoScorer:
     noise floor, when enabled, is the reference's own distribution (no noise)."""
 
     name = "echo"
+    loaded_as = "a test double"
+    integrity_problems: list[str] = []
     vocab = VocabInfo(3, "x")
     cancellable = True  # an abandoned call frees it, as a remote reference's does
 

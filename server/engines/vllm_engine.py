@@ -26,7 +26,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from server.engines.vllm_args import parse_engine_args
-        from shadow.local_scorer import remote_code_allowed
+        from shadow.remote_code import remote_code_allowed
 
         trust = remote_code_allowed(settings.model, settings.trust_remote_code)
         # Options left unset keep vLLM's defaults; --engine-arg was checked with the settings.

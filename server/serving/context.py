@@ -16,9 +16,11 @@ from server.engines import Engine, load_engine
 from server.errors import APIError, ModelNotFoundError
 from server.serving.limits import RequestLimits
 from server.serving.prompts import PromptRenderer
+from server.serving.reference_probe import reference_self_check
 from server.settings import ServeSettings
 from shadow.factory import build_shadow_path, load_reference
 from shadow.path import ShadowPath
+from shadow.scoring import ReferenceLoadError, ShadowReferenceError
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,21 @@ class ServingContext:
         mismatch fails fast), the engine (weights, and vLLM's engine-core process), then
         the noise floor in the dtype the engine really serves in."""
         renderer = PromptRenderer.load(settings.model, settings.trust_remote_code)
-        scorer = (load_reference(settings, settings.model, renderer.tokenizer,
-                                 trust_remote_code=settings.trust_remote_code, defer_unreachable=True)
-                  if settings.shadow_enabled else None)
+        scorer = None
+        if settings.shadow_enabled:
+            try:
+                scorer = load_reference(settings, settings.model, renderer.tokenizer,
+                                        trust_remote_code=settings.trust_remote_code, defer_unreachable=True)
+            except ShadowReferenceError as exc:
+                raise ReferenceLoadError(str(exc)) from exc
         engine = load_engine(settings)
         shadow = None
         if scorer is not None:
+            check = (reference_self_check(engine, renderer, scorer, settings.verdict_reference_max_excess_nats)
+                     if settings.verdict_reference_check else None)
             shadow = build_shadow_path(
                 settings, scorer, model_name=settings.model_name, serving_dtype=engine.dtype,
-                candidate_tokenizer=renderer.tokenizer, registry=registry,
+                candidate_tokenizer=renderer.tokenizer, registry=registry, self_check=check,
             )
         return cls(
             engine=engine,

@@ -19,10 +19,11 @@ class PromptRenderer:
     def load(cls, model_dir: Path, trust_remote_code: bool = False) -> PromptRenderer:
         from transformers import AutoTokenizer
 
-        from shadow.local_scorer import remote_code_allowed
+        from shadow.remote_code import remote_code_allowed, remote_code_explained
 
         trust = remote_code_allowed(model_dir, trust_remote_code)
-        return cls(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust))
+        with remote_code_explained(model_dir, trust):
+            return cls(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust))
 
     @property
     def vocab_size(self) -> int:

@@ -19,10 +19,12 @@ from server.protocol import ChatCompletionRequest
 from server.serving.chat import ChatHandler
 from server.serving.context import ServingContext
 from server.serving.prompts import PromptRenderer
+from server.serving.reference_probe import reference_self_check
 from server.verify.inputs import corpus_windows, load_prompts
 from server.verify.settings import VerifySettings
 from shadow.factory import build_shadow_path, load_reference
 from shadow.path import ShadowPath, ShadowSample, ShadowSequence
+from shadow.reference_check import ReferenceUntrustedError
 from shadow.report import ShadowReport
 from shadow.history import ComparedSequence
 from shadow.settings import ShadowSettings, VerdictSettings
@@ -78,10 +80,21 @@ async def verify(settings: VerifySettings) -> VerifyResult:
         load_reference, config, settings.candidate, renderer.tokenizer, trust_remote_code=settings.trust_remote_code)
     engine = await asyncio.to_thread(load_engine, settings.engine_settings(CANDIDATE_NAME))
     try:
+        check = None
+        if settings.verdict_reference_check:
+            # llama.cpp's mode: the corpus is natural text too, so its first window joins the probe.
+            extra = [] if settings.corpus is None else [work[0][0] + work[0][1]]
+            check = reference_self_check(engine, renderer, scorer, settings.verdict_reference_max_excess_nats, extra)
         shadow = await asyncio.to_thread(
             build_shadow_path, config, scorer, model_name=CANDIDATE_NAME, serving_dtype=engine.dtype,
-            candidate_tokenizer=renderer.tokenizer, registry=CollectorRegistry(),
+            candidate_tokenizer=renderer.tokenizer, registry=CollectorRegistry(), self_check=check,
         )
+        reference_check = await shadow.run_reference_check(retry=False)
+        if reference_check is not None and not reference_check.trusted:
+            await shadow.stop()
+            raise ReferenceUntrustedError(
+                f"refusing to judge the candidate against {settings.reference}: {'; '.join(reference_check.reasons)}. "
+                f"{reference_check.summary()}. Check the reference first (--verdict-reference-check false skips this)")
         shadow.start()
         try:
             ctx = ServingContext(engine, renderer, CANDIDATE_NAME, max_n=1, max_logprobs=settings.top_k, shadow=shadow)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from shadow.local_scorer import LocalScorer, local_code_only
+from shadow.local_scorer import LocalScorer
+from shadow.remote_code import local_code_only
 from shadow.scoring import (
     ScoreItem,
     ShadowReferenceError,

@@ -15,7 +15,8 @@ from server.reference_app import ReferenceSettings
 from server.serving.prompts import PromptRenderer
 from server.settings import EngineSettings, ServeSettings
 from shadow.factory import load_reference
-from shadow.local_scorer import LocalScorer, RemoteCodeError, remote_code_allowed
+from shadow.local_scorer import LocalScorer
+from shadow.remote_code import RemoteCodeError, remote_code_allowed
 from shadow.scoring import ShadowReferenceError
 
 MODELING = '''

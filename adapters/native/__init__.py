@@ -1,0 +1,26 @@
+"""The project's own forwards for released checkpoint layouts that transformers has no
+class for, so a reference in that layout runs without its remote code.
+
+`NATIVE` maps a config's `model_type` to its loader. Each forward is written from the
+model's definition, not from a converter's tensor mapping: a converter bug cannot sit on
+both sides of a comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adapters.native.internlm2 import load_internlm2
+
+NATIVE = {"internlm2": load_internlm2}
+DESCRIPTIONS = {"internlm2": "InternLM2, shadowserve's native forward of the released layout (its remote code is not run)"}
+
+
+def native_type(model_dir: Path) -> str | None:
+    """The model_type of `model_dir` when a native forward serves it, else None."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return None
+    model_type = json.loads(path.read_text()).get("model_type")
+    return model_type if model_type in NATIVE else None
