@@ -84,6 +84,27 @@ def kv_swapped(src: Path, dst: Path) -> Path:
     return _with_weights(src, dst, change)
 
 
+def gate_up_swapped(src: Path, dst: Path) -> Path:
+    """InternLM2's w1 and w3 taken the wrong way round (w1 is the gate, w3 the up projection)."""
+    def change(w, config):
+        for i in range(config["num_hidden_layers"]):
+            p = f"model.layers.{i}.mlp."
+            w[p + "gate_proj.weight"], w[p + "up_proj.weight"] = w[p + "up_proj.weight"], w[p + "gate_proj.weight"]
+    return _with_weights(src, dst, change)
+
+
+def query_heads_group_major(src: Path, dst: Path) -> Path:
+    """The query heads of a packed wqkv read group-major ([g, kv_heads]) instead of per KV
+    head ([kv_heads, g]): query head i then attends with the wrong key/value head."""
+    def change(w, config):
+        kv = config["num_key_value_heads"]
+        g = config["num_attention_heads"] // kv
+        for p in _layers(config):
+            q = w[p + "q_proj.weight"]
+            w[p + "q_proj.weight"] = q.view(kv, g, -1, q.shape[1]).transpose(0, 1).reshape(q.shape)
+    return _with_weights(src, dst, change)
+
+
 def rotary_layout(src: Path, dst: Path) -> Path:
     """Meta's interleaved rotary layout left in place: the inverse of the row permutation
     transformers' Llama converter applies to q_proj and k_proj."""

@@ -8,8 +8,9 @@ precision alone does there. The first site where the candidate's relative error 
 `DEPARTURE` × the envelope is where it departs.
 
 Models are loaded with transformers (no remote code). An InternLM2-layout checkpoint,
-which transformers has no class for, is loaded as the Llama model the converter's own
-rules make of it; the report says so.
+which transformers has no class for, runs on the project's native forward of the released
+layout (adapters/native), not through the converter's mapping, so a converter bug cannot
+sit on both sides; the report says how each side was loaded.
 """
 
 from __future__ import annotations
@@ -72,9 +73,13 @@ def load_model(path: Path, dtype: torch.dtype, device: str, adapter: Path | None
 
     from transformers import AutoModelForCausalLM
 
-    config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") == "internlm2":
-        model, how = _internlm2_as_llama(path, config, dtype), "InternLM2 mapped to Llama by the converter's rules"
+    from adapters.native import DESCRIPTIONS, NATIVE
+
+    kind = json.loads((path / "config.json").read_text()).get("model_type")
+    if kind in NATIVE:
+        if adapter is not None:
+            raise AdapterError(f"{path}: an adapter on the native {kind} forward is not supported; convert the base first")
+        model, how = NATIVE[kind](path, dtype, device), DESCRIPTIONS[kind]
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -89,31 +94,17 @@ def load_model(path: Path, dtype: torch.dtype, device: str, adapter: Path | None
     return model.eval().to(device), how
 
 
-def _internlm2_as_llama(path: Path, config: dict, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from adapters.internlm2 import llama_config, plan_conversion
-    from adapters.tensor_io import open_checkpoint
-
-    llama = llama_config(config)
-    llama["dtype"] = str(dtype).removeprefix("torch.")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**llama))
-    plan, _ = plan_conversion(open_checkpoint(path), config, dtype)
-    state = {item.name: item.produce().clone() for item in plan}
-    if llama.get("tie_word_embeddings") and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # its buffers were made on meta
-    return model
-
-
 def _decoder(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     if not hasattr(decoder, "layers"):
         raise AdapterError(f"{type(base).__name__}: no decoder layers to hook")
     return base, decoder
+
+
+def _part(layer, *names):
+    """A decoder layer's sub-module by its name in transformers' Llama or InternLM2's released layout."""
+    return next((getattr(layer, n) for n in names if hasattr(layer, n)), None)
 
 
 def record(model, ids: torch.Tensor) -> tuple[dict[tuple[int | None, str], torch.Tensor], torch.Tensor]:
@@ -130,12 +121,12 @@ def record(model, ids: torch.Tensor) -> tuple[dict[tuple[int | None, str], torch
 
     handles = [base.get_input_embeddings().register_forward_hook(keep((None, "embedding")))]
     for i, layer in enumerate(decoder.layers):
-        if hasattr(layer, "self_attn"):
-            handles.append(layer.self_attn.register_forward_hook(keep((i, "attention"))))
-        if hasattr(layer, "post_attention_layernorm"):
-            handles.append(layer.post_attention_layernorm.register_forward_pre_hook(keep((i, "mlp_input"))))
-        if hasattr(layer, "mlp"):
-            handles.append(layer.mlp.register_forward_hook(keep((i, "mlp"))))
+        if (attention := _part(layer, "self_attn", "attention")) is not None:
+            handles.append(attention.register_forward_hook(keep((i, "attention"))))
+        if (norm := _part(layer, "post_attention_layernorm", "ffn_norm")) is not None:
+            handles.append(norm.register_forward_pre_hook(keep((i, "mlp_input"))))
+        if (mlp := _part(layer, "mlp", "feed_forward")) is not None:
+            handles.append(mlp.register_forward_hook(keep((i, "mlp"))))
         handles.append(layer.register_forward_hook(keep((i, "residual"))))
     try:
         with torch.inference_mode():
@@ -176,9 +167,14 @@ def activation_pass(candidate: Path, reference: Path, prompts: list[str], servin
                     adapter: Path | None = None, device: str = "cpu", progress: bool = True) -> ActivationReport:
     from transformers import AutoTokenizer
 
-    tokenizer_dir = reference if (reference / "tokenizer_config.json").exists() else candidate
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    inputs = [torch.tensor([tokenizer(p).input_ids]) for p in prompts]
+    from adapters.native import native_type
+    from adapters.native.vocab import load_vocab
+
+    if native_type(reference) is not None:  # its tokenizer class may be remote code: read the vocabulary natively
+        tokenizer = load_vocab(reference)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(reference if (reference / "tokenizer_config.json").exists() else candidate)
+    inputs = [torch.tensor([tokenizer.encode(p)]) for p in prompts]
     runs = [("reference", reference, torch.float32, adapter), ("envelope", reference, serving_dtype, adapter),
             ("candidate", candidate, torch.float32, None)]
     bar = tqdm(total=len(runs) * len(inputs), desc="activations", unit="pass", disable=not progress, leave=False)

@@ -15,10 +15,18 @@ class NativeVocab:
     """Quacks like a tokenizer where the vocabulary check reads one: `get_vocab()`,
     `len()`, `pad_token_id`."""
 
-    def __init__(self, vocab: dict[str, int], pad_token_id: int | None, source: str):
+    def __init__(self, vocab: dict[str, int], pad_token_id: int | None, source: str, encoder=None,
+                 bos_token_id: int | None = None):
         self._vocab = vocab
         self.pad_token_id = pad_token_id
         self.source = source
+        self._encoder = encoder  # sentencepiece's processor
+        self._bos = bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Sentencepiece's pieces, after BOS when the tokenizer config adds one (for
+        diagnose's prompts; the shadow never tokenizes on the reference side)."""
+        return ([self._bos] if self._bos is not None else []) + self._encoder.encode(text)
 
     def get_vocab(self) -> dict[str, int]:
         return dict(self._vocab)
@@ -45,8 +53,9 @@ def load_vocab(model_dir: Path):
         for index, token in (config.get("added_tokens_decoder") or {}).items():
             vocab.setdefault(_token(token), int(index))
         pad = _token(config.get("pad_token"))
+        bos = sp.bos_id() if config.get("add_bos_token", True) and sp.bos_id() >= 0 else None
         return NativeVocab(vocab, vocab.get(pad) if pad else (sp.pad_id() if sp.pad_id() >= 0 else None),
-                           "tokenizer.model (sentencepiece)")
+                           "tokenizer.model (sentencepiece)", sp, bos)
     raise AdapterError(f"{model_dir}: no tokenizer.json or tokenizer.model to read the vocabulary from")
 
 

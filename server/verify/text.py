@@ -41,8 +41,10 @@ def summary_rows(report: ShadowReport) -> list[Row]:
 
 def intro(report: ShadowReport) -> str:
     c = report.candidate
+    check = report.reference_check
+    trusted = "" if check is None else f"; reference self-check {'passed' if check.trusted else 'FAILED'}: {check.summary()}"
     return (f"{c.sequences} sequences, {c.tokens} tokens compared; noise floor: the reference in "
-            f"{report.noise_dtype or '(off)'} vs itself in fp32, over the same positions")
+            f"{report.noise_dtype or '(off)'} vs itself in fp32, over the same positions{trusted}")
 
 
 def header(settings, report: ShadowReport) -> str:

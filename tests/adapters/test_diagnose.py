@@ -199,9 +199,10 @@ def test_the_activation_pass_agrees_with_transformers_hidden_states(run, demo_mo
 
 
 def test_internlm2_conversion_by_our_converter_is_clean_and_a_broken_one_is_named(internlm2_dir, smol_config, tmp_path):
-    """Mapping internlm2: the reference's wqkv is split by the converter's rules. Our own
-    conversion comes out identical; one that takes the query heads of a GQA group in the
-    wrong order (group-major instead of head-major) is named as a head-order bug."""
+    """Mapping internlm2: the weight pass splits the reference's wqkv by the converter's
+    rules; the activation pass runs the native InternLM2 forward. Our own conversion comes
+    out identical; one that takes the query heads of a GQA group in the wrong order
+    (group-major instead of head-major) is named as a head-order bug."""
     from adapters.internlm2 import convert_internlm2_to_llama
 
     good = convert_internlm2_to_llama(internlm2_dir, tmp_path / "good")
@@ -221,7 +222,7 @@ def test_internlm2_conversion_by_our_converter_is_clean_and_a_broken_one_is_name
         weights[name] = q.view(kv, g, -1, q.shape[1]).transpose(0, 1).reshape(q.shape).contiguous()
     save_file(weights, broken / "model.safetensors")
     report = diagnose(broken, internlm2_dir, mapping="internlm2", progress=False)
-    assert report.activations.reference_loaded_as == "InternLM2 mapped to Llama by the converter's rules"
+    assert report.activations.reference_loaded_as.startswith("InternLM2, shadowserve's native forward")
     assert (report.activations.first_departure.layer, report.activations.first_departure.site) == (0, "attention")
     first = report.findings[0]
     assert first.kind == "permuted" and first.summary.startswith("Heads in the wrong order (blocks of one head): "
