@@ -105,3 +105,81 @@ def test_a_sound_reference_is_trusted_against_a_broken_or_low_precision_candidat
     bf16._model = bf16._model.to(torch.bfloat16)
     check = asyncio.run(check_reference(demo_scorer, logprobs_of(bf16), [probe]))
     assert check.trusted and abs(check.excess_nats) < 0.02, check  # precision moves it by ~1e-3 nats/token
+
+
+def test_a_sentencepiece_vocabulary_is_read_without_remote_code(tmp_path):
+    """InternLM2 ships `tokenizer.model` behind a remote-code tokenizer class: the vocabulary
+    check reads the sentencepiece pieces and the config's added tokens directly."""
+    import io
+    import json
+
+    import sentencepiece
+
+    from adapters.native.vocab import load_vocab
+
+    model = io.BytesIO()
+    lines = ["The old lighthouse stood at the edge of the cliff.", "Ships passing in the night saw its beam."] * 50
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=60,
+                                             model_type="bpe", bos_id=1, eos_id=2, unk_id=0)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "InternLM2Tokenizer", "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "added_tokens_decoder": {"60": {"content": "<|im_end|>"}}, "pad_token": "</s>"}))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    vocab = load_vocab(tmp_path)
+    assert len(vocab) == 61 and vocab.get_vocab()["<|im_end|>"] == 60
+    assert all(vocab.get_vocab()[sp.id_to_piece(i)] == i for i in range(60))
+    assert vocab.pad_token_id == 2 and vocab.encode("The cliff") == [1, *sp.encode("The cliff")]
+
+
+def test_the_shadow_path_judges_nothing_against_a_refused_reference():
+    """Samples taken while the check runs are skipped once it fails; after it, nothing is
+    sampled; the report is `inconclusive`, refused, with the check's figures. A check
+    that cannot run is retried (the server) or raised (verify)."""
+    import random
+
+    from prometheus_client import CollectorRegistry
+
+    from shadow.metrics import ShadowMetrics
+    from shadow.path import ShadowPath
+    from shadow.settings import ShadowSettings
+    from tests.scorers import EchoScorer
+    from tests.unit.test_shadow_path import outcome, sample
+
+    bad = judge_reference(np.full(50, -6.0), np.full(50, -2.0), MAX_EXCESS_NATS)
+    calls = []
+
+    async def flaky_then_bad():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("reference restarting")
+        await asyncio.sleep(0.05)
+        return bad
+
+    async def scenario():
+        scorer = EchoScorer()
+        path = ShadowPath(ShadowSettings(shadow_rate=1.0), scorer, ShadowMetrics(CollectorRegistry(), "cand", "echo"),
+                          rng=random.Random(0), self_check=flaky_then_bad)
+        path.start()
+        assert path.admit()
+        path.submit(sample())  # queued while the check runs
+        while path.reference_check is None:
+            await asyncio.sleep(0.05)
+        assert path.refused and not path.admit() and not path.admit("always")
+        report = path.report()
+        await path.stop()
+        return path, scorer, report
+
+    path, scorer, report = asyncio.run(scenario())
+    assert len(calls) == 2 and scorer.batches == []  # retried once, then nothing was scored
+    assert outcome(path, "skipped") == 1 and outcome(path, "compared") == 0
+    assert report.verdict.status == "inconclusive" and report.verdict.reasons[0].startswith("refused to judge")
+    assert report.reference_check.reference_perplexity == pytest.approx(math.exp(6))
+
+    async def raising():
+        raise ConnectionError("down")
+
+    path = ShadowPath(ShadowSettings(shadow_rate=1.0), EchoScorer(), ShadowMetrics(CollectorRegistry(), "cand", "echo"),
+                      self_check=raising)
+    with pytest.raises(ConnectionError):
+        asyncio.run(path.run_reference_check(retry=False))
