@@ -40,6 +40,7 @@ from server.serving.completion import CompletionHandler
 from server.serving.context import ServingContext
 from server.serving.tokenize import TokenizeHandler
 from server.settings import ServeSettings
+from shadow.path import ShadowPath
 from shadow.report import ShadowReport
 from shadow.scoring import ReferenceLoadError
 
@@ -53,6 +54,7 @@ PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 ShadowHeader = Annotated[str | None, Header(alias="X-Shadow")]
 
 REFERENCE_EXIT = 2  # a reference that cannot be used is a configuration error (as verify's exit 2)
+REFERENCE_CHECK_AT_START_S = 120.0  # one probe forward per side; a slower one goes on in the background
 HEALTH_INTERVAL_S = 0.5  # how often the engine's health is read (vLLM notices a dead core at once)
 FATAL_LINGER_S = 2.0  # a dead engine's server answers 503 this long before it exits
 
@@ -97,6 +99,20 @@ def in_daemon_thread(fn: Callable[[], object]) -> asyncio.Future:
 
     threading.Thread(target=run, name="engine-load", daemon=True).start()
     return asyncio.wrap_future(done)
+
+
+async def check_reference_first(shadow: ShadowPath) -> None:
+    """The reference's self-check before the server reports ready, so its figures are in
+    the start-up log and its probe is not mixed with client traffic. A check that cannot
+    run yet (a remote reference not reachable, a failed call, too slow) is left to the
+    shadow's worker, which retries it before scoring anything."""
+    if not getattr(shadow.scorer, "ready", True):
+        return
+    try:
+        await asyncio.wait_for(shadow.run_reference_check(retry=False), REFERENCE_CHECK_AT_START_S)
+    except Exception as exc:  # noqa: BLE001 (the worker retries; serving goes on)
+        log.warning("shadow: the reference self-check did not finish at start (%s); retried in the background",
+                    str(exc) or type(exc).__name__)
 
 
 class ServerState:
@@ -184,6 +200,7 @@ def create_app(
                 state.loading = True
                 ctx = await asyncio.wait_for(in_daemon_thread(load_in_thread), limit)
                 if ctx.shadow is not None:
+                    await check_reference_first(ctx.shadow)
                     ctx.shadow.start()
                 state.ready(ctx)
                 log.info("model %s ready (%s engine)", settings.model_name, settings.engine)
