@@ -19,9 +19,9 @@ from shadow.capture import DivergenceCapture
 from shadow.compare import SequenceComparison, compare_sequence
 from shadow.history import ComparedSequence, History
 from shadow.metrics import NOISE_FLOOR, ShadowMetrics
-from shadow.reference_check import ReferenceCheck, ReferenceUntrustedError
+from shadow.reference_check import ReferenceCheck
 from shadow.report import ShadowReport, build_report
-from shadow.scoring import MAX_BATCH_SEQUENCES, ScoredSequence, ScoreItem, Scorer
+from shadow.scoring import MAX_BATCH_SEQUENCES, ScoredSequence, ScoreItem, Scorer, ShadowReferenceError
 from shadow.settings import ShadowSettings
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class ShadowPath:
         while self._self_check is not None and self.reference_check is None:
             try:
                 if not getattr(self.scorer, "ready", True):  # a remote reference not reachable yet
-                    raise ReferenceUntrustedError("the reference is not reachable yet")
+                    raise ShadowReferenceError("the reference is not reachable yet")
                 self._settle(await self._self_check())
             except Exception as exc:
                 if not retry:
