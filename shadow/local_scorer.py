@@ -49,8 +49,8 @@ class LocalScorer:
 
         if not (model_dir / "config.json").is_file():
             raise ShadowReferenceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-        if native_type(model_dir) is not None:
-            scorer = cls._load_native(model_dir, adapter, device, name, max_memory)
+        if (kind := native_type(model_dir)) is not None:
+            scorer = cls._load_native(kind, model_dir, adapter, device, name, max_memory)
         else:
             scorer = cls._load_transformers(model_dir, adapter, device, name, trust_remote_code, max_memory)
         # accelerate's offload keeps offloaded weights on the meta device, and loads them per forward
@@ -87,15 +87,14 @@ class LocalScorer:
         return scorer
 
     @classmethod
-    def _load_native(cls, model_dir: Path, adapter: Path | None, device: str, name: str | None,
+    def _load_native(cls, kind: str, model_dir: Path, adapter: Path | None, device: str, name: str | None,
                      max_memory: dict | None) -> LocalScorer:
         """A released layout transformers has no class for (InternLM2), by the project's own
         forward: its remote code, if any, is not run."""
         from adapters.errors import AdapterError
-        from adapters.native import DESCRIPTIONS, NATIVE, native_type
+        from adapters.native import DESCRIPTIONS, NATIVE
         from adapters.native.vocab import load_vocab
 
-        kind = native_type(model_dir)
         if adapter is not None:
             raise ShadowReferenceError(
                 f"{model_dir}: an unmerged PEFT adapter on the native {kind} forward is not supported; "

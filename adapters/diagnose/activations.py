@@ -69,14 +69,11 @@ class ActivationReport(BaseModel):
 
 def load_model(path: Path, dtype: torch.dtype, device: str, adapter: Path | None = None):
     """(model, how it was loaded)."""
-    import json
-
     from transformers import AutoModelForCausalLM
 
-    from adapters.native import DESCRIPTIONS, NATIVE
+    from adapters.native import DESCRIPTIONS, NATIVE, native_type
 
-    kind = json.loads((path / "config.json").read_text()).get("model_type")
-    if kind in NATIVE:
+    if (kind := native_type(path)) is not None:
         if adapter is not None:
             raise AdapterError(f"{path}: an adapter on the native {kind} forward is not supported; convert the base first")
         model, how = NATIVE[kind](path, dtype, device), DESCRIPTIONS[kind]

@@ -15,11 +15,9 @@ class NativeVocab:
     """Quacks like a tokenizer where the vocabulary check reads one: `get_vocab()`,
     `len()`, `pad_token_id`."""
 
-    def __init__(self, vocab: dict[str, int], pad_token_id: int | None, source: str, encoder=None,
-                 bos_token_id: int | None = None):
+    def __init__(self, vocab: dict[str, int], pad_token_id: int | None, encoder, bos_token_id: int | None = None):
         self._vocab = vocab
         self.pad_token_id = pad_token_id
-        self.source = source
         self._encoder = encoder  # sentencepiece's processor
         self._bos = bos_token_id
 
@@ -55,7 +53,7 @@ def load_vocab(model_dir: Path):
         pad = _token(config.get("pad_token"))
         bos = sp.bos_id() if config.get("add_bos_token", True) and sp.bos_id() >= 0 else None
         return NativeVocab(vocab, vocab.get(pad) if pad else (sp.pad_id() if sp.pad_id() >= 0 else None),
-                           "tokenizer.model (sentencepiece)", sp, bos)
+                           sp, bos)
     raise AdapterError(f"{model_dir}: no tokenizer.json or tokenizer.model to read the vocabulary from")
 
 
