@@ -42,6 +42,7 @@ from server.serving.tokenize import TokenizeHandler
 from server.settings import ServeSettings
 from shadow.path import ShadowPath
 from shadow.report import ShadowReport
+from shadow.calibration import CalibrationError
 from shadow.scoring import ReferenceLoadError
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,9 @@ def create_app(
             except TimeoutError:  # the thread is left behind; the caller ends the process
                 state.error = f"engine did not start within {limit:.0f}s (--start-timeout-s)"
                 log.error("%s", state.error)
+            except CalibrationError as exc:  # asked for, and not valid for this engine: never judge by a wrong floor
+                log.error("%s", exc)
+                state.error, state.exit_code = str(exc), REFERENCE_EXIT
             except ReferenceLoadError as exc:  # the engine was not even started: the reference is at fault
                 log.error("the reference failed to load: %s", exc)
                 state.error, state.exit_code = f"the reference failed to load: {exc}", REFERENCE_EXIT

@@ -309,11 +309,24 @@ def run_verify(settings: VerifySettings) -> None:
     # front end to serve, so the engine gets every core (decode ~1.7x faster on 2 cores).
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from server.verify.calibrate import CalibrationUnavailable, calibrate
     from server.verify.run import verify
     from server.verify.text import header, render_text, sequence_rows
 
+    async def calibrated_verify():
+        judged = settings
+        if settings.calibrate:
+            try:
+                await calibrate(settings)
+                judged = settings.model_copy(update={"calibrate": False})
+            except CalibrationUnavailable as exc:  # say so, and keep today's floor
+                print(f"shadowserve verify: not calibrated: {exc}; judging against the transformers noise floor",
+                      file=sys.stderr)
+                judged = settings.model_copy(update={"calibrate": False, "verdict_calibration": None})
+        return await verify(judged)
+
     try:
-        result = asyncio.run(verify(settings))
+        result = asyncio.run(calibrated_verify())
         if settings.html is not None:
             from server.verify.html import write_html
 
@@ -331,6 +344,10 @@ def run_verify(settings: VerifySettings) -> None:
     if report.verdict.status == "fail":  # stderr: --json keeps stdout for the report
         adapter = f" --adapter {settings.adapter}" if settings.adapter else ""
         print(f"where and why: shadowserve diagnose {settings.candidate} {settings.reference}{adapter}", file=sys.stderr)
+    if settings.strict and report.verdict.different and report.verdict.status != "fail":
+        print("shadowserve verify --strict: the candidate is detectably different from the noise floor "
+              "(within tolerance, but not equal to the reference up to rounding)", file=sys.stderr)
+        sys.exit(VERDICT_EXIT["fail"])
     sys.exit(VERDICT_EXIT[report.verdict.status])
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from shadow.calibration import Calibration
 from shadow.capture import DivergenceCapture
 from shadow.metrics import CANDIDATE, NOISE_FLOOR, ShadowMetrics
 from shadow.path import ShadowPath
@@ -67,6 +68,7 @@ def build_shadow_path(
     candidate_tokenizer,
     registry: CollectorRegistry,
     self_check: Callable[[], Awaitable[ReferenceCheck]] | None = None,
+    calibration: Calibration | None = None,
 ) -> ShadowPath:
     """Blocking (builds the serving-dtype copy of a local reference). `serving_dtype` is
     the dtype the engine really runs in (vLLM's `auto` resolves it at load). `self_check`:
@@ -90,4 +92,4 @@ def build_shadow_path(
             decode,
         )
     return ShadowPath(settings, scorer, metrics, capture, model_name=model_name, reference_name=reference,
-                      self_check=self_check)
+                      self_check=self_check, calibration=calibration)

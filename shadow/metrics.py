@@ -27,6 +27,9 @@ _POSITIONS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 38
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 OUTCOMES = ("compared", "dropped", "skipped", "error")
+STATE = {"fail": -1, "inconclusive": 0, "pass": 1}  # shadow_verdict_state
+STATISTICS = ("kl_ratio", "excess_top1", "excess_hard")
+BOUNDS = ("estimate", "low", "high")
 RESULTS = ("identical", "near_tie", "hard")
 OVERSIZE = ("truncated", "skipped")  # a sequence past --shadow-max-tokens: cut to it, or no output token fits
 CANDIDATE, NOISE_FLOOR = "candidate", "noise_floor"
@@ -80,6 +83,24 @@ class ShadowMetrics:
         self._queue_tokens = Gauge(
             "shadow_queue_tokens", "Prompt + output tokens waiting for the reference.", names, registry=registry)
         self._reference_seconds = histogram("shadow_reference_seconds", "Reference scoring latency per batch.", _SECONDS)
+        # The verdict itself (shadow/verdict.py), over everything the server keeps: what the
+        # endpoint says, so alerts and canary gates decide on the same judgement.
+        self._verdict_state = Gauge(
+            "shadow_verdict_state", "The verdict: 1 pass, 0 inconclusive, -1 fail (anytime-valid; GET /v1/shadow/verdict).",
+            names, registry=registry)
+        self._verdict_different = Gauge(
+            "shadow_verdict_different",
+            "1 when the candidate is detectably different from the noise floor (an interval excludes it), else 0.",
+            names, registry=registry)
+        self._verdict_bound = Gauge(
+            "shadow_verdict_interval",
+            "The verdict's statistics with their confidence-sequence bounds (+-Inf: not bounded yet; NaN: no verdict).",
+            [*names, "statistic", "bound"], registry=registry)
+        self._verdict_sequences = Gauge(
+            "shadow_verdict_sequences", "Compared sequences the verdict is computed over.", names, registry=registry)
+        self._verdict_floor_scale = Gauge(
+            "shadow_verdict_floor_kl_scale", "The noise floor's KL scale: 1 uncalibrated, else the engine calibration's ratio.",
+            names, registry=registry)
 
         self._base = base
         self._registry = registry
@@ -102,6 +123,7 @@ class ShadowMetrics:
         self._queue_depth.labels(**base).set(0)
         self._queue_tokens.labels(**base).set(0)
         self._reference_seconds.labels(**base)
+        self.verdict("inconclusive", False, {}, 0, 1.0)
 
     def outcomes(self) -> dict[str, float]:
         """Samples so far by outcome (compared, dropped, skipped, error)."""
@@ -117,6 +139,18 @@ class ShadowMetrics:
     def queue_depth(self, depth: int, tokens: int = 0) -> None:
         self._queue_depth.labels(**self._base).set(depth)
         self._queue_tokens.labels(**self._base).set(tokens)
+
+    def verdict(self, status: str, different: bool, bounds: Mapping[str, tuple[float, float, float]],
+                sequences: int, floor_scale: float) -> None:
+        """`bounds`: statistic -> (estimate, low, high); a missing statistic reads NaN."""
+        self._verdict_state.labels(**self._base).set(STATE[status])
+        self._verdict_different.labels(**self._base).set(int(different))
+        self._verdict_sequences.labels(**self._base).set(sequences)
+        self._verdict_floor_scale.labels(**self._base).set(floor_scale)
+        for statistic in STATISTICS:
+            values = bounds.get(statistic, (float("nan"),) * 3)
+            for bound, value in zip(BOUNDS, values):
+                self._verdict_bound.labels(**self._base, statistic=statistic, bound=bound).set(value)
 
     def oversize(self, action: str) -> None:
         self._oversize.labels(**self._base, action=action).inc()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from shadow.calibration import Calibration
 from shadow.candidate import CandidateLogprobs
 from shadow.capture import DivergenceCapture
 from shadow.compare import SequenceComparison, compare_sequence
@@ -74,9 +75,11 @@ class ShadowPath:
         model_name: str = "candidate",
         reference_name: str | None = None,
         self_check: Callable[[], Awaitable[ReferenceCheck]] | None = None,
+        calibration: Calibration | None = None,
     ):
         """`self_check`: the reference's self-check (shadow/reference_check.py), run before
-        the first sample is scored; a reference that fails it is never judged against."""
+        the first sample is scored; a reference that fails it is never judged against.
+        `calibration`: the serving engine's noise relative to the floor (shadow/calibration.py)."""
         self.settings = settings
         self.scorer = scorer
         self.metrics = metrics
@@ -95,6 +98,7 @@ class ShadowPath:
         self._wake = asyncio.Event()  # set on stop: a pause ends at once, the queue drains
         self._closed = False
         self._self_check = self_check
+        self.calibration = calibration
         self.reference_check: ReferenceCheck | None = None  # None: not (yet) checked
 
     @property
@@ -118,7 +122,17 @@ class ShadowPath:
             self.history.snapshot(window_s), model=self.model_name, reference=self.reference_name,
             noise_dtype=self.noise_dtype, policy=self.settings.verdict_policy, window_s=window_s,
             evicted=self.history.evicted, with_trajectory=with_trajectory, reference_check=self.reference_check,
+            calibration=self.calibration,
         )
+
+    def publish_verdict(self) -> None:
+        """The verdict over everything kept, as gauges (CPU work: off the event loop)."""
+        verdict = self.report().verdict
+        bounds = {name: (i.estimate, _bound(i.low, -1), _bound(i.high, 1))
+                  for name in ("kl_ratio", "excess_top1", "excess_hard") if (i := getattr(verdict, name)) is not None}
+        sequences = len(self.history.snapshot())
+        self.metrics.verdict(verdict.status, bool(verdict.different), bounds, sequences,
+                             verdict.floor.kl_scale if verdict.floor else 1.0)
 
     # --- the request side: cheap and non-blocking ---------------------------------
 
@@ -368,6 +382,10 @@ class ShadowPath:
                 if self.capture is not None and candidate.first_divergence is not None:
                     self._capture(sample, index, seq, cand, s, candidate)
             self.metrics.sample("compared")
+        try:
+            self.publish_verdict()
+        except Exception:  # the gauges keep their last value; the endpoint still answers
+            log.exception("shadow: the verdict could not be published")
 
     def _capture(self, sample, index: int, seq: ShadowSequence, cand: list[dict[int, float]], scored: ScoredSequence,
                  result: SequenceComparison) -> None:
@@ -379,6 +397,10 @@ class ShadowPath:
             )
         except Exception as exc:  # a full disk or a decode error must not lose the metrics
             log.warning("shadow: capture failed: %s", exc)
+
+
+def _bound(value: float | None, sign: int) -> float:
+    return sign * float("inf") if value is None else value
 
 
 def _padded_tokens(batch: list[ShadowSample]) -> int:

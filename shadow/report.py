@@ -9,6 +9,7 @@ from dataclasses import asdict
 import numpy as np
 from pydantic import BaseModel
 
+from shadow.calibration import Calibration
 from shadow.compare import SequenceComparison
 from shadow.history import ComparedSequence
 from shadow.reference_check import ReferenceCheck
@@ -48,17 +49,32 @@ class SideReport(BaseModel):
 
 class IntervalBody(BaseModel):
     estimate: float
-    low: float
-    high: float
+    low: float | None  # None: unbounded (the data cannot bound it yet)
+    high: float | None
+
+
+class FloorBody(BaseModel):
+    """Which noise floor the verdict judged against."""
+
+    kind: str  # "transformers": the reference in the serving dtype as transformers runs it; "calibrated"
+    kl_scale: float  # applied to the floor's KL (1 uncalibrated)
+    top1_scale: float
+    description: str
+    calibration: Calibration | None = None
 
 
 class VerdictBody(BaseModel):
     status: Status
     reasons: list[str]
-    kl_ratio: IntervalBody | None = None
+    kl_ratio: IntervalBody | None = None  # anytime-valid: confidence sequences (shadow/verdict.py)
     excess_top1: IntervalBody | None = None
     excess_hard: IntervalBody | None = None
     checks: dict[str, Status] = {}
+    # The converter's question: is the candidate detectably different from the noise floor
+    # (an interval excludes it)? None: too little data to say.
+    different: bool | None = None
+    decided_at: int | None = None  # sequences after which the current status was first taken
+    floor: FloorBody | None = None
     policy: dict[str, float]
 
 
@@ -98,6 +114,7 @@ def build_report(
     evicted: int = 0,
     with_trajectory: bool = False,
     reference_check: ReferenceCheck | None = None,
+    calibration: Calibration | None = None,
 ) -> ShadowReport:
     candidate = [r.candidate for r in records]
     noise = [r.noise for r in records if r.noise is not None]
@@ -117,8 +134,9 @@ def build_report(
             policy=asdict(policy),
         )
     else:
-        verdict = _verdict_body(judge(paired(records), policy), policy)
-        trajectory = verdict_trajectory(records, policy) if with_trajectory else None
+        judged = judge(paired(records, calibration), policy)
+        verdict = _verdict_body(judged, policy, floor_body(noise_dtype, calibration))
+        trajectory = trajectory_points(judged.trajectory) if with_trajectory else None
     return ShadowReport(
         model=model,
         reference=reference,
@@ -137,10 +155,11 @@ def build_report(
     )
 
 
-def paired(records: list[ComparedSequence]) -> PairedSequences:
+def paired(records: list[ComparedSequence], calibration: Calibration | None = None) -> PairedSequences:
+    """The verdict's per-sequence table; the noise floor scaled to the engine when calibrated."""
     c = [r.candidate for r in records]
     n = [r.noise for r in records]
-    return PairedSequences(
+    table = PairedSequences(
         tokens=np.array([x.compared_tokens for x in c]),
         candidate_kl=np.array([x.tokens.kl.sum() for x in c]),
         noise_kl=np.array([x.tokens.kl.sum() for x in n]),
@@ -149,19 +168,30 @@ def paired(records: list[ComparedSequence]) -> PairedSequences:
         candidate_hard=np.array([x.result == "hard" for x in c]),
         noise_hard=np.array([x.result == "hard" for x in n]),
     )
+    return table if calibration is None else table.scaled_noise(calibration.kl_ratio, calibration.top1_ratio)
+
+
+def floor_body(noise_dtype: str | None, calibration: Calibration | None) -> FloorBody:
+    if calibration is None:
+        return FloorBody(kind="transformers", kl_scale=1.0, top1_scale=1.0,
+                         description=f"the reference in {noise_dtype} run by transformers (not calibrated to the serving "
+                                     "engine: shadowserve verify --calibrate measures it)")
+    return FloorBody(kind="calibrated", kl_scale=calibration.kl_ratio, top1_scale=calibration.top1_ratio,
+                     description=f"the reference in {noise_dtype} run by transformers, {calibration.describe()}",
+                     calibration=calibration)
 
 
 MAX_TRAJECTORY_POINTS = 256
 
 
-def verdict_trajectory(records: list[ComparedSequence], policy: VerdictPolicy) -> list[TrajectoryPoint]:
-    """The verdict as it would have read after each sequence arrived: where it first left
-    `inconclusive`, and whether it ever changed its mind. Past 256 sequences it is read
-    every few sequences (and at the last), so the cost stays bounded."""
-    step = -(-len(records) // MAX_TRAJECTORY_POINTS) or 1
-    points = [*range(step, len(records), step), len(records)] if records else []
-    table = paired(records)
-    return [TrajectoryPoint(sequences=n, status=judge(table.head(n), policy).status) for n in points]
+def trajectory_points(statuses: list[Status]) -> list[TrajectoryPoint]:
+    """The verdict as it read after each sequence arrived (verdict.judge replays every
+    look): where it first left `inconclusive`, and whether it ever changed its mind. Past
+    256 sequences every few sequences are shown (and the last), every change included."""
+    n = len(statuses)
+    step = -(-n // MAX_TRAJECTORY_POINTS) or 1
+    shown = {*range(step, n, step), n} | {i + 1 for i in range(1, n) if statuses[i] != statuses[i - 1]}
+    return [TrajectoryPoint(sequences=k, status=statuses[k - 1]) for k in sorted(shown) if k >= 1]
 
 
 def side_report(comparisons: list[SequenceComparison]) -> SideReport:
@@ -205,16 +235,24 @@ def _stderr(values: np.ndarray) -> float:
 
 
 def _interval(value: Interval | None) -> IntervalBody | None:
-    return None if value is None else IntervalBody(**asdict(value))
+    if value is None:
+        return None
+    bounded = lambda v: v if np.isfinite(v) else None  # noqa: E731 (JSON has no infinity)
+    return IntervalBody(estimate=value.estimate, low=bounded(value.low), high=bounded(value.high))
 
 
-def _verdict_body(verdict, policy: VerdictPolicy) -> VerdictBody:
+def _verdict_body(verdict, policy: VerdictPolicy, floor: FloorBody) -> VerdictBody:
+    reasons = verdict.reasons + ([] if verdict.status == "inconclusive" and verdict.kl_ratio is None else
+                                 [f"noise floor: {floor.description}"])
     return VerdictBody(
         status=verdict.status,
-        reasons=verdict.reasons,
+        reasons=reasons,
         kl_ratio=_interval(verdict.kl_ratio),
         excess_top1=_interval(verdict.excess_top1),
         excess_hard=_interval(verdict.excess_hard),
         checks=verdict.checks,
+        different=verdict.different,
+        decided_at=verdict.decided_at,
+        floor=floor,
         policy=asdict(policy),
     )

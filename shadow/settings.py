@@ -35,10 +35,17 @@ class VerdictSettings(BaseModel):
     verdict_min_sequences: int = Field(default=_DEFAULT.min_sequences, ge=2, description="inconclusive below this many sequences")
     verdict_min_tokens: int = Field(default=_DEFAULT.min_tokens, ge=1, description="inconclusive below this many compared tokens")
     verdict_confidence: float = Field(
-        default=_DEFAULT.confidence, gt=0.5, lt=1, description="confidence of the bootstrap intervals over sequences"
+        default=_DEFAULT.confidence, gt=0.5, lt=1,
+        description="confidence of the verdict's intervals: confidence sequences, valid however often it is read"
     )
     verdict_noise_kl_floor: float = Field(
         default=_DEFAULT.noise_kl_floor, gt=0, description="nats/token: smallest noise-floor KL a ratio is taken against (fp32)"
+    )
+
+    verdict_calibration: Path | None = Field(
+        default=None,
+        description="engine calibration file (written by `shadowserve verify --calibrate`): judge against the noise "
+                    "floor scaled to the serving engine's measured noise; refused if measured on another setup",
     )
 
     verdict_reference_check: bool = Field(

@@ -33,6 +33,7 @@ class TransformersEngine:
         self._tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.dtype = str(model.dtype).removeprefix("torch.")
+        self.device = next(model.parameters()).device.type
         self._stop_ids = _eos_ids(model, tokenizer)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         self._closed = False

@@ -13,11 +13,13 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from server.engines import Engine, load_engine
+from server.engines.facts import engine_facts
 from server.errors import APIError, ModelNotFoundError
 from server.serving.limits import RequestLimits
 from server.serving.prompts import PromptRenderer
 from server.serving.reference_probe import reference_self_check
 from server.settings import ServeSettings
+from shadow.calibration import load_calibration
 from shadow.factory import build_shadow_path, load_reference
 from shadow.path import ShadowPath
 from shadow.scoring import ReferenceLoadError, ShadowReferenceError
@@ -50,12 +52,17 @@ class ServingContext:
                 raise ReferenceLoadError(str(exc)) from exc
         engine = load_engine(settings)
         shadow = None
+        calibration = None
+        if scorer is not None and settings.verdict_calibration is not None:
+            reference = settings.shadow_reference_model or settings.model
+            calibration = load_calibration(settings.verdict_calibration, engine_facts(settings, engine, reference))
+            log.info("shadow: noise floor %s", calibration.describe())
         if scorer is not None:
             check = (reference_self_check(engine, renderer, scorer, settings.verdict_reference_max_excess_nats)
                      if settings.verdict_reference_check else None)
             shadow = build_shadow_path(
                 settings, scorer, model_name=settings.model_name, serving_dtype=engine.dtype,
-                candidate_tokenizer=renderer.tokenizer, registry=registry, self_check=check,
+                candidate_tokenizer=renderer.tokenizer, registry=registry, self_check=check, calibration=calibration,
             )
         return cls(
             engine=engine,

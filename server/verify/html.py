@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from adapters.html_page import BASE_CSS, svg_figure
-from server.verify.text import describe_trajectory, header, intro, sequence_rows, summary_rows
+from server.verify.text import describe_trajectory, difference_label, header, intro, sequence_rows, summary_rows
 from shadow.history import ComparedSequence
 
 COLOURS = {"candidate": "#c0392b", "noise floor": "#2471a3"}
@@ -32,6 +32,7 @@ def render_html(report, sequences: list[ComparedSequence], title: str, rows=()) 
         f"<style>{_CSS}</style></head><body>",
         f"<h1>shadowserve verify</h1><p class=header>{html.escape(title)}</p>",
         f'<p class="badge verdict" style="background:{STATUS_COLOURS[v.status]}">Verdict: {v.status.upper()}</p>',
+        f'<p class="badge different">Detectably different from the noise floor: {difference_label(v)}</p>',
         "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in v.reasons) + "</ul>",
     ]
     if report.trajectory:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
 from server.engines import load_engine
+from server.engines.facts import engine_facts
 from server.protocol import ChatCompletionRequest
 from server.serving.chat import ChatHandler
 from server.serving.context import ServingContext
@@ -22,6 +23,7 @@ from server.serving.prompts import PromptRenderer
 from server.serving.reference_probe import reference_self_check
 from server.verify.inputs import corpus_windows, load_prompts
 from server.verify.settings import VerifySettings
+from shadow.calibration import EngineFacts, load_calibration
 from shadow.factory import build_shadow_path, load_reference
 from shadow.path import ShadowPath, ShadowSample, ShadowSequence
 from shadow.reference_check import ReferenceUntrustedError
@@ -43,6 +45,7 @@ class VerifyResult:
     sequences: list[ComparedSequence]  # per-token detail, in arrival order, for the plots
     labels: dict[str, str]  # request id -> what was asked (the prompt, or the corpus window), in input order
     decode: Callable[[list[int]], str]  # the candidate's tokenizer, for token text in reports
+    facts: EngineFacts | None = None  # the candidate's engine, as a calibration names it
 
 
 def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:
@@ -80,6 +83,9 @@ async def verify(settings: VerifySettings) -> VerifyResult:
         load_reference, config, settings.candidate, renderer.tokenizer, trust_remote_code=settings.trust_remote_code)
     engine = await asyncio.to_thread(load_engine, settings.engine_settings(CANDIDATE_NAME))
     try:
+        facts = engine_facts(settings.engine_settings(), engine, settings.reference)
+        calibration = None if settings.verdict_calibration is None or settings.calibrate else \
+            load_calibration(settings.verdict_calibration, facts)
         check = None
         if settings.verdict_reference_check:
             # llama.cpp's mode: the corpus is natural text too, so its first window joins the probe.
@@ -88,6 +94,7 @@ async def verify(settings: VerifySettings) -> VerifyResult:
         shadow = await asyncio.to_thread(
             build_shadow_path, config, scorer, model_name=CANDIDATE_NAME, serving_dtype=engine.dtype,
             candidate_tokenizer=renderer.tokenizer, registry=CollectorRegistry(), self_check=check,
+            calibration=calibration,
         )
         reference_check = await shadow.run_reference_check(retry=False)
         if reference_check is not None and not reference_check.trusted:
@@ -106,7 +113,7 @@ async def verify(settings: VerifySettings) -> VerifyResult:
         finally:
             await shadow.stop()
         report = await asyncio.to_thread(shadow.report, None, True)
-        return VerifyResult(report, shadow.history.snapshot(), labels, renderer.tokenizer.decode)
+        return VerifyResult(report, shadow.history.snapshot(), labels, renderer.tokenizer.decode, facts)
     finally:
         await engine.shutdown()
 

@@ -16,7 +16,7 @@ from shadow.settings import VerdictSettings
 class VerifySettings(VerdictSettings, VllmOptions):
     """Judge a candidate against its reference offline: the shadow pipeline on fixed prompts
     (or a corpus), the noise floor beside it, a report and a verdict. Exit code 0 pass,
-    1 fail, 3 inconclusive, 2 usage or load error."""
+    1 fail (or, with --strict, detectably different), 3 inconclusive, 2 usage or load error."""
 
     candidate: CliPositionalArg[Path] = Field(description="the candidate's Hugging Face directory")
     reference: CliPositionalArg[Path] = Field(description="the reference's Hugging Face directory (run in fp32)")
@@ -48,6 +48,14 @@ class VerifySettings(VerdictSettings, VllmOptions):
         default=False, alias="json", description="print the report as JSON (the schema of GET /v1/shadow/verdict)"
     )
     html: Path | None = Field(default=None, description="also write a self-contained HTML report with plots here")
+    calibrate: CliImplicitFlag[bool] = Field(
+        default=False,
+        description="first measure the engine's own noise (the reference's weights served by this engine, dtype and "
+                    "compile mode), write it to --verdict-calibration, then judge the candidate against it")
+    strict: CliImplicitFlag[bool] = Field(
+        default=False,
+        description="exit 1 when the candidate is detectably different from the noise floor, even within tolerance "
+                    "(for conversions, which should equal the original up to rounding)")
 
     @field_validator("candidate", "reference")
     @classmethod
@@ -67,6 +75,8 @@ class VerifySettings(VerdictSettings, VllmOptions):
     def _one_input(self) -> VerifySettings:
         if self.corpus is not None and self.prompts is not None:
             raise ValueError("give --prompts or --corpus, not both")
+        if self.calibrate and self.verdict_calibration is None:
+            raise ValueError("--calibrate writes to --verdict-calibration FILE: give it")
         self.engine_settings()  # the engine options are checked now, before anything loads
         return self
 

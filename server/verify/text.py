@@ -89,9 +89,14 @@ def _margin(side: SideReport) -> str:
     return "-" if side.max_flip_margin is None else f"{side.max_flip_margin:.3f} nats"
 
 
+def difference_label(verdict) -> str:
+    """The converter's answer, beside the tolerance verdict."""
+    return {True: "YES", False: "not detected", None: "undecided"}[verdict.different]
+
+
 def verdict_lines(report: ShadowReport) -> list[str]:
     v = report.verdict
-    lines = [f"Verdict: {v.status.upper()}"]
+    lines = [f"Verdict: {v.status.upper()}    Detectably different from the noise floor: {difference_label(v)}"]
     lines += [f"  - {reason}" for reason in v.reasons]
     if report.trajectory:
         lines.append(f"  {describe_trajectory(report.trajectory)}")
