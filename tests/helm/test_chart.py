@@ -149,24 +149,28 @@ def test_the_dashboard_and_its_docs_are_what_the_generator_writes():
 
 def test_canary_release(canary):
     kinds = sorted(d["kind"] for d in canary)
-    assert kinds == sorted(["Deployment", "Service", "Secret", "ServiceMonitor", "AnalysisTemplate",
-                            "MetricTemplate", "MetricTemplate", "MetricTemplate"])
+    assert kinds == sorted(["Deployment", "Service", "Secret", "ServiceMonitor", "AnalysisTemplate", "MetricTemplate"])
     candidate = as_k8s(by_kind(canary, "Deployment")[0]).spec.template.spec.containers[0]
     assert "--shadow-labels=variant=canary" in candidate.args
     assert "--shadow-reference-url=http://shadowserve-stable-reference:8001" in candidate.args
     assert "--shadow-noise-floor=true" in candidate.args and "--verdict-kl-ratio-max=2" in candidate.args
     (analysis,) = by_kind(canary, "AnalysisTemplate")
     conditions = {m["name"]: (m["successCondition"], m["failureCondition"]) for m in analysis["spec"]["metrics"]}
-    assert conditions == {  # noise-relative: the verdict's limits; NaN (too little data) meets neither
-        "kl-noise-ratio": ("result[0] <= 2", "result[0] > 2"),
-        "excess-top1-disagreement": ("result[0] <= 0.01", "result[0] > 0.01"),
-        "excess-hard-divergence": ("result[0] <= 0.1", "result[0] > 0.1"),
-    }
-    for metric in analysis["spec"]["metrics"]:
-        query = metric["provider"]["prometheus"]["query"]
-        assert 'variant="canary"' in query and 'comparison="noise_floor"' in query and "vector(NaN)" in query
-    assert {t["metadata"]["name"] for t in by_kind(canary, "MetricTemplate")} == {
-        f"shadowserve-canary-{name}" for name in conditions}
+    # The server's own verdict (1 pass, 0 undecided, -1 fail): an undecided one meets neither.
+    assert conditions == {"verdict": ("result[0] == 1", "result[0] == -1")}
+    (metric,) = analysis["spec"]["metrics"]
+    query = metric["provider"]["prometheus"]["query"]
+    assert query.startswith("min(shadow_verdict_state{") and 'variant="canary"' in query and "vector(0)" in query
+    (flagger,) = by_kind(canary, "MetricTemplate")
+    assert flagger["metadata"]["name"] == "shadowserve-canary-verdict" and flagger["spec"]["query"] == query
+
+
+def test_a_strict_canary_also_gates_on_detectable_difference():
+    docs = render({**CANARY_VALUES, "analysis": {**CANARY_VALUES["analysis"], "strict": True}}, name="shadowserve-canary")
+    (analysis,) = by_kind(docs, "AnalysisTemplate")
+    conditions = {m["name"]: (m["successCondition"], m["failureCondition"]) for m in analysis["spec"]["metrics"]}
+    assert conditions["detectably-different"] == ("result[0] == 0", "result[0] == 1")
+    assert len(by_kind(docs, "MetricTemplate")) == 2
 
 
 def test_the_absolute_gates_are_only_a_fallback():
