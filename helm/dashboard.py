@@ -50,6 +50,10 @@ def excess(metric: str, label: str, per: str) -> str:
     return f"(sum by (model, variant) ({candidate}) - sum by (model, variant) ({noise})) / sum by (model, variant) ({total})"
 
 
+def bound_of(statistic: str, bound: str) -> str:
+    return f'statistic="{statistic}",bound="{bound}"'
+
+
 def diverged_by(n: int) -> str:
     bucket = s(f'le="{n}.0"')
     return (f"sum by (comparison) (increase(shadow_first_divergence_position_tokens_bucket{bucket}[$__range]))"
@@ -70,11 +74,26 @@ def by_comparison_ratio(num: str, num_extra: str, den: str) -> str:
 
 PANELS = [
     dict(
+        title="Verdict (the server's): state, and the KL ratio's confidence sequence",
+        description=(
+            "What GET /v1/shadow/verdict says, per replica: state 1 pass, 0 undecided, -1 fail (anytime-valid: its "
+            "intervals hold however often they are read, and a decision stands until the opposite is proven), "
+            "'different' 1 when the candidate is detectably different from the noise floor, and the KL ratio with "
+            "its bounds. The alerts and canary gates decide on the state (min over replicas); the ratio panels "
+            "beside it are point estimates, for reading."),
+        unit="short", w=8,
+        targets=[target(f"min by (model, variant) (shadow_verdict_state{s()})", "{{variant}} state"),
+                 target(f"max by (model, variant) (shadow_verdict_different{s()})", "{{variant}} different"),
+                 *[target(f"max by (model, variant) (shadow_verdict_interval{s(bound_of('kl_ratio', b))})",
+                          "{{variant}} KL ratio " + b) for b in ("low", "estimate", "high")]],
+    ),
+    dict(
         title="Verdict: token KL, candidate over noise floor",
         description=(
             "Mean token KL of the candidate divided by the noise floor's (the reference in the serving dtype vs itself in "
-            "fp32, on the same positions). About 1 for precision noise; the verdict and the canary gates fail above "
-            "the limit (2x by default). Paired: both sides cover the same tokens."),
+            "fp32, on the same positions). About 1 for precision noise; the verdict fails when its lower bound is "
+            "above the limit (2x by default). A point estimate, without an interval. Paired: both sides cover the "
+            "same tokens."),
         unit="short", w=8,
         targets=[target(ratio_to_noise("shadow_token_kl_divergence_sum"), "{{variant}} KL ratio")],
     ),
