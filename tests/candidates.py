@@ -77,6 +77,14 @@ def attention_scale(src: Path, dst: Path) -> Path:
     return _with_weights(src, dst, change)
 
 
+def attention_scale_mild(src: Path, dst: Path, scale: float = 1.03) -> Path:
+    """Every attention logit x 1.03: KL 1.8x the noise floor's (within the 2x tolerance), not noise."""
+    def change(w, config):
+        for p in _layers(config):
+            w[p + "q_proj.weight"] = w[p + "q_proj.weight"] * scale
+    return _with_weights(src, dst, change)
+
+
 def kv_swapped(src: Path, dst: Path) -> Path:
     def change(w, config):
         for p in _layers(config):
@@ -229,6 +237,7 @@ SPECS = {
     "tp_rank_order": ("bug", "bfloat16", False, lambda demo, adapter, out: tp_rank_order(demo, out)),
     "rotary_layout": ("bug", "bfloat16", False, lambda demo, adapter, out: rotary_layout(demo, out)),
     "lora_bf16_merge_fp16": ("bug", "float16", True, lora_bf16_merge),
+    "attention_scale_mild": ("mild", "bfloat16", False, lambda demo, adapter, out: attention_scale_mild(demo, out)),
     "bf16": ("control", "bfloat16", False, None),
     "fp16": ("control", "float16", False, None),
     "lora_fp32_merge_bf16": ("control", "bfloat16", True, lora_fp32_merge),

@@ -34,7 +34,7 @@ from tests.servers import RunningServer, start_server
 pytestmark = pytest.mark.integration
 
 VLLM = ["--enforce-eager", "true", "--max-model-len", "2048", "--kv-cache-gib", "1"]
-SIZE = {"bug": (10, 48), "control": (16, 64)}  # prompts, tokens
+SIZE = {"bug": (10, 48), "control": (16, 64), "mild": (16, 48)}  # prompts, tokens
 EXPECTED = {"bug": ("fail", 1), "control": ("pass", 0)}
 TABLE: dict[str, dict] = {}  # name -> verify's and the live server's figures, printed at the end
 
@@ -91,13 +91,30 @@ def verify_args(c: Candidate) -> list[str]:
 @pytest.mark.parametrize("name", [*BUGS, *CONTROLS])
 def test_verify(name, demo_model, candidates_root, tmp_path):
     c = build(name, demo_model, candidates_root)
-    run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c)],
+    strict = ["--strict"] if c.kind == "control" else []  # a control is not detectably different either
+    run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c), *strict],
                          capture_output=True, text=True, timeout=900)
     (tmp_path / "verify.err").write_text(run.stderr)
     assert run.returncode in (0, 1, 3), run.stderr[-3000:]
     report = json.loads(run.stdout)
     check(report, c, "verify")
     assert run.returncode == EXPECTED[c.kind][1]
+    assert report["verdict"]["different"] is (c.kind == "bug"), report["verdict"]["reasons"]
+    assert report["verdict"]["floor"]["kind"] == "transformers"
+
+
+def test_verify_strict_fails_a_mild_bug_the_tolerance_lets_through(demo_model, candidates_root):
+    """Attention logits x 1.03 (served bf16): about 1.8x the noise floor's KL, inside the
+    2x tolerance, but a conversion should be exact up to rounding: detectably different,
+    and `--strict` exits 1 on it."""
+    c = build("attention_scale_mild", demo_model, candidates_root)
+    run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c), "--strict"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 1, run.stderr[-3000:]
+    verdict = json.loads(run.stdout)["verdict"]
+    assert verdict["different"] is True and verdict["status"] != "fail", verdict["reasons"]
+    assert verdict["kl_ratio"]["low"] > 1.0
+    assert "--strict: the candidate is detectably different" in run.stderr
 
 
 def chat(server: RunningServer, prompt: str, tokens: int) -> None:
