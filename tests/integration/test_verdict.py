@@ -56,6 +56,10 @@ def print_table():
                       f"{row['hard']} | {row['decided']} | {row['fell back']}")
 
 
+def bound(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.3g}"
+
+
 def check(report: dict, c: Candidate, where: str) -> None:
     """The verdict is right, taken at the first decision, and never reversed after it."""
     verdict = report["verdict"]
@@ -65,7 +69,7 @@ def check(report: dict, c: Candidate, where: str) -> None:
     kl, top1 = verdict["kl_ratio"], verdict["excess_top1"]
     TABLE.setdefault(c.name, {})[where] = {
         "kind": c.kind, "status": verdict["status"],
-        "kl_ratio": f"{kl['estimate']:.3g} [{kl['low']:.3g}, {kl['high']:.3g}]" if kl else "-",
+        "kl_ratio": f"{kl['estimate']:.3g} [{bound(kl['low'])}, {bound(kl['high'])}]" if kl else "-",
         "top1": f"{100 * top1['estimate']:.2f}" if top1 else "-",
         "hard": f"{report['candidate']['hard']}/{report['noise_floor']['hard']} of {report['candidate']['sequences']}"
                 f" ({report['candidate']['tokens']} tokens)",
@@ -103,18 +107,48 @@ def test_verify(name, demo_model, candidates_root, tmp_path):
     assert report["verdict"]["floor"]["kind"] == "transformers"
 
 
-def test_verify_strict_fails_a_mild_bug_the_tolerance_lets_through(demo_model, candidates_root):
-    """Attention logits x 1.03 (served bf16): about 1.8x the noise floor's KL, inside the
-    2x tolerance, but a conversion should be exact up to rounding: detectably different,
-    and `--strict` exits 1 on it."""
+@pytest.fixture(scope="module")
+def mild_run(demo_model, candidates_root, tmp_path_factory):
+    """Attention logits x 1.03 (served bf16), judged after `--calibrate` measured the
+    engine's own noise on the reference's weights (both in this one run)."""
     c = build("attention_scale_mild", demo_model, candidates_root)
-    run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c), "--strict"],
-                         capture_output=True, text=True, timeout=900)
+    calibration = tmp_path_factory.mktemp("calibration") / "vllm-bf16-eager.json"
+    run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c), "--strict", "--calibrate",
+                          "--verdict-calibration", str(calibration)], capture_output=True, text=True, timeout=900)
+    return c, calibration, run
+
+
+def test_verify_strict_fails_a_mild_bug_the_tolerance_lets_through(mild_run):
+    """About 1.8x the noise floor's KL, inside the 2x tolerance, but a conversion should be
+    exact up to rounding: detectably different, and `--strict` exits 1 on it."""
+    c, calibration, run = mild_run
     assert run.returncode == 1, run.stderr[-3000:]
     verdict = json.loads(run.stdout)["verdict"]
     assert verdict["different"] is True and verdict["status"] != "fail", verdict["reasons"]
-    assert verdict["kl_ratio"]["low"] > 1.0
+    assert verdict["kl_ratio"]["low"] > 1.0 and verdict["kl_ratio"]["high"] is not None
     assert "--strict: the candidate is detectably different" in run.stderr
+
+
+def test_calibrate_measures_the_engine_and_the_verdict_says_which_floor(mild_run, demo_model):
+    c, calibration, run = mild_run
+    written = json.loads(calibration.read_text())
+    assert written["facts"] == {"engine": "vllm", "engine_version": written["facts"]["engine_version"], "dtype": "bfloat16",
+                                "compile_mode": "eager", "device": "cpu", "reference": demo_model.name}
+    # The reference's weights through vLLM eager bf16 read about the transformers floor's noise.
+    assert written["kl_ratio_low"] < written["kl_ratio"] < written["kl_ratio_high"] and 0.5 < written["kl_ratio"] < 2
+    assert written["sequences"] == SIZE["mild"][0]
+    floor = json.loads(run.stdout)["verdict"]["floor"]
+    assert floor["kind"] == "calibrated" and floor["kl_scale"] == pytest.approx(written["kl_ratio"])
+    assert "engine calibration written to" in run.stderr
+
+
+def test_a_calibration_from_another_setup_is_refused(mild_run, demo_model):
+    c, calibration, _ = mild_run
+    run = subprocess.run([sys.executable, "-m", "server.cli", "verify", str(demo_model), str(demo_model), "--dtype", "float16",
+                          "--samples", "8", "--max-tokens", "8", "--kv-cache-gib", "1", "--max-model-len", "2048",
+                          "--verdict-calibration", str(calibration)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "CalibrationError" in run.stderr and "this run has dtype 'float16' (the calibration's: 'bfloat16')" in run.stderr
 
 
 def chat(server: RunningServer, prompt: str, tokens: int) -> None:

@@ -217,6 +217,25 @@ def test_the_noise_floor_is_recorded_beside_the_candidate_and_judged():
     assert report.verdict.status == "fail" and report.verdict.checks["excess_hard"] == "fail"
     assert [r.request_id for r in path.history.snapshot()] == ["r0", "r1", "r2"]
     assert path.report(window_s=1e-9).candidate is None  # nothing that recent
+    # The same verdict is exported as gauges, for the alerts and canary gates.
+    base = {"model": "cand", "reference": "echo"}
+    assert registry.get_sample_value("shadow_verdict_state", base) == -1
+    assert registry.get_sample_value("shadow_verdict_different", base) == 1
+    assert registry.get_sample_value("shadow_verdict_sequences", base) == 3
+    hard = report.verdict.excess_hard
+    exported = {bound: registry.get_sample_value("shadow_verdict_interval", {**base, "statistic": "excess_hard", "bound": bound})
+                for bound in ("estimate", "low", "high")}
+    assert exported == {"estimate": 1.0, "low": hard.low, "high": hard.high} and hard.low is not None
+
+
+def test_the_verdict_gauges_start_undecided():
+    registry = CollectorRegistry()
+    ShadowMetrics(registry, "cand", "echo")
+    base = {"model": "cand", "reference": "echo"}
+    assert registry.get_sample_value("shadow_verdict_state", base) == 0
+    assert registry.get_sample_value("shadow_verdict_floor_kl_scale", base) == 1
+    value = registry.get_sample_value("shadow_verdict_interval", {**base, "statistic": "kl_ratio", "bound": "low"})
+    assert value != value  # NaN: no verdict yet
 
 
 def test_with_the_noise_floor_off_no_noise_is_asked_for():
