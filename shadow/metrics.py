@@ -17,6 +17,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shadow.compare import SequenceComparison
+from shadow.verdict import CHECKS
 
 # Log-spaced 1-2-5 edges: quantiles readable from 1e-7 to 20 nats.
 _NATS = tuple(round(m * 10.0**e, 12) for e in range(-7, 1) for m in (1, 2, 5)) + (10.0, 20.0, 50.0)
@@ -28,7 +29,6 @@ _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 OUTCOMES = ("compared", "dropped", "skipped", "error")
 STATE = {"fail": -1, "inconclusive": 0, "pass": 1}  # shadow_verdict_state
-STATISTICS = ("kl_ratio", "excess_top1", "excess_hard")
 BOUNDS = ("estimate", "low", "high")
 RESULTS = ("identical", "near_tie", "hard")
 OVERSIZE = ("truncated", "skipped")  # a sequence past --shadow-max-tokens: cut to it, or no output token fits
@@ -147,7 +147,7 @@ class ShadowMetrics:
         self._verdict_different.labels(**self._base).set(int(different))
         self._verdict_sequences.labels(**self._base).set(sequences)
         self._verdict_floor_scale.labels(**self._base).set(floor_scale)
-        for statistic in STATISTICS:
+        for statistic in CHECKS:
             values = bounds.get(statistic, (float("nan"),) * 3)
             for bound, value in zip(BOUNDS, values):
                 self._verdict_bound.labels(**self._base, statistic=statistic, bound=bound).set(value)

@@ -24,6 +24,7 @@ from shadow.reference_check import ReferenceCheck
 from shadow.report import ShadowReport, build_report
 from shadow.scoring import MAX_BATCH_SEQUENCES, ScoredSequence, ScoreItem, Scorer, ShadowReferenceError
 from shadow.settings import ShadowSettings
+from shadow.verdict import CHECKS
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,11 @@ class ShadowPath:
 
     def publish_verdict(self) -> None:
         """The verdict over everything kept, as gauges (CPU work: off the event loop)."""
-        verdict = self.report().verdict
+        report = self.report()
+        verdict = report.verdict
         bounds = {name: (i.estimate, _bound(i.low, -1), _bound(i.high, 1))
-                  for name in ("kl_ratio", "excess_top1", "excess_hard") if (i := getattr(verdict, name)) is not None}
-        sequences = len(self.history.snapshot())
+                  for name in CHECKS if (i := getattr(verdict, name)) is not None}
+        sequences = report.candidate.sequences if report.candidate else 0
         self.metrics.verdict(verdict.status, bool(verdict.different), bounds, sequences,
                              verdict.floor.kl_scale if verdict.floor else 1.0)
 
