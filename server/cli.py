@@ -252,7 +252,12 @@ def run_server(settings: ServeSettings) -> None:
     def stop() -> None:  # a failed or dead engine ends the process with a non-zero status
         server.should_exit = True
 
-    app = create_app(settings, ServingContext.load, CollectorRegistry(), extra, on_fatal=stop)
+    def load(settings: ServeSettings, registry: CollectorRegistry) -> ServingContext:
+        from server.verify.calibrate import calibrate_before_serving  # --verdict-calibrate, before the engine
+
+        return ServingContext.load(calibrate_before_serving(settings), registry)
+
+    app = create_app(settings, load, CollectorRegistry(), extra, on_fatal=stop)
     # After the drain, connections still open (idle keep-alives, stragglers) get a few seconds.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5)

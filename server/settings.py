@@ -136,6 +136,15 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
         description="longest the engine may take to load and start, compilation included (0: no limit); "
                     "past it the server exits 1 (a vLLM start can hang after a failed compile)",
     )
+    verdict_calibrate: bool = Field(
+        default=False,
+        description="at start, when the --verdict-calibration FILE does not exist yet, measure the serving engine's own "
+                    "noise into it before the candidate loads (as `verify --calibrate`: the reference's weights through "
+                    "this engine, dtype and compile mode, on verify's built-in prompts); a reference the engine cannot "
+                    "serve as it is (an unmerged adapter) is named in the log and the transformers floor kept",
+    )
+    verdict_calibrate_samples: int = Field(
+        default=32, ge=8, le=32, description="built-in prompts --verdict-calibrate measures on (64 greedy tokens each)")
     docs: bool = Field(default=False, description="serve /docs and /openapi.json (off: the API surface stays unlisted)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
 
@@ -154,4 +163,14 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
     def _shadow_fits(self) -> ServeSettings:
         if self.shadow_enabled and self.shadow_top_k > self.max_logprobs:
             raise ValueError(f"shadow-top-k ({self.shadow_top_k}) cannot exceed max-logprobs ({self.max_logprobs})")
+        if self.verdict_calibrate:
+            if self.verdict_calibration is None:
+                raise ValueError("--verdict-calibrate writes to --verdict-calibration FILE: give it")
+            if not self.shadow_enabled:
+                raise ValueError("--verdict-calibrate calibrates the shadow's verdict: turn the shadow on (--shadow-rate)")
+            if self.shadow_reference_url is not None:
+                raise ValueError("--verdict-calibrate serves the reference's weights through this engine: it needs them "
+                                 "here (--shadow-reference-model, or none: the candidate's own directory), not "
+                                 "--shadow-reference-url; measure on the reference's host with `shadowserve verify "
+                                 "--calibrate` and pass the file")
         return self

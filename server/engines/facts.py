@@ -1,17 +1,19 @@
 """What an engine calibration is valid for (shadow/calibration.py): the serving engine,
-its version, dtype, compile mode and device, and the reference it was measured on."""
+its version, dtype, compile mode and device, and the reference it was measured on, by
+the scorer's name for it: the reference directory's name, loaded here or behind
+`shadowserve reference` (for a remote one not reachable yet at start:
+--shadow-reference-name, else its address)."""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from server.engines.base import Engine
 from server.settings import EngineSettings
 from shadow.calibration import EngineFacts
 
 
-def engine_facts(settings: EngineSettings, engine: Engine, reference: Path) -> EngineFacts:
+def engine_facts(settings: EngineSettings, engine: Engine, reference: str) -> EngineFacts:
     if settings.engine == "vllm":
         from vllm.platforms import current_platform
 
@@ -21,7 +23,7 @@ def engine_facts(settings: EngineSettings, engine: Engine, reference: Path) -> E
         device, compile_mode = getattr(engine, "device", "cpu"), "eager"
         engine_version = _version("transformers")
     return EngineFacts(engine=settings.engine, engine_version=engine_version, dtype=engine.dtype,
-                       compile_mode=compile_mode, device=str(device), reference=Path(reference).resolve().name)
+                       compile_mode=compile_mode, device=str(device), reference=reference)
 
 
 def _version(*packages: str) -> str:

@@ -54,8 +54,7 @@ class ServingContext:
         shadow = None
         calibration = None
         if scorer is not None and settings.verdict_calibration is not None:
-            reference = settings.shadow_reference_model or settings.model
-            calibration = load_calibration(settings.verdict_calibration, engine_facts(settings, engine, reference))
+            calibration = load_calibration(settings.verdict_calibration, engine_facts(settings, engine, scorer.name))
             log.info("shadow: noise floor %s", calibration.describe())
         if scorer is not None:
             check = (reference_self_check(engine, renderer, scorer, settings.verdict_reference_max_excess_nats)

@@ -83,7 +83,7 @@ async def verify(settings: VerifySettings) -> VerifyResult:
         load_reference, config, settings.candidate, renderer.tokenizer, trust_remote_code=settings.trust_remote_code)
     engine = await asyncio.to_thread(load_engine, settings.engine_settings(CANDIDATE_NAME))
     try:
-        facts = engine_facts(settings.engine_settings(), engine, settings.reference)
+        facts = engine_facts(settings.engine_settings(), engine, scorer.name)
         calibration = None if settings.verdict_calibration is None or settings.calibrate else \
             load_calibration(settings.verdict_calibration, facts)
         check = None

@@ -8,6 +8,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from tests.helm.chart import CANARY_VALUES, CHART, by_kind, dashboard, render
+from shadow.calibration import load_calibration
 from tests.helm.crd_models import RelabelConfig, ScaledObject
 
 CORE = {"Deployment": "V1Deployment", "Service": "V1Service", "Secret": "V1Secret", "ConfigMap": "V1ConfigMap",
@@ -226,3 +227,38 @@ def test_disabling_the_reference_requires_an_external_url():
 
     with pytest.raises(HelmError, match="reference.externalUrl is required"):
         render({"reference": {"enabled": False}})
+
+
+def test_an_engine_calibration_is_mounted_and_read_by_the_candidate(tmp_path):
+    from tests.unit.test_calibration import FACTS, calibration
+
+    written = tmp_path / "written.json"
+    calibration().save(written)  # as `verify --calibrate` writes it
+    docs = render({"verdict": {"calibration": written.read_text()}})
+    (config_map,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-calibration")]
+    candidate = as_k8s(next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-candidate")))
+    container, pod = candidate.spec.template.spec.containers[0], candidate.spec.template.spec
+    (arg,) = [a for a in container.args if a.startswith("--verdict-calibration=")]
+    path = arg.split("=", 1)[1]
+    (mount,) = [m for m in container.volume_mounts if m.name == "calibration"]
+    (volume,) = [v for v in pod.volumes if v.name == "calibration"]
+    assert path == f"{mount.mount_path}/calibration.json" and mount.read_only
+    # the reference's name as its service reports it (its directory), even before it answers
+    reference = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-reference"))
+    model = next(a for a in reference["spec"]["template"]["spec"]["containers"][0]["args"] if a.startswith("--model="))
+    assert f"--shadow-reference-name={model.rsplit('/', 1)[1]}" in container.args
+    assert volume.config_map.name == config_map["metadata"]["name"]
+    # what the server reads from the mount is the calibration, valid for its setup
+    mounted = tmp_path / "calibration.json"
+    mounted.write_text(config_map["data"]["calibration.json"])
+    assert load_calibration(mounted, FACTS) == calibration()
+    # a new calibration rolls the pods; none leaves no trace
+    other = tmp_path / "other.json"
+    calibration(kl_ratio=0.9).save(other)
+    rolled = render({"verdict": {"calibration": other.read_text()}})
+    annotation = "checksum/calibration"
+    pods = [next(d for d in by_kind(r, "Deployment") if d["metadata"]["name"].endswith("-candidate"))["spec"]["template"]
+            for r in (docs, rolled, render())]
+    assert pods[0]["metadata"]["annotations"][annotation] != pods[1]["metadata"]["annotations"][annotation]
+    assert "annotations" not in pods[2]["metadata"]
+    assert not any(a.startswith("--verdict-calibration") for a in pods[2]["spec"]["containers"][0]["args"])

@@ -165,14 +165,25 @@ def chat(server: RunningServer, prompt: str, tokens: int) -> None:
 LIVE = ("lora_bf16_merge_fp16", *CONTROLS)
 
 
+# `serve --verdict-calibrate` on two of them: the bf16 control is judged against the floor
+# its server measured at start (the reference's weights through the same vLLM engine, dtype
+# and compile mode); the LoRA control's reference (base + unmerged adapter) cannot be served
+# as it is, so its server says so and keeps the transformers floor.
+CALIBRATED = {"bf16": "calibrated", "lora_fp32_merge_bf16": "transformers"}
+
+
 @pytest.mark.parametrize("name", LIVE)
 def test_live_verdict(name, demo_model, candidates_root, tmp_path):
     c = build(name, demo_model, candidates_root)
     prompts, tokens = SIZE[c.kind]
     args = ["--model", str(c.path), "--served-model-name", MODEL_NAME, "--dtype", c.dtype, *VLLM,
             "--shadow-rate", "1.0", "--shadow-reference-model", str(c.reference)]
+    calibration = tmp_path / "calibration.json"
+    if name in CALIBRATED:
+        args += ["--verdict-calibrate", "true", "--verdict-calibration", str(calibration),
+                 "--verdict-calibrate-samples", "16"]
     server = start_server(args + (["--shadow-reference-adapter", str(c.adapter)] if c.adapter else []),
-                          tmp_path / "server.log")
+                          tmp_path / "server.log", timeout=600 if name in CALIBRATED else 300)
     try:
         early = httpx.get(f"{server.url}/v1/shadow/verdict", timeout=30).json()
         assert early["verdict"]["status"] == "inconclusive" and early["candidate"] is None
@@ -186,3 +197,13 @@ def test_live_verdict(name, demo_model, candidates_root, tmp_path):
     finally:
         server.stop()
     check(report, c, "live")
+    log = server.log_path.read_text(errors="replace")
+    floor = report["verdict"]["floor"]
+    assert floor["kind"] == CALIBRATED.get(name, "transformers"), floor
+    if floor["kind"] == "calibrated":
+        written = json.loads(calibration.read_text())
+        assert written["facts"]["compile_mode"] == "eager" and written["sequences"] == 16
+        assert floor["kl_scale"] == pytest.approx(written["kl_ratio"])
+        assert "engine calibration written to" in log
+    elif name in CALIBRATED:
+        assert not calibration.exists() and "not calibrated: the reference is a base model with an unmerged adapter" in log

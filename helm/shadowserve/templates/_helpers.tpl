@@ -51,6 +51,11 @@ none or no cluster); else, while this release deploys the reference, a random on
 {{- $grace -}}
 {{- end -}}
 
+{{/* The in-chart reference's name as `shadowserve reference` reports it: its directory[+adapter]. */}}
+{{- define "shadowserve.referenceName" -}}
+{{ base .Values.reference.modelVolume.path }}{{ with .Values.reference.adapterPath }}+{{ base . }}{{ end }}
+{{- end -}}
+
 {{- define "shadowserve.referenceUrl" -}}
 {{- if .Values.reference.enabled -}}
 http://{{ include "shadowserve.fullname" . }}-reference:{{ .Values.reference.port }}
