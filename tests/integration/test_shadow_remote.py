@@ -7,10 +7,12 @@ import asyncio
 import json
 import shutil
 import time
+from importlib.metadata import version
 
 import httpx
 import pytest
 
+from shadow.calibration import Calibration, EngineFacts
 from shadow.local_scorer import LocalScorer
 from shadow.remote_scorer import RemoteScorer
 from shadow.scoring import ScoreItem, ShadowReferenceError
@@ -86,10 +88,21 @@ def test_server_with_remote_reference_compares_traffic(reference_server, demo_mo
 
 
 def test_the_remote_noise_floor_runs_in_the_serving_dtype(reference_server, demo_model, tmp_path):
-    """A bf16 candidate gets its noise floor from the service, on the same positions."""
+    """A bf16 candidate gets its noise floor from the service, on the same positions; an
+    engine calibration measured on the service's reference (matched by the reference's
+    name, not the candidate's directory) scales it."""
+    candidate = tmp_path / "converted"  # the candidate's directory is not named like the reference's
+    shutil.copytree(demo_model, candidate, ignore=shutil.ignore_patterns("model.safetensors"))
+    (candidate / "model.safetensors").symlink_to(demo_model / "model.safetensors")
+    calibration = tmp_path / "calibration.json"
+    facts = EngineFacts(engine="transformers", engine_version=version("transformers"), dtype="bfloat16",
+                        compile_mode="eager", device="cpu", reference=demo_model.name)
+    Calibration(facts=facts, kl_ratio=0.5, kl_ratio_low=0.4, kl_ratio_high=0.6, top1_ratio=1.0, sequences=32,
+                tokens=2048, measured_at="2026-12-03T07:00:00+00:00").save(calibration)
     server = start_server(
-        ["--model", str(demo_model), "--engine", "transformers", "--dtype", "bfloat16", "--shadow-rate", "1.0",
-         "--shadow-reference-url", reference_server.url, "--shadow-reference-token", REFERENCE_TOKEN],
+        ["--model", str(candidate), "--served-model-name", MODEL_NAME, "--engine", "transformers", "--dtype", "bfloat16",
+         "--shadow-rate", "1.0", "--shadow-reference-url", reference_server.url,
+         "--shadow-reference-token", REFERENCE_TOKEN, "--verdict-calibration", str(calibration)],
         tmp_path / "server.log",
     )
     try:
@@ -98,6 +111,9 @@ def test_the_remote_noise_floor_runs_in_the_serving_dtype(reference_server, demo
         assert tokens["candidate"] == tokens["noise_floor"] > 0
         report = httpx.get(f"{server.url}/v1/shadow/verdict", timeout=30).json()
         assert report["noise_dtype"] == "bfloat16" and report["noise_floor"]["tokens"] == tokens["candidate"]
+        floor = report["verdict"]["floor"]
+        assert floor["kind"] == "calibrated" and floor["kl_scale"] == 0.5
+        assert floor["calibration"]["facts"]["reference"] == report["reference"] == demo_model.name
     finally:
         server.stop()
 
