@@ -168,6 +168,9 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
                 raise ValueError("--verdict-calibrate writes to --verdict-calibration FILE: give it")
             if not self.shadow_enabled:
                 raise ValueError("--verdict-calibrate calibrates the shadow's verdict: turn the shadow on (--shadow-rate)")
+            if self.dtype == "auto":
+                raise ValueError("--verdict-calibrate serves the reference's weights in the candidate's dtype: give "
+                                 "--dtype explicitly (auto would resolve from each checkpoint's own config)")
             if self.shadow_reference_url is not None:
                 raise ValueError("--verdict-calibrate serves the reference's weights through this engine: it needs them "
                                  "here (--shadow-reference-model, or none: the candidate's own directory), not "

@@ -27,6 +27,7 @@ def settings(model, tmp_path, **overrides) -> ServeSettings:
 @pytest.mark.parametrize("overrides, message", [
     ({"verdict_calibration": None}, "writes to --verdict-calibration FILE"),
     ({"shadow_rate": 0.0}, "turn the shadow on"),
+    ({"dtype": "auto"}, "give --dtype explicitly"),
     ({"shadow_reference_url": "http://127.0.0.1:9/"}, "not --shadow-reference-url"),
     ({"verdict_calibrate_samples": 4}, "greater than or equal to 8"),
 ])
