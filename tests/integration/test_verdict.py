@@ -10,8 +10,9 @@ limit: replaying the controls' recorded sequences in 200-300 random orders, a `p
 fell back to `inconclusive` for a sequence or two in 7-12% of orders (never to `fail`),
 so a fall-back is allowed and shown in the table, a reversal is not. Bugs are judged on 10 prompts x 48 tokens, controls on 16 x 64
 (the issue's budget is 32 x 64): a bug is obvious sooner, a pass needs a tighter interval.
-(The rotary-layout bug ends most answers after a few tokens: ~5 compared tokens per
-sequence, still above the verdict's minimum of 32 tokens by its 8th sequence.)
+(The rotary-layout bug ends most answers after a few tokens, 2.5-6 compared tokens per
+sequence depending on the CPU: it is judged on 24 prompts, so that the verdict's minimum
+of 32 tokens is reached on either.)
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ pytestmark = pytest.mark.integration
 
 VLLM = ["--enforce-eager", "true", "--max-model-len", "2048", "--kv-cache-gib", "1"]
 SIZE = {"bug": (10, 48), "control": (16, 64), "mild": (16, 48)}  # prompts, tokens
+# The rotary-layout bug ends its answers after a few tokens, how few depends on the CPU's
+# kernels: ~6 per answer on an AMD EPYC, 2.5 on an Intel Xeon (both AVX512-BF16), where 10
+# prompts gave 25 tokens, under the verdict's 32-token minimum. 24 prompts leave room.
+PROMPTS = {"rotary_layout": 24}
 EXPECTED = {"bug": ("fail", 1), "control": ("pass", 0)}
 TABLE: dict[str, dict] = {}  # name -> verify's and the live server's figures, printed at the end
 
@@ -86,7 +91,7 @@ def check(report: dict, c: Candidate, where: str) -> None:
 
 
 def verify_args(c: Candidate) -> list[str]:
-    prompts, tokens = SIZE[c.kind]
+    prompts, tokens = PROMPTS.get(c.name, SIZE[c.kind][0]), SIZE[c.kind][1]
     args = [str(c.path), str(c.reference), "--dtype", c.dtype, "--samples", str(prompts), "--max-tokens", str(tokens),
             "--kv-cache-gib", "1", "--max-model-len", "2048", "--json"]
     return args + (["--adapter", str(c.adapter)] if c.adapter else [])
