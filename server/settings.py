@@ -168,6 +168,9 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
                 raise ValueError("--verdict-calibrate writes to --verdict-calibration FILE: give it")
             if not self.shadow_enabled:
                 raise ValueError("--verdict-calibrate calibrates the shadow's verdict: turn the shadow on (--shadow-rate)")
+            if self.shadow_top_k > 100:
+                raise ValueError("--verdict-calibrate measures with verify's pipeline, which compares at most 100 "
+                                 "log-probs per token: --shadow-top-k must be at most 100")
             if self.dtype == "auto":
                 raise ValueError("--verdict-calibrate serves the reference's weights in the candidate's dtype: give "
                                  "--dtype explicitly (auto would resolve from each checkpoint's own config)")

@@ -80,7 +80,7 @@ class LocalScorer:
 
             model = PeftModel.from_pretrained(model, adapter)  # kept unmerged: the exact reference
             loaded_as += " + the unmerged adapter (peft)"
-        default_name = model_dir.name + (f"+{adapter.name}" if adapter else "")
+        default_name = _dir_name(model_dir) + (f"+{_dir_name(adapter)}" if adapter else "")
         scorer = cls(model.eval(), tokenizer, name or default_name, target)
         scorer.device_map = device_map
         scorer.loaded_as = loaded_as
@@ -109,7 +109,7 @@ class LocalScorer:
             tokenizer = load_vocab(model_dir)
         except AdapterError as exc:
             raise ShadowReferenceError(str(exc)) from exc
-        scorer = cls(model, tokenizer, name or model_dir.name, target)
+        scorer = cls(model, tokenizer, name or _dir_name(model_dir), target)
         scorer.loaded_as = DESCRIPTIONS[kind]
         return scorer
 
@@ -266,3 +266,9 @@ def _confine_this_thread(threads: int, nice: int) -> int:
         torch.get_num_threads()  # this thread's pool size is set up on first use: do it first, or it would undo ours
         torch.set_num_threads(threads)
     return tid
+
+
+def _dir_name(path: Path) -> str:
+    """A directory's own name, also when given as `.` or `models/x/` (symlinks not followed):
+    the reference's name on every series and in engine calibrations."""
+    return Path(os.path.abspath(path)).name

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from server.settings import ServeSettings, VllmOptions
-from server.verify.run import verify
+from server.verify.run import EngineLoadError, verify
 from server.verify.settings import VerifySettings
 from shadow.calibration import Calibration, CalibrationError
 from shadow.settings import VerdictSettings
@@ -47,9 +47,10 @@ async def calibrate(settings: VerifySettings) -> Calibration:
                                       "strict": False, "html": None})
     try:
         result = await verify(run)
-    except Exception as exc:  # noqa: BLE001 (an engine that cannot load the reference: named, not fatal)
-        raise CalibrationUnavailable(f"{settings.engine} could not serve the reference {settings.reference}: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+    except EngineLoadError as exc:  # the engine cannot serve the reference as it is: named, not fatal
+        raise CalibrationUnavailable(str(exc)) from exc
+    # Anything else (out of memory, a reference that fails its self-check, samples that did not
+    # compare) is a measurement that broke: it propagates (verify and serve exit 2).
     report, verdict = result.report, result.report.verdict
     kl = verdict.kl_ratio
     if kl is None or kl.low is None or kl.high is None or report.candidate is None or report.noise_floor is None:
@@ -78,6 +79,7 @@ def serve_calibration(settings: ServeSettings) -> VerifySettings:
         near_tie_margin=settings.shadow_near_tie_margin, reference_device=settings.shadow_reference_device,
         reference_max_memory=settings.shadow_reference_max_memory, trust_remote_code=settings.trust_remote_code,
         enforce_eager=settings.enforce_eager, kv_cache_gib=settings.kv_cache_gib, max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
         calibrate=True, **vllm, **settings.model_dump(include=set(VerdictSettings.model_fields)),
     )
 
@@ -87,7 +89,8 @@ def calibrate_before_serving(settings: ServeSettings, run=subprocess.run) -> Ser
     (one that exists is checked against the engine after it loads, as without the flag).
     Returns the settings to serve with: without a calibration when the engine cannot serve
     the reference as it is (said in the log; the transformers floor is kept). Raises
-    CalibrationError when the measurement itself broke (the server exits 2)."""
+    CalibrationError when the measurement itself broke: out of memory, a reference that
+    failed its self-check, the child killed (the server exits 2)."""
     path = settings.verdict_calibration
     if not settings.verdict_calibrate or path is None or path.exists():
         return settings
@@ -99,10 +102,11 @@ def calibrate_before_serving(settings: ServeSettings, run=subprocess.run) -> Ser
     log.warning("measuring the serving engine's own noise into %s before the candidate loads: the reference %s "
                 "through %s (%s, %s), %d prompts x %d tokens", path, job.reference, job.engine, job.dtype,
                 "eager" if job.enforce_eager else "compiled", job.samples, job.max_tokens)
-    env = {**os.environ, "VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {**os.environ, "VLLM_LOGGING_STREAM": "ext://sys.stderr"}  # the child's stdout is its answer
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # nothing is served while it runs
     child = run([sys.executable, "-m", "server.verify.calibrate"], input=job.model_dump_json(by_alias=True),
-                stdout=subprocess.PIPE, text=True, env=env)
+                stdout=subprocess.PIPE, text=True, errors="replace", env=env)
     said = (child.stdout or "").strip()
     if child.returncode == 0 and path.exists():
         return settings
@@ -115,7 +119,8 @@ def calibrate_before_serving(settings: ServeSettings, run=subprocess.run) -> Ser
 
 def main() -> None:
     """The child `serve --verdict-calibrate` runs: VerifySettings as JSON on stdin; prints
-    the calibration (exit 0), or why there is none (exit 4, or 2 for bad settings)."""
+    the calibration (exit 0), or why there is none: exit 4 when the engine cannot serve the
+    reference as it is, 1 when the measurement broke, 2 for bad settings."""
     import asyncio
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -129,6 +134,10 @@ def main() -> None:
     except CalibrationUnavailable as exc:
         print(exc)
         sys.exit(UNAVAILABLE_EXIT)
+    except Exception as exc:  # the measurement broke: one line for the server, the traceback in the log
+        log.exception("the calibration failed")
+        print(f"{type(exc).__name__}: {exc}")
+        sys.exit(1)
     print(calibration.describe())
 
 

@@ -39,6 +39,10 @@ class VerifyError(RuntimeError):
     """The run cannot give a verdict one can trust (samples that failed to compare)."""
 
 
+class EngineLoadError(RuntimeError):
+    """The candidate's engine could not load the candidate (its type and message kept)."""
+
+
 @dataclass(frozen=True)
 class VerifyResult:
     report: ShadowReport
@@ -81,7 +85,10 @@ async def verify(settings: VerifySettings) -> VerifyResult:
     config = shadow_settings(settings, len(work))
     scorer = await asyncio.to_thread(
         load_reference, config, settings.candidate, renderer.tokenizer, trust_remote_code=settings.trust_remote_code)
-    engine = await asyncio.to_thread(load_engine, settings.engine_settings(CANDIDATE_NAME))
+    try:
+        engine = await asyncio.to_thread(load_engine, settings.engine_settings(CANDIDATE_NAME))
+    except Exception as exc:
+        raise EngineLoadError(f"{settings.engine} could not load {settings.candidate}: {type(exc).__name__}: {exc}") from exc
     try:
         facts = engine_facts(settings.engine_settings(), engine, scorer.name)
         calibration = None if settings.verdict_calibration is None or settings.calibrate else \

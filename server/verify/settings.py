@@ -43,6 +43,8 @@ class VerifySettings(VerdictSettings, VllmOptions):
     )
     enforce_eager: bool = Field(default=True, description="vLLM: skip graph compilation (a one-off run starts faster)")
     kv_cache_gib: float | None = Field(default=None, gt=0, description="vLLM KV-cache size in GiB (set it on CPU hosts)")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vLLM on GPU: its memory share (the fp32 reference shares the device)")
     max_model_len: int | None = Field(default=None, ge=16, description="context length (default: the model's)")
     json_report: CliImplicitFlag[bool] = Field(
         default=False, alias="json", description="print the report as JSON (the schema of GET /v1/shadow/verdict)"
@@ -85,6 +87,7 @@ class VerifySettings(VerdictSettings, VllmOptions):
         return EngineSettings(
             model=self.candidate, served_model_name=served_model_name, engine=self.engine, dtype=self.dtype,
             max_model_len=self.max_model_len, max_logprobs=self.top_k, enforce_eager=self.enforce_eager,
-            kv_cache_gib=self.kv_cache_gib, trust_remote_code=self.trust_remote_code,
+            kv_cache_gib=self.kv_cache_gib, gpu_memory_utilization=self.gpu_memory_utilization,
+            trust_remote_code=self.trust_remote_code,
             **self.model_dump(include=set(VllmOptions.model_fields)),
         )
