@@ -42,7 +42,13 @@ _VLLM_OFF: dict[str, Any] = {
 
 
 def _is_off(name: str, value: Any) -> bool:
-    return value is None or value == _VLLM_OFF[name]
+    """Null, or the off value itself: a number for a number (1 for 1.0), a boolean for a
+    boolean; `true` is not the length penalty 1.0, nor `false` the priority 0 (Python's
+    True == 1 would let either through: the schema's fuzzer found `"length_penalty": true`)."""
+    off = _VLLM_OFF[name]
+    if value is None:
+        return True
+    return isinstance(value, bool) == isinstance(off, bool) and value == off
 
 
 def _document_vllm_off(schema: dict) -> None:

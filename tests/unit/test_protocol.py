@@ -79,6 +79,10 @@ def test_completion_limits():
     ({"length_penalty": 0.5}, "length_penalty"),
     ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"priority": 5}, "priority"),
+    ({"length_penalty": True}, "length_penalty"),  # True == 1.0 in Python, not in JSON
+    ({"priority": False}, "priority"),
+    ({"include_reasoning": 1}, "include_reasoning"),
+    ({"use_beam_search": 0}, "use_beam_search"),
 ])
 def test_vllm_extensions_not_implemented_are_refused_by_name(fields, named):
     with pytest.raises(ValidationError, match=f"'{named}' \\(a vLLM extension\\) is not supported"):
@@ -88,6 +92,7 @@ def test_vllm_extensions_not_implemented_are_refused_by_name(fields, named):
 @pytest.mark.parametrize("fields", [
     {"use_beam_search": False}, {"stop_token_ids": []}, {"skip_special_tokens": True}, {"length_penalty": 1.0},
     {"structured_outputs": None}, {"priority": 0}, {"tool_choice": "none"}, {"add_generation_prompt": True},
+    {"length_penalty": 1}, {"priority": 0.0},  # JSON has one number type
 ])
 def test_vllm_extensions_at_their_off_value_pass(fields):
     chat(**fields)
