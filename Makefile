@@ -56,6 +56,9 @@ bench: install
 	$(BIN)/python bench/diagnose_wall_time.py --model "$$($(BIN)/shadowserve demo-model)"
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/load_test.py --model "$$($(BIN)/shadowserve demo-model)"
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/shadow_overhead.py --model "$$($(BIN)/shadowserve demo-model)"
+	$(BIN)/python bench/verdict_error_rates.py
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/engine_calibration.py --model "$$($(BIN)/shadowserve demo-model)"
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/verdict_compiled.py --model "$$($(BIN)/shadowserve demo-model)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
