@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench.report import cpu_name, print_table  # noqa: E402
 from server.verify.inputs import BUILTIN_PROMPTS  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
@@ -88,15 +88,11 @@ def main() -> None:
                          f"{cal['top1_ratio']:.2f}", f"{kl['estimate'] * scale:.3f}",
                          f"{kl['estimate']:.3f} [{kl['low']:.3f}, {kl['high']:.3f}]", v["status"], str(v["different"]),
                          str(report["candidate"]["sequences"])))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"\nSmolLM2 bf16 on vLLM, {cpu}; calibration on the built-in 32 prompts x {args.tokens} tokens, "
+    print(f"\nSmolLM2 bf16 on vLLM, {cpu_name()}; calibration on the built-in 32 prompts x {args.tokens} tokens, "
           f"live on {len(prompts)} other prompts")
-    print("| compile mode | engine noise / transformers floor (calibration) [95% CS] | top-1 flips ratio | "
-          "live bf16 control vs transformers floor | live vs calibrated floor [95% CS] | live verdict | different | sequences |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(["compile mode", "engine noise / transformers floor (calibration) [95% CS]", "top-1 flips ratio",
+                 "live bf16 control vs transformers floor", "live vs calibrated floor [95% CS]", "live verdict",
+                 "different", "sequences"], rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
+from bench.report import cpu_name, print_table  # noqa: E402
 from server.verify.inputs import BUILTIN_PROMPTS  # noqa: E402
 from server.verify.settings import VerifySettings  # noqa: E402
 from tests.candidates import build  # noqa: E402
@@ -46,6 +46,10 @@ def calibrate(model: Path, mode: str, prompts: Path, tokens: int, out: Path) -> 
     if run.returncode != 0:
         raise SystemExit(f"calibration ({mode}) exited {run.returncode}: {run.stdout}\n{run.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+def bound(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.3g}"
 
 
 def verify(candidate, mode: str, prompts: int, tokens: int, calibration: Path | None) -> tuple[int, dict]:
@@ -85,19 +89,13 @@ def main() -> None:
             code, report = verify(c, mode, args.prompts, args.tokens, calibration if usable else None)
             v = report["verdict"]
             kl = v["kl_ratio"]
-            bound = lambda x: "unbounded" if x is None else f"{x:.3g}"  # noqa: E731
             seen = "different" if v["different"] else "same"
             rows.append((mode, name, v["status"], str(v["different"]), f"{kl['estimate']:.3g} [{bound(kl['low'])}, "
                          f"{bound(kl['high'])}]", str(code), v["floor"]["kind"], f"{v['floor']['kl_scale']:.3g}",
                          str(report["candidate"]["sequences"]), "yes" if seen == EXPECTED[name] else "NO"))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"\nSmolLM2 on vLLM, {cpu}; {args.prompts} built-in prompts x {args.tokens} greedy tokens, verify --strict")
-    print("| mode | candidate | verdict | detectably different | KL ratio [95% CS] | --strict exit | floor | floor KL scale "
-          "| sequences | as expected |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(f"\nSmolLM2 on vLLM, {cpu_name()}; {args.prompts} built-in prompts x {args.tokens} greedy tokens, verify --strict")
+    print_table(["mode", "candidate", "verdict", "detectably different", "KL ratio [95% CS]", "--strict exit", "floor",
+                 "floor KL scale", "sequences", "as expected"], rows)
     for mode, text in calibrations.items():
         print(f"engine calibration, {mode}, bf16: {text}")
 
