@@ -64,7 +64,8 @@ ContextLoader = Callable[[ServeSettings, CollectorRegistry], ServingContext]
 
 async def cancel_on_disconnect(request: Request, work: Awaitable):
     """Run a handler, cancelling it (and so its engine requests) if the client hangs up
-    first, as vLLM's server does. Streams return at once; sse-starlette watches them."""
+    first, as vLLM's server does. Streams return at once; Starlette's
+    StreamingResponse watches them (server/serving/sse.py)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:

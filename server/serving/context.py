@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
 
 from server.engines import Engine, load_engine
 from server.engines.facts import engine_facts
-from server.errors import APIError, ModelNotFoundError
+from server.errors import ModelNotFoundError
 from server.serving.limits import RequestLimits
 from server.serving.prompts import PromptRenderer
 from server.serving.reference_probe import reference_self_check
@@ -83,25 +79,3 @@ class ServingContext:
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def sse_response(events: AsyncIterator[BaseModel]) -> EventSourceResponse:
-    """Server-sent events as OpenAI streams them: one JSON object per `data:` line and a
-    final `data: [DONE]`. An error after the stream started is sent as an error event
-    (the status line is already out), then the stream ends normally."""
-
-    async def lines() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield event.model_dump_json()
-        except APIError as exc:
-            yield json.dumps(exc.body())
-        except Exception:
-            log.exception("stream failed")
-            yield json.dumps(APIError("internal server error").body())
-        yield "[DONE]"
-
-    # No keep-alive comments (ping=0): neither OpenAI nor vLLM sends them, and clients that
-    # parse SSE by hand lose events after one (vLLM's own `bench serve` client drops every
-    # event that follows a comment line until two events share a read: usage included).
-    return EventSourceResponse(lines(), ping=0, sep="\n")

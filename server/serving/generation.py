@@ -113,8 +113,20 @@ async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIte
     """Run all jobs concurrently and yield (choice index, chunk) as they arrive.
 
     Closing this iterator (client gone, error) cancels every job; each engine stream's
-    own cleanup aborts its engine request.
+    own cleanup aborts its engine request. One job (most requests) is read directly:
+    no task and no queue hop per token.
     """
+    if len(jobs) == 1:
+        job = jobs[0]
+        stream = engine.generate(job.prompt_ids, job.options, f"{request_id}-{job.index}")
+        try:
+            async for chunk in stream:
+                yield job.index, chunk
+        except (EngineInputError, EngineDeadError) as exc:
+            raise _served_error(exc) from exc
+        finally:
+            await stream.aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(job: Job) -> None:
@@ -133,10 +145,8 @@ async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIte
             index, item = await queue.get()
             if item is _DONE:
                 running -= 1
-            elif isinstance(item, EngineInputError):
-                raise InvalidRequestError(str(item)) from item
-            elif isinstance(item, EngineDeadError):
-                raise ServiceUnavailableError(f"{item}; this server is restarting") from item
+            elif isinstance(item, (EngineInputError, EngineDeadError)):
+                raise _served_error(item) from item
             elif isinstance(item, Exception):
                 raise item
             else:
@@ -145,6 +155,14 @@ async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIte
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _served_error(exc: EngineInputError | EngineDeadError) -> Exception:
+    """An engine's refusal as the client sees it: a refused parameter is the client's
+    error (400), a dead engine a 503."""
+    if isinstance(exc, EngineInputError):
+        return InvalidRequestError(str(exc))
+    return ServiceUnavailableError(f"{exc}; this server is restarting")
 
 
 async def collect(jobs: list[Job], stream: AsyncIterator[tuple[int, EngineChunk]]) -> list[Choice]:

@@ -13,9 +13,10 @@ from pydantic import BaseModel
 
 from server.engines import EngineChunk
 from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
-from server.serving.context import ServingContext, new_request_id, sse_response
+from server.serving.context import ServingContext, new_request_id
 from server.serving.generation import Choice, Job, collect, plan_jobs, run_jobs, usage
 from server.serving.shadowing import Chunks, ShadowTap, tapped
+from server.serving.sse import EventStream
 
 RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
 
@@ -55,7 +56,7 @@ class EndpointHandler(ABC, Generic[RequestT]):
             # still an HTTP error, and a client's time to first token is the engine's.
             stream = await started(tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap))
             if request.stream:
-                return sse_response(self._events(request, prompts, jobs, stream, request_id))
+                return EventStream(self._events(request, prompts, jobs, stream, request_id))
             choices = await collect(jobs, stream)
         for choice in choices if scored is not None else ():
             choice.prompt_logprobs = scored[choice.index // request.n]
