@@ -20,6 +20,7 @@ DOCS = HERE.parent / "docs" / "kubernetes.md"
 SEL = 'model=~"$model",variant=~"$variant"'
 RI = "$__rate_interval"
 BY = "variant, comparison"
+COMPARED = 'outcome="compared"'
 
 
 def s(extra: str = "") -> str:
@@ -194,6 +195,26 @@ PANELS = [
     dict(
         title="Shadow queue depth", description="Samples waiting for the reference.", unit="short", w=6,
         targets=[target(f"sum by (variant) (shadow_queue_depth{s()})", "{{variant}}")],
+    ),
+    dict(
+        title="Shadow coverage: compared share of sampled, and the throttle",
+        description=("Samples compared per request sampled, over the rate window: about 1 when the reference keeps up, "
+                     "lower while it lags behind a burst or drops. 'held back' is 1 while the engine has requests (the "
+                     "reference is held to its duty cap and confined threads) and 0 while it runs free on an idle "
+                     "engine."),
+        unit="percentunit", w=6,
+        targets=[target(f"sum by (variant) ({rate('shadow_samples_total', COMPARED)}) / "
+                        f"sum by (variant) ({rate('shadow_sampled_total')})", "{{variant}} compared / sampled"),
+                 target(f"max by (variant) (shadow_reference_throttled{s()})", "{{variant}} held back")],
+    ),
+    dict(
+        title="Shadow lag: sample age at comparison, oldest waiting sample",
+        description=("How long after its request ended a sample is compared (p50, p99), and how long the oldest sample "
+                     "still waiting has waited: the delay between traffic and the verdict that judges it."),
+        unit="s", w=6,
+        targets=[*[target(f"histogram_quantile({q}, sum by (le, variant) ({rate('shadow_sample_age_seconds_bucket')}))",
+                          f"{{{{variant}}}} age p{p}") for q, p in ((0.5, "50"), (0.99, "99"))],
+                 target(f"max by (variant) (shadow_queue_oldest_age_seconds{s()})", "{{variant}} oldest waiting")],
     ),
     dict(
         title="Reference latency per batch",

@@ -69,10 +69,12 @@ def build_shadow_path(
     registry: CollectorRegistry,
     self_check: Callable[[], Awaitable[ReferenceCheck]] | None = None,
     calibration: Calibration | None = None,
+    engine_load: Callable[[], int] | None = None,
 ) -> ShadowPath:
     """Blocking (builds the serving-dtype copy of a local reference). `serving_dtype` is
     the dtype the engine really runs in (vLLM's `auto` resolves it at load). `self_check`:
-    the reference's self-check, run before anything is judged (server/serving/reference_probe.py)."""
+    the reference's self-check, run before anything is judged (server/serving/reference_probe.py).
+    `engine_load`: the serving engine's requests in hand; the reference runs free at 0."""
     comparisons = (CANDIDATE,)
     if settings.shadow_noise_floor:
         scorer.enable_noise_floor(serving_dtype)
@@ -92,4 +94,4 @@ def build_shadow_path(
             decode,
         )
     return ShadowPath(settings, scorer, metrics, capture, model_name=model_name, reference_name=reference,
-                      self_check=self_check, calibration=calibration)
+                      self_check=self_check, calibration=calibration, engine_load=engine_load)

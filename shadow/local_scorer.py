@@ -31,6 +31,8 @@ class LocalScorer:
         self._device = device
         self._lock = threading.Lock()  # one forward at a time, also across timed-out calls
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference")
+        self._free_thread: ThreadPoolExecutor | None = None  # every core, for an idle engine (confine)
+        self._run_free = False
         self._keeps_logits = True  # until the model's forward refuses `logits_to_keep`
         self.noise_dtype: str | None = None
         self._noise_model = None  # the reference in the serving dtype (None for float32: the fp32 rows serve)
@@ -134,10 +136,19 @@ class LocalScorer:
         if not self._lock.acquire(blocking=False):
             raise ReferenceBusyError("the reference is still busy with an earlier batch")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._score_locked, items, top_m, noise_top_k)
+        thread = self._free_thread if self._run_free and self._free_thread is not None else self._thread
+        return await loop.run_in_executor(thread, self._score_locked, items, top_m, noise_top_k)
 
     async def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+        if self._free_thread is not None:
+            self._free_thread.shutdown(wait=False, cancel_futures=True)
+
+    def throttle(self, held_back: bool) -> None:
+        """The next forwards run confined (the engine has requests) or on every core (it
+        is idle). Two worker threads, one per setting, set up once by `confine`: torch's
+        thread count is never changed again, so nothing else in the process sees it move."""
+        self._run_free = not held_back
 
     def confine(self, threads: int = 1, nice: int = 10) -> None:
         """Blocking: a bounded share of the host for `score`'s forwards, which all run on
@@ -148,11 +159,16 @@ class LocalScorer:
         torch.set_num_threads is per thread for threads that already ran an op but also
         sets the default of threads that have not yet: the caller's value is put back, so
         the rest of the process (the transformers engine, whose threads start later)
-        keeps torch's default. `score_sync` runs in the caller's thread, unconfined."""
+        keeps torch's default. `score_sync` runs in the caller's thread, unconfined.
+
+        A second worker thread, at the same lowered priority with torch's default thread
+        count (every core), takes the forwards `throttle(False)` lets run free."""
         before = torch.get_num_threads()
         self.thread_id = self._thread.submit(_confine_this_thread, threads, nice).result()
         if threads:
             torch.set_num_threads(before)
+        self._free_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-free")
+        self._free_thread.submit(_confine_this_thread, before, nice).result()
 
     def _score_locked(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None) -> list[ScoredSequence]:
         try:

@@ -11,7 +11,7 @@ from _sum/_count, quantiles with histogram_quantile.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -26,6 +26,8 @@ _POSITIVE_P = (1e-5, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 _DELTA_P = tuple(-x for x in reversed(_POSITIVE_P)) + (0.0,) + _POSITIVE_P
 _POSITIONS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# A sample's wait, from its request's end to its comparison: seconds to an hour.
+_AGE = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 OUTCOMES = ("compared", "dropped", "skipped", "error")
 STATE = {"fail": -1, "inconclusive": 0, "pass": 1}  # shadow_verdict_state
@@ -83,6 +85,16 @@ class ShadowMetrics:
         self._queue_tokens = Gauge(
             "shadow_queue_tokens", "Prompt + output tokens waiting for the reference.", names, registry=registry)
         self._reference_seconds = histogram("shadow_reference_seconds", "Reference scoring latency per batch.", _SECONDS)
+        # Coverage and lag: how long samples wait, and whether the reference is held back.
+        self._sample_age = histogram(
+            "shadow_sample_age_seconds", "Time from a sampled request's end to its comparison, per compared sample.", _AGE)
+        self._oldest_age = Gauge(
+            "shadow_queue_oldest_age_seconds", "Age of the oldest sample waiting for the reference (0: none waits).",
+            names, registry=registry)
+        self._throttled = Gauge(
+            "shadow_reference_throttled",
+            "1 while the reference is held back because the engine has requests (duty cap, its confined threads); "
+            "0 while it runs free on an idle engine.", names, registry=registry)
         # The verdict itself (shadow/verdict.py), over everything the server keeps: what the
         # endpoint says, so alerts and canary gates decide on the same judgement.
         self._verdict_state = Gauge(
@@ -123,6 +135,9 @@ class ShadowMetrics:
         self._queue_depth.labels(**base).set(0)
         self._queue_tokens.labels(**base).set(0)
         self._reference_seconds.labels(**base)
+        self._sample_age.labels(**base)
+        self._oldest_age.labels(**base).set(0)
+        self._throttled.labels(**base).set(0)
         self.verdict("inconclusive", False, {}, 0, 1.0)
 
     def outcomes(self) -> dict[str, float]:
@@ -139,6 +154,16 @@ class ShadowMetrics:
     def queue_depth(self, depth: int, tokens: int = 0) -> None:
         self._queue_depth.labels(**self._base).set(depth)
         self._queue_tokens.labels(**self._base).set(tokens)
+
+    def oldest_age_from(self, age: Callable[[], float]) -> None:
+        """The oldest queued sample's age, read at each scrape (it grows between events)."""
+        self._oldest_age.labels(**self._base).set_function(age)
+
+    def sample_age(self, seconds: float) -> None:
+        self._sample_age.labels(**self._base).observe(seconds)
+
+    def throttled(self, held_back: bool) -> None:
+        self._throttled.labels(**self._base).set(int(held_back))
 
     def verdict(self, status: str, different: bool, bounds: Mapping[str, tuple[float, float, float]],
                 sequences: int, floor_scale: float) -> None:

@@ -3,6 +3,11 @@ samples, scores them on the reference and records the comparison.
 
 Nothing here can reach a client: `submit` never blocks or raises (a full queue drops
 and counts), and every reference failure becomes an `error` outcome.
+
+The reference uses idle capacity: while the engine holds requests (`engine_load` > 0)
+it is held back (a `shadow_max_duty` cap on its compute time, its confined threads);
+while the engine is idle it runs free (no pause, every core), and a pause in progress
+ends as soon as the engine empties. Without an `engine_load` it is always held back.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shadow.calibration import Calibration
 from shadow.candidate import CandidateLogprobs
@@ -29,6 +35,7 @@ from shadow.verdict import CHECKS
 log = logging.getLogger(__name__)
 
 HEADER_VALUES = ("always", "never")
+IDLE_POLL_S = 0.1  # how often a paused reference looks whether the engine has emptied
 
 
 class ShadowHeaderError(ValueError):
@@ -62,6 +69,7 @@ class ShadowSample:
     request_id: str
     model: str
     sequences: list[ShadowSequence]
+    finished_at: float = field(default_factory=time.monotonic)  # its request's end (the age's origin)
 
 
 class ShadowPath:
@@ -77,10 +85,13 @@ class ShadowPath:
         reference_name: str | None = None,
         self_check: Callable[[], Awaitable[ReferenceCheck]] | None = None,
         calibration: Calibration | None = None,
+        engine_load: Callable[[], int] | None = None,
     ):
         """`self_check`: the reference's self-check (shadow/reference_check.py), run before
         the first sample is scored; a reference that fails it is never judged against.
-        `calibration`: the serving engine's noise relative to the floor (shadow/calibration.py)."""
+        `calibration`: the serving engine's noise relative to the floor (shadow/calibration.py).
+        `engine_load`: the requests the serving engine holds (running or waiting); the
+        reference runs free only at 0 (None: always held back)."""
         self.settings = settings
         self.scorer = scorer
         self.metrics = metrics
@@ -93,6 +104,9 @@ class ShadowPath:
         self._worker: asyncio.Task | None = None
         self._carry: ShadowSample | None = None  # taken from the queue, waiting for the next batch
         self._queued_tokens = 0  # prompt + output tokens of the queued samples and the carry
+        self._waiting: deque[float] = deque()  # finished_at of the queued samples and the carry, oldest first
+        self._engine_load = engine_load
+        self._held_back: bool | None = None  # the reference's throttle as last set
         self._busy_s = 0.0  # reference time of the last forward, not yet paid back by idling
         self._clock = time.perf_counter
         self._sleep = self._pause  # replaceable in tests
@@ -101,6 +115,7 @@ class ShadowPath:
         self._self_check = self_check
         self.calibration = calibration
         self.reference_check: ReferenceCheck | None = None  # None: not (yet) checked
+        metrics.oldest_age_from(self._oldest_age)
 
     @property
     def refused(self) -> bool:
@@ -166,7 +181,7 @@ class ShadowPath:
         if not getattr(self.scorer, "ready", True):  # a remote reference not reachable (yet), or disabled
             self.metrics.sample("error")
             return
-        kept = ShadowSample(sample.request_id, sample.model, sequences)
+        kept = ShadowSample(sample.request_id, sample.model, sequences, sample.finished_at)
         tokens = _sample_tokens(kept)
         # An empty queue takes any sample (it was fitted to the batch budget already), so a
         # large batch of prompts is never dropped for a budget it alone exceeds.
@@ -176,6 +191,7 @@ class ShadowPath:
             try:
                 self._queue.put_nowait(kept)
                 self._queued_tokens += tokens
+                self._waiting.append(kept.finished_at)
             except asyncio.QueueFull:
                 self.metrics.sample("dropped")
         self._gauge()
@@ -200,6 +216,10 @@ class ShadowPath:
         sequence = min(self.settings.shadow_sequence_tokens, item_cap or self.settings.shadow_sequence_tokens)
         batch = min(self.settings.shadow_batch_tokens, batch_cap or self.settings.shadow_batch_tokens)
         return min(sequence, batch), batch
+
+    def _oldest_age(self) -> float:
+        """Seconds the oldest waiting sample has waited (read at each scrape)."""
+        return time.monotonic() - self._waiting[0] if self._waiting else 0.0
 
     def _gauge(self) -> None:
         self.metrics.queue_depth(self._queue.qsize() + (self._carry is not None), self._queued_tokens)
@@ -229,6 +249,7 @@ class ShadowPath:
             log.warning("shadow: %d samples left unscored at shutdown", left)
             self.metrics.sample("dropped", left)
         self._queued_tokens = 0
+        self._waiting.clear()
         self.metrics.queue_depth(0, 0)
         await self.scorer.close()
         if self.capture is not None:
@@ -266,6 +287,7 @@ class ShadowPath:
             self._queue.task_done()
             self.metrics.sample("skipped")
         self._queued_tokens = 0
+        self._waiting.clear()
         self._gauge()
 
     async def _run(self) -> None:
@@ -299,12 +321,37 @@ class ShadowPath:
 
     async def _idle(self) -> None:
         """Pay back the last forward's reference time so the reference computes at most a
-        `shadow_max_duty` share of the time; samples arriving meanwhile wait in the
-        bounded queue or are dropped. Not while draining at shutdown."""
+        `shadow_max_duty` share of the time while the engine has requests; samples
+        arriving meanwhile wait in the bounded queue or are dropped. The pause ends when
+        the engine empties, and never starts while draining at shutdown."""
         busy, self._busy_s = self._busy_s, 0.0
-        pause = duty_idle_s(busy, self.settings.shadow_max_duty)
-        if pause > 0 and not self._closed:
-            await self._sleep(pause)
+        deadline = self._clock() + duty_idle_s(busy, self.settings.shadow_max_duty)
+        while not self._closed and (left := deadline - self._clock()) > 0 and self._engine_busy():
+            await self._sleep(left if self._engine_load is None else min(left, IDLE_POLL_S))
+
+    def _engine_busy(self) -> bool:
+        if self._engine_load is None:
+            return True
+        try:
+            return self._engine_load() > 0
+        except Exception:  # a signal that cannot be read: hold the reference back
+            log.exception("shadow: the engine's load could not be read")
+            return True
+
+    def _throttle(self) -> None:
+        """Before each forward: held back (confined threads) while the engine has
+        requests, every core while it is idle."""
+        held_back = self._engine_busy()
+        if held_back == self._held_back:
+            return
+        self._held_back = held_back
+        self.metrics.throttled(held_back)
+        throttle = getattr(self.scorer, "throttle", None)  # a local reference's threads; a remote one has none
+        if throttle is not None:
+            try:
+                throttle(held_back)
+            except Exception:
+                log.exception("shadow: the reference's threads could not be set")
 
     async def _pause(self, seconds: float) -> None:
         try:
@@ -326,6 +373,8 @@ class ShadowPath:
                 break
             batch.append(nxt)
         self._queued_tokens -= sum(_sample_tokens(s) for s in batch)
+        for _ in batch:
+            self._waiting.popleft()
         return batch
 
     async def _process(self, batch: list[ShadowSample]) -> asyncio.Future | None:
@@ -342,6 +391,7 @@ class ShadowPath:
         for n, chunk in enumerate(_chunks(items, self._budgets()[1])):
             if n:
                 await self._idle()
+            self._throttle()
             started = self._clock()
             try:
                 stats += await asyncio.wait_for(
@@ -384,6 +434,7 @@ class ShadowPath:
                 if self.capture is not None and candidate.first_divergence is not None:
                     self._capture(sample, index, seq, cand, s, candidate)
             self.metrics.sample("compared")
+            self.metrics.sample_age(time.monotonic() - sample.finished_at)
         try:
             self.publish_verdict()
         except Exception:  # the gauges keep their last value; the endpoint still answers

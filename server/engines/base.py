@@ -70,6 +70,11 @@ class Engine(Protocol):
         log-probs plus the prompt's own token there (llama.cpp's perplexity mode)."""
         ...
 
+    def pending(self) -> int:
+        """Requests the engine holds now, running or waiting (vLLM's own count): the
+        shadow's reference runs free only while this is 0. Cheap: read often."""
+        ...
+
     async def check_health(self) -> None:
         """Return when the engine can serve; raise EngineDeadError when it never will again."""
         ...

@@ -37,6 +37,7 @@ class TransformersEngine:
         self._stop_ids = _eos_ids(model, tokenizer)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         self._closed = False
+        self._pending = 0  # generate and prompt_logprobs calls in progress
 
     @classmethod
     def load(
@@ -68,6 +69,7 @@ class TransformersEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         job = loop.run_in_executor(self._worker, self._run, prompt_ids, options, emit, cancelled)
+        self._pending += 1
         try:
             while True:
                 item = await queue.get()
@@ -78,11 +80,21 @@ class TransformersEngine:
                 yield item
         finally:
             cancelled.set()
-            await asyncio.shield(asyncio.wrap_future(job)) if not job.done() else None
+            try:
+                await asyncio.shield(asyncio.wrap_future(job)) if not job.done() else None
+            finally:
+                self._pending -= 1
 
     async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self._prompt_logprobs, prompt_ids, k)
+        self._pending += 1
+        try:
+            return await loop.run_in_executor(self._worker, self._prompt_logprobs, prompt_ids, k)
+        finally:
+            self._pending -= 1
+
+    def pending(self) -> int:
+        return self._pending
 
     async def check_health(self) -> None:
         if self._closed:  # in-process: only our own shutdown ends it

@@ -108,6 +108,10 @@ class VllmEngine:
             raise RuntimeError("vLLM returned no prompt log-probs")
         return [{tid: lp.logprob for tid, lp in pos.items()} for pos in final.prompt_logprobs[1:]]
 
+    def pending(self) -> int:
+        """vLLM's unfinished requests (running and waiting), as its scheduler sees them."""
+        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
+
     async def check_health(self) -> None:
         """vLLM watches its engine-core process and marks the client dead when it exits."""
         if self._llm is None or self._llm.errored:

@@ -58,6 +58,7 @@ class ServingContext:
             shadow = build_shadow_path(
                 settings, scorer, model_name=settings.model_name, serving_dtype=engine.dtype,
                 candidate_tokenizer=renderer.tokenizer, registry=registry, self_check=check, calibration=calibration,
+                engine_load=engine.pending,
             )
         return cls(
             engine=engine,

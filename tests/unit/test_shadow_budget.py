@@ -283,6 +283,7 @@ def test_the_worker_idles_after_each_batch_and_drops_what_overflows_meanwhile():
         async def sleep(seconds):
             pauses.append(seconds)
             await gate.wait()
+            clock.now += seconds
 
         path._clock, path._sleep = clock, sleep
         path.start()
