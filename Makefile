@@ -50,6 +50,7 @@ system-packages:
 
 bench: install
 	$(BIN)/python bench/serving_throughput.py --model "$$($(BIN)/shadowserve demo-model)" --baseline
+	$(BIN)/python bench/stream_overhead.py --model "$$($(BIN)/shadowserve demo-model)"
 	$(BIN)/python bench/shadow_scoring.py --model "$$($(BIN)/shadowserve demo-model)" --repeats 5
 	$(BIN)/python bench/noise_floor_cost.py --model "$$($(BIN)/shadowserve demo-model)"
 	$(BIN)/python bench/verify_wall_time.py --model "$$($(BIN)/shadowserve demo-model)"

@@ -93,8 +93,8 @@ class ShadowMetrics:
             names, registry=registry)
         self._throttled = Gauge(
             "shadow_reference_throttled",
-            "1 while the reference is held back because the engine has requests (duty cap, its confined threads); "
-            "0 while it runs free on an idle engine.", names, registry=registry)
+            "1 while the engine holds requests and the reference is held back (its duty cap; a local one's confined "
+            "thread); 0 while the engine is idle and it runs free.", names, registry=registry)
         # The verdict itself (shadow/verdict.py), over everything the server keeps: what the
         # endpoint says, so alerts and canary gates decide on the same judgement.
         self._verdict_state = Gauge(
