@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import cpu_name, print_table  # noqa: E402
+from bench.timing import process_cpu_s  # noqa: E402
 
 OUTCOMES = ("compared", "dropped", "skipped", "error")
 LAG_S = 60.0  # "compared within this long after the load ended"
@@ -59,11 +60,6 @@ def shadow_counts(url: str) -> dict[str, float]:
 
 def minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
 
 
 @dataclass
@@ -173,9 +169,9 @@ def main() -> None:
             for server in order:
                 url, pid = server.running.url, server.running.process.pid
                 before = shadow_counts(url) if server.rate else {}
-                cpu = cpu_s(pid)
+                cpu = process_cpu_s(pid)
                 result = run_client(args, url, name, args.seed + r, logs / f"client-{server.label.split()[0]}-{server.rate}-{r}.log")
-                cpu = cpu_s(pid) - cpu
+                cpu = process_cpu_s(pid) - cpu
                 lag = follow(url, before, args.drain_timeout) if server.rate else None
                 server.rounds.append({"result": result, "cpu_ms_per_k": 1e6 * cpu / max(result["total_output_tokens"], 1),
                                       "lag": lag})

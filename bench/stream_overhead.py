@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import cpu_name, print_table  # noqa: E402
+from bench.timing import process_cpu_s  # noqa: E402
 
 
 class NullEngine:
@@ -87,11 +88,6 @@ async def load_round(url: str, name: str, streams: int, requests: int, tokens: i
     return received
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a model directory (its tokenizer is used)")
@@ -105,33 +101,24 @@ def main() -> None:
         serve(args.model, args.serve)
         return
 
-    import httpx
-
-    from tests.servers import free_port
+    from tests.servers import free_port, launch
 
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, __file__, "--model", str(args.model), "--serve", str(port)])
+    logs = Path(tempfile.mkdtemp(prefix="stream-overhead-"))
+    server = launch([sys.executable, __file__, "--model", str(args.model), "--serve", str(port)], port, logs / "server.log")
+    url, pid = server.url, server.process.pid
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
         asyncio.run(load_round(url, args.model.name, args.streams, 4, 8))  # warm-up
         per_k, rates = [], []
         for _ in range(args.rounds):
-            cpu, wall = cpu_seconds(server.pid), time.perf_counter()
+            cpu, wall = process_cpu_s(pid), time.perf_counter()
             tokens = asyncio.run(load_round(url, args.model.name, args.streams, args.requests, args.tokens))
-            cpu, wall = cpu_seconds(server.pid) - cpu, time.perf_counter() - wall
+            cpu, wall = process_cpu_s(pid) - cpu, time.perf_counter() - wall
             assert tokens == args.requests * args.tokens, f"received {tokens} tokens"
             per_k.append(1000 * cpu / tokens * 1000)
             rates.append(tokens / wall)
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
     print(f"\n{cpu_name()}; {args.rounds} rounds of {args.requests} streamed chats x {args.tokens} tokens, "
           f"{args.streams} at a time, null engine\n")
     print_table(["server CPU ms per 1k tokens (median)", "min", "max", "tokens/s (median)"],

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: the median wall time of a call."""
+"""Shared by the benchmarks: the median wall time of a call, a process's CPU time."""
 
 from __future__ import annotations
 
@@ -13,3 +13,11 @@ def median_seconds(repeats: int, fn) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (its own, not its children's)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system

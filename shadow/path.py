@@ -13,6 +13,7 @@ ends as soon as the engine empties. Without an `engine_load` it is always held b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -181,7 +182,7 @@ class ShadowPath:
         if not getattr(self.scorer, "ready", True):  # a remote reference not reachable (yet), or disabled
             self.metrics.sample("error")
             return
-        kept = ShadowSample(sample.request_id, sample.model, sequences, sample.finished_at)
+        kept = dataclasses.replace(sample, sequences=sequences)
         tokens = _sample_tokens(kept)
         # An empty queue takes any sample (it was fitted to the batch budget already), so a
         # large batch of prompts is never dropped for a budget it alone exceeds.

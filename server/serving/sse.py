@@ -27,8 +27,8 @@ DONE = b"data: [DONE]\n\n"
 CLEANUP_S = 5.0  # at most this long for the iterator's cleanup after a failed send
 
 
-def frame(payload: str | bytes) -> bytes:
-    return b"data: " + (payload.encode() if isinstance(payload, str) else payload) + b"\n\n"
+def frame(payload: str) -> bytes:
+    return b"data: " + payload.encode() + b"\n\n"
 
 
 class EventStream(StreamingResponse):
