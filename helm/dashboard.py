@@ -6,6 +6,12 @@ committed files are what this script writes.
 Every comparison series carries `comparison`: "candidate" (the served model vs the fp32
 reference) and "noise_floor" (the reference in the serving dtype vs fp32, on the same
 positions). Panels show the two side by side; the verdict panels show their ratios.
+
+Every shadow series also carries `adapter`: the LoRA adapter a request chose, absent (empty)
+for the base model. Each adapter has its own verdict, so the panels keep adapters apart
+wherever they split by variant, and the `adapter` variable selects among them (its All is
+`.*`, which the base model's label-less series match too). vLLM's own series (vllm:*) have
+no adapter: the serving panels are not filtered by it.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DASHBOARD = HERE / "shadowserve" / "dashboards" / "shadowserve.json"
 DOCS = HERE.parent / "docs" / "kubernetes.md"
-SEL = 'model=~"$model",variant=~"$variant"'
+SEL = 'model=~"$model",variant=~"$variant",adapter=~"$adapter"'
 RI = "$__rate_interval"
-BY = "variant, comparison"
+GROUP = "variant, adapter"  # what a shadow panel splits by (besides comparison)
+BY = f"{GROUP}, comparison"
+VERDICT_BY = f"model, {GROUP}"  # one verdict per (model, variant, adapter): never pooled
+V = "{{variant}} {{adapter}}"  # their legend ({{adapter}} is empty for the base model)
 COMPARED = 'outcome="compared"'
 
 
@@ -36,19 +45,19 @@ def side(comparison: str, extra: str = "") -> str:
 
 
 def ratio_to_noise(metric: str) -> str:
-    """candidate / noise floor of a per-(model, variant) sum: the paired ratio (both sides
-    cover the same tokens, so a ratio of sums is a ratio of means)."""
+    """candidate / noise floor of a per-(model, variant, adapter) sum: the paired ratio (both
+    sides cover the same tokens, so a ratio of sums is a ratio of means)."""
     candidate = rate(metric, side("candidate"))
     noise = rate(metric, side("noise_floor"))
-    return f"sum by (model, variant) ({candidate}) / sum by (model, variant) ({noise})"
+    return f"sum by ({VERDICT_BY}) ({candidate}) / sum by ({VERDICT_BY}) ({noise})"
 
 
 def excess(metric: str, label: str, per: str) -> str:
-    """(candidate - noise floor) per compared unit, by (model, variant)."""
+    """(candidate - noise floor) per compared unit, by (model, variant, adapter)."""
     candidate = rate(metric, side("candidate", label))
     noise = rate(metric, side("noise_floor", label))
     total = rate(per, side("candidate"))
-    return f"(sum by (model, variant) ({candidate}) - sum by (model, variant) ({noise})) / sum by (model, variant) ({total})"
+    return f"(sum by ({VERDICT_BY}) ({candidate}) - sum by ({VERDICT_BY}) ({noise})) / sum by ({VERDICT_BY}) ({total})"
 
 
 def bound_of(statistic: str, bound: str) -> str:
@@ -77,16 +86,17 @@ PANELS = [
     dict(
         title="Verdict (the server's): state, and the KL ratio's confidence sequence",
         description=(
-            "What GET /v1/shadow/verdict says, per replica: state 1 pass, 0 undecided, -1 fail (anytime-valid: its "
+            "What GET /v1/shadow/verdict says, per adapter (each has its own verdict; the base model's has no "
+            "adapter label): state 1 pass, 0 undecided, -1 fail (anytime-valid: its "
             "intervals hold however often they are read, and a decision stands until the opposite is proven), "
             "'different' 1 when the candidate is detectably different from the noise floor, and the KL ratio with "
             "its bounds. The alerts and canary gates decide on the state (min over replicas); the ratio panels "
             "beside it are point estimates, for reading."),
         unit="short", w=8,
-        targets=[target(f"min by (model, variant) (shadow_verdict_state{s()})", "{{variant}} state"),
-                 target(f"max by (model, variant) (shadow_verdict_different{s()})", "{{variant}} different"),
-                 *[target(f"max by (model, variant) (shadow_verdict_interval{s(bound_of('kl_ratio', b))})",
-                          "{{variant}} KL ratio " + b) for b in ("low", "estimate", "high")]],
+        targets=[target(f"min by ({VERDICT_BY}) (shadow_verdict_state{s()})", f"{V} state"),
+                 target(f"max by ({VERDICT_BY}) (shadow_verdict_different{s()})", f"{V} different"),
+                 *[target(f"max by ({VERDICT_BY}) (shadow_verdict_interval{s(bound_of('kl_ratio', b))})",
+                          f"{V} KL ratio " + b) for b in ("low", "estimate", "high")]],
     ),
     dict(
         title="Verdict: token KL, candidate over noise floor",
@@ -96,21 +106,21 @@ PANELS = [
             "above the limit (2x by default). A point estimate, without an interval. Paired: both sides cover the "
             "same tokens."),
         unit="short", w=8,
-        targets=[target(ratio_to_noise("shadow_token_kl_divergence_sum"), "{{variant}} KL ratio")],
+        targets=[target(ratio_to_noise("shadow_token_kl_divergence_sum"), f"{V} KL ratio")],
     ),
     dict(
         title="Verdict: excess top-1 disagreement over the noise floor",
         description=("Top-1 disagreements per compared token, candidate minus noise floor. The verdict fails above "
                      "1 point (0.01) by default."),
         unit="percentunit", w=8,
-        targets=[target(excess("shadow_tokens_total", 'top1="different"', "shadow_tokens_total"), "{{variant}} excess top-1")],
+        targets=[target(excess("shadow_tokens_total", 'top1="different"', "shadow_tokens_total"), f"{V} excess top-1")],
     ),
     dict(
         title="Verdict: excess hard divergences over the noise floor",
         description=("Hard divergences per compared sequence, candidate minus noise floor (the same near-tie margin on "
                      "both sides). The verdict fails above 10 points (0.1) by default."),
         unit="percentunit", w=8,
-        targets=[target(excess("shadow_sequences_total", 'result="hard"', "shadow_sequences_total"), "{{variant}} excess hard")],
+        targets=[target(excess("shadow_sequences_total", 'result="hard"', "shadow_sequences_total"), f"{V} excess hard")],
     ),
     dict(
         title="Hard vs near-tie divergences per compared sequence",
@@ -120,9 +130,9 @@ PANELS = [
         unit="percentunit",
         targets=[
             target(by_comparison_ratio("shadow_sequences_total", 'result="hard"', "shadow_sequences_total"),
-                   "{{variant}} {{comparison}} hard"),
+                   f"{V} {{{{comparison}}}} hard"),
             target(by_comparison_ratio("shadow_sequences_total", 'result="near_tie"', "shadow_sequences_total"),
-                   "{{variant}} {{comparison}} near-tie"),
+                   f"{V} {{{{comparison}}}} near-tie"),
         ],
     ),
     dict(
@@ -131,7 +141,7 @@ PANELS = [
                      "'same top p'), candidate and noise floor side by side."),
         unit="percentunit",
         targets=[target(by_comparison_ratio("shadow_tokens_total", 'top1="same"', "shadow_tokens_total"),
-                        "{{variant}} {{comparison}}")],
+                        f"{V} {{{{comparison}}}}")],
     ),
     dict(
         title="First divergence position",
@@ -156,8 +166,8 @@ PANELS = [
         unit="short", log=True,
         targets=[
             target(f"sum by ({BY}) ({rate('shadow_token_kl_divergence_sum')}) / sum by ({BY}) "
-                   f"({rate('shadow_token_kl_divergence_count')})", "{{variant}} {{comparison}} mean"),
-            *[target(quantile(q, "shadow_token_kl_divergence"), f"{{{{variant}}}} {{{{comparison}}}} p{p}")
+                   f"({rate('shadow_token_kl_divergence_count')})", f"{V} {{{{comparison}}}} mean"),
+            *[target(quantile(q, "shadow_token_kl_divergence"), f"{V} {{{{comparison}}}} p{p}")
               for q, p in ((0.5, "50"), (0.99, "99"), (0.999, "99.9"))],
         ],
     ),
@@ -168,11 +178,11 @@ PANELS = [
         targets=[
             target(f"(sum by ({BY}) ({rate('shadow_token_delta_p_gain_total')}) - sum by ({BY}) "
                    f"({rate('shadow_token_delta_p_loss_total')})) / sum by ({BY}) ({rate('shadow_token_delta_p_count')})",
-                   "{{variant}} {{comparison}} mean"),
+                   f"{V} {{{{comparison}}}} mean"),
             target(f"sqrt(sum by ({BY}) ({rate('shadow_token_delta_p_squares_total')}) / sum by ({BY}) "
-                   f"({rate('shadow_token_delta_p_count')}))", "{{variant}} {{comparison}} RMS"),
-            target(quantile(0.01, "shadow_token_delta_p"), "{{variant}} {{comparison}} p1"),
-            target(quantile(0.99, "shadow_token_delta_p"), "{{variant}} {{comparison}} p99"),
+                   f"({rate('shadow_token_delta_p_count')}))", f"{V} {{{{comparison}}}} RMS"),
+            target(quantile(0.01, "shadow_token_delta_p"), f"{V} {{{{comparison}}}} p1"),
+            target(quantile(0.99, "shadow_token_delta_p"), f"{V} {{{{comparison}}}} p99"),
         ],
     ),
     dict(
@@ -181,8 +191,8 @@ PANELS = [
         unit="short",
         targets=[
             target(f"sum by ({BY}) ({rate('shadow_token_logprob_drift_sum')}) / sum by ({BY}) "
-                   f"({rate('shadow_token_logprob_drift_count')})", "{{variant}} {{comparison}} mean"),
-            target(quantile(0.99, "shadow_token_logprob_drift"), "{{variant}} {{comparison}} p99"),
+                   f"({rate('shadow_token_logprob_drift_count')})", f"{V} {{{{comparison}}}} mean"),
+            target(quantile(0.99, "shadow_token_logprob_drift"), f"{V} {{{{comparison}}}} p99"),
         ],
     ),
     dict(
@@ -194,7 +204,7 @@ PANELS = [
     ),
     dict(
         title="Shadow queue depth", description="Samples waiting for the reference.", unit="short", w=6,
-        targets=[target(f"sum by (variant) (shadow_queue_depth{s()})", "{{variant}}")],
+        targets=[target(f"sum by ({GROUP}) (shadow_queue_depth{s()})", V)],
     ),
     dict(
         title="Shadow coverage: compared share of sampled, and the throttle",
@@ -203,18 +213,18 @@ PANELS = [
                      "reference is held to its duty cap and confined threads) and 0 while it runs free on an idle "
                      "engine."),
         unit="percentunit", w=6,
-        targets=[target(f"sum by (variant) ({rate('shadow_samples_total', COMPARED)}) / "
-                        f"sum by (variant) ({rate('shadow_sampled_total')})", "{{variant}} compared / sampled"),
-                 target(f"max by (variant) (shadow_reference_throttled{s()})", "{{variant}} held back")],
+        targets=[target(f"sum by ({GROUP}) ({rate('shadow_samples_total', COMPARED)}) / "
+                        f"sum by ({GROUP}) ({rate('shadow_sampled_total')})", f"{V} compared / sampled"),
+                 target(f"max by ({GROUP}) (shadow_reference_throttled{s()})", f"{V} held back")],
     ),
     dict(
         title="Shadow lag: sample age at comparison, oldest waiting sample",
         description=("How long after its request ended a sample is compared (p50, p99), and how long the oldest sample "
                      "still waiting has waited: the delay between traffic and the verdict that judges it."),
         unit="s", w=6,
-        targets=[*[target(f"histogram_quantile({q}, sum by (le, variant) ({rate('shadow_sample_age_seconds_bucket')}))",
-                          f"{{{{variant}}}} age p{p}") for q, p in ((0.5, "50"), (0.99, "99"))],
-                 target(f"max by (variant) (shadow_queue_oldest_age_seconds{s()})", "{{variant}} oldest waiting")],
+        targets=[*[target(f"histogram_quantile({q}, sum by (le, {GROUP}) ({rate('shadow_sample_age_seconds_bucket')}))",
+                          f"{V} age p{p}") for q, p in ((0.5, "50"), (0.99, "99"))],
+                 target(f"max by ({GROUP}) (shadow_queue_oldest_age_seconds{s()})", f"{V} oldest waiting")],
     ),
     dict(
         title="Reference latency per batch",
@@ -283,6 +293,9 @@ def dashboard() -> dict:
             {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus", "current": {}, "hide": 0},
             variable("model", "Model", "label_values(shadow_samples_total, model)"),
             variable("variant", "Variant", 'label_values(shadow_samples_total{model=~"$model"}, variant)'),
+            # The base model's series have no adapter label: only All (.*) includes them.
+            variable("adapter", "Adapter",
+                     'label_values(shadow_samples_total{model=~"$model",variant=~"$variant"}, adapter)'),
         ]},
         "panels": panels,
     }

@@ -15,13 +15,20 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from server.auth import require_bearer
 from server.body_limit import BodySizeLimit
 from server.engines import Engine, EngineDeadError
-from server.errors import ModelNotFoundError, NotFoundError, ServiceUnavailableError, install_error_handlers
+from server.errors import (
+    APIError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+    install_error_handlers,
+)
 from server.lifecycle import InFlight, InFlightMiddleware
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from server.openapi import install_openapi
@@ -30,10 +37,12 @@ from server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoraAdapterRequest,
 )
 from server.serving.chat import ChatHandler
 from server.serving.completion import CompletionHandler
@@ -201,6 +210,8 @@ def create_app(
             try:
                 state.loading = True
                 ctx = await asyncio.wait_for(in_daemon_thread(load_in_thread), limit)
+                if ctx.adapters is not None:
+                    await ctx.mount(settings.lora_mounts())
                 if ctx.shadow is not None:
                     await check_reference_first(ctx.shadow)
                     ctx.shadow.start()
@@ -212,6 +223,9 @@ def create_app(
             except CalibrationError as exc:  # asked for, and not valid for this engine: never judge by a wrong floor
                 log.error("%s", exc)
                 state.error, state.exit_code = str(exc), REFERENCE_EXIT
+            except APIError as exc:  # a --lora-modules adapter the engine or the reference refused
+                log.error("--lora-modules: %s", exc.message)
+                state.error, state.exit_code = f"--lora-modules: {exc.message}", REFERENCE_EXIT
             except ReferenceLoadError as exc:  # the engine was not even started: the reference is at fault
                 log.error("the reference failed to load: %s", exc)
                 state.error, state.exit_code = f"the reference failed to load: {exc}", REFERENCE_EXIT
@@ -255,28 +269,60 @@ def create_app(
     async def metrics() -> Response:
         return Response(exposition((registry, *extra_registries)), media_type=CONTENT_TYPE_LATEST)
 
+    def model_cards(ctx: ServingContext) -> list[ModelCard]:
+        """The base, then each mounted adapter with its directory and parent (vLLM's cards)."""
+        cards = [ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)]
+        for adapter in ctx.adapters.mounted if ctx.adapters else ():
+            cards.append(ModelCard(id=adapter.name, max_model_len=ctx.engine.max_model_len, root=str(adapter.path),
+                                   parent=ctx.model_name))
+        return cards
+
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        ctx = state.require()
-        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)])
+        return ModelList(data=model_cards(state.require()))
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> ModelCard:
-        ctx = state.require()
-        if model != ctx.model_name:
-            raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
-        return ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)
+        for card in model_cards(state.require()):
+            if card.id == model:
+                return card
+        raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
 
     @app.get("/v1/shadow/verdict")
     async def shadow_verdict(
         window: Annotated[float | None, Query(gt=0, description="seconds; default: every sequence kept")] = None,
         trajectory: Annotated[bool, Query(description="also the verdict after each sequence, in arrival order")] = False,
+        adapter: Annotated[str, Query(description="a mounted LoRA adapter's name (default: the base model)")] = "",
     ) -> ShadowReport:
-        """The candidate judged against the noise floor, with the statistics behind it."""
+        """The candidate (the base, or a mounted adapter) judged against the noise floor,
+        with the statistics behind it."""
         ctx = state.require()
         if ctx.shadow is None:
             raise NotFoundError("the shadow path is off on this server (--shadow-rate 0): there is no verdict")
-        return await asyncio.to_thread(ctx.shadow.report, window, trajectory)
+        if ctx.shadow.lane(adapter) is None:
+            raise NotFoundError(f"no mounted adapter '{adapter}' is shadowed here; mounted: "
+                                f"{', '.join(ctx.shadow.adapters) or 'none'}", param="adapter")
+        return await asyncio.to_thread(ctx.shadow.report, window, trajectory, adapter)
+
+    if settings.allow_runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+        async def load_lora_adapter(request: LoadLoraAdapterRequest) -> str:
+            """vLLM's: mount a LoRA adapter at run time; it is shadowed from its first request."""
+            ctx = state.require()
+            if request.load_inplace:
+                raise InvalidRequestError("load_inplace is not supported: unload the adapter, then load it again "
+                                          "(its verdict starts over)", param="load_inplace")
+            from pathlib import Path
+
+            await ctx.adapters.load(request.lora_name, Path(request.lora_path))
+            return f"Success: LoRA adapter '{request.lora_name}' added successfully."
+
+        @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+        async def unload_lora_adapter(request: UnloadLoraAdapterRequest) -> str:
+            """vLLM's: unmount an adapter; its queued shadow samples count as skipped."""
+            ctx = state.require()
+            await ctx.adapters.unload(request.lora_name)
+            return f"Success: LoRA adapter '{request.lora_name}' removed successfully."
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, http: Request, x_shadow: ShadowHeader = None):

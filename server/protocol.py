@@ -372,6 +372,23 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "shadowserve"
     max_model_len: int
+    # vLLM's: a mounted LoRA adapter's directory, and the base it is mounted on.
+    root: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    parent: str | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+# --- vLLM's runtime LoRA routes ---------------------------------------------------
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):

@@ -3,6 +3,7 @@ and `verify`), and the server's, which add the HTTP side and the shadow path."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,7 +37,102 @@ class VllmOptions(BaseModel):
         "vLLM's own parser at start, e.g. block_size=32")
 
 
-class EngineSettings(VllmOptions):
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank takes
+MaxLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
+class LoraOptions(BaseModel):
+    """Mounted LoRA adapters (vLLM's flags and semantics): one base, many adapters, chosen
+    per request by its `model` field."""
+
+    lora_modules: list[str] = Field(
+        default_factory=list, description="vLLM: mount a PEFT LoRA adapter as NAME=DIR (repeat the flag), or as "
+        "JSON {\"name\": ..., \"path\": ...}; a request whose `model` is NAME is generated with it, and shadowed "
+        "against the reference + the adapter unmerged in fp32")
+    enable_lora: bool = Field(
+        default=False, description="vLLM: serve LoRA adapters (implied by --lora-modules and "
+        "--allow-runtime-lora-updating)")
+    max_loras: int | None = Field(default=None, ge=1, description="vLLM: most adapters in one batch (default: vLLM's, 1)")
+    max_lora_rank: MaxLoraRank | None = Field(
+        default=None, description="vLLM: the largest adapter rank (default: the smallest of vLLM's sizes that holds "
+        "every --lora-modules rank, at least 16); a larger adapter is refused at start or load")
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, description="vLLM: most adapters mounted at once, all kept in memory by vLLM and by the "
+        "shadow's reference (default: the larger of --max-loras and the number of --lora-modules); a load past it "
+        "is refused")
+    allow_runtime_lora_updating: bool = Field(
+        default=False, description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter, behind --api-keys (vLLM's "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING); a loaded adapter is shadowed at once")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules) or self.allow_runtime_lora_updating
+
+    def lora_mounts(self) -> list[tuple[str, Path]]:
+        """--lora-modules as (name, directory) pairs."""
+        return [parse_lora_module(item) for item in self.lora_modules]
+
+    def lora_rank_limit(self, ranks: list[int] = ()) -> int:
+        """--max-lora-rank, or the smallest of vLLM's sizes holding `ranks` (at least vLLM's 16)."""
+        if self.max_lora_rank is not None:
+            return self.max_lora_rank
+        need = max([16, *ranks])
+        return next((r for r in MAX_LORA_RANKS if r >= need), MAX_LORA_RANKS[-1])
+
+    @property
+    def lora_capacity(self) -> int:
+        """Adapters mounted at once (--max-cpu-loras)."""
+        return self.max_cpu_loras or max(self.max_loras or 1, len(self.lora_modules), 1)
+
+
+def parse_lora_module(item: str) -> tuple[str, Path]:
+    """vLLM's --lora-modules forms: NAME=DIR, or JSON with name and path."""
+    text = item.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+            name, path = value["name"], value["path"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"--lora-modules {item!r}: expected NAME=DIR or JSON {{\"name\": ..., \"path\": ...}}") from exc
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise ValueError(f"--lora-modules {item!r}: expected NAME=DIR")
+    name = str(name).strip()
+    if not name or any(c.isspace() for c in name):
+        raise ValueError(f"--lora-modules {item!r}: the adapter's name must be non-empty, without spaces")
+    return name, Path(str(path).strip())
+
+
+def check_lora_mounts(settings: LoraOptions, model: Path, served_name: str) -> list[int]:
+    """Every --lora-modules adapter read and checked against the base before any engine
+    starts: a unique name other than the base's, a LoRA directory whose tensors fit the
+    base, a rank within --max-lora-rank. Returns their ranks."""
+    from adapters.lora_adapter import check_lora_adapter
+
+    mounts = settings.lora_mounts()
+    names = [name for name, _ in mounts]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"--lora-modules: the name {name!r} is given twice")
+        if name == served_name:
+            raise ValueError(f"--lora-modules: {name!r} is the base model's served name; give the adapter another name")
+    if len(mounts) > settings.lora_capacity:
+        raise ValueError(f"--lora-modules: {len(mounts)} adapters, but --max-cpu-loras is {settings.lora_capacity}")
+    ranks = []
+    for name, path in mounts:
+        info = check_lora_adapter(path, model)  # LoraAdapterError is a ValueError: an invalid setting
+        ranks.append(info.rank)
+    limit = settings.lora_rank_limit(ranks)
+    for (name, path), rank in zip(mounts, ranks):
+        if rank > limit:
+            raise ValueError(f"--lora-modules {name}: rank {rank} is above --max-lora-rank {limit}")
+    if settings.max_loras is not None and settings.max_cpu_loras is not None and settings.max_cpu_loras < settings.max_loras:
+        raise ValueError(f"--max-cpu-loras ({settings.max_cpu_loras}) must be at least --max-loras ({settings.max_loras})")
+    return ranks
+
+
+class EngineSettings(VllmOptions, LoraOptions):
     """What an engine needs to load a candidate."""
 
     model: Path = Field(description="local Hugging Face model directory (config.json, safetensors, tokenizer)")
@@ -72,11 +168,9 @@ class EngineSettings(VllmOptions):
         """vLLM-only options on the transformers engine are refused; for vLLM the parallel
         layout is checked against the model's head and layer counts, and --engine-arg by
         vLLM's parser, so a mistake stops the start before any weight is read."""
-        import json
-
         from server.engines.vllm_args import check_parallel, check_platform, parse_engine_args
 
-        vllm_only = [name for name, field in VllmOptions.model_fields.items()
+        vllm_only = [name for name, field in {**VllmOptions.model_fields, **LoraOptions.model_fields}.items()
                      if getattr(self, name) != field.get_default(call_default_factory=True)]
         if self.engine != "vllm":
             if vllm_only:
@@ -97,6 +191,7 @@ class EngineSettings(VllmOptions):
                 raise ValueError(f"--quantization {self.quantization}: not a vLLM quantization method; "
                                  f"one of {', '.join(QUANTIZATION_METHODS)}")
         parse_engine_args(self.engine_arg)
+        check_lora_mounts(self, self.model, self.model_name)
         return self
 
     @property
@@ -163,6 +258,14 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
     def _shadow_fits(self) -> ServeSettings:
         if self.shadow_enabled and self.shadow_top_k > self.max_logprobs:
             raise ValueError(f"shadow-top-k ({self.shadow_top_k}) cannot exceed max-logprobs ({self.max_logprobs})")
+        if self.shadow_enabled and self.lora_enabled:
+            if self.shadow_reference_url is not None:
+                raise ValueError("mounted LoRA adapters are shadowed against a local reference (the base in fp32 with "
+                                 "each adapter unmerged); the remote reference (--shadow-reference-url) serves one model: "
+                                 "drop it, or turn the shadow off")
+            if self.shadow_reference_adapter is not None:
+                raise ValueError("--shadow-reference-adapter is the reference of a merged candidate; with mounted "
+                                 "adapters each request's own adapter is applied to the reference: give one or the other")
         if self.verdict_calibrate:
             if self.verdict_calibration is None:
                 raise ValueError("--verdict-calibrate writes to --verdict-calibration FILE: give it")

@@ -6,6 +6,7 @@ model in the candidate's serving dtype and runs it over the same batch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -39,6 +40,8 @@ class LocalScorer:
         self.device_map: dict | None = None  # accelerate's placement, when spread across devices
         self.loaded_as = type(model).__name__  # how the model was loaded, for reports
         self.integrity_problems: list[str] = []  # parameters or buffers unmaterialised or non-finite
+        self.mounted: list[str] = []  # LoRA adapters mounted (add_adapter), applied per batch, unmerged
+        self._can_mount = True  # False for the native forward, and for a reference that is base + an adapter already
 
     @classmethod
     def load(
@@ -86,6 +89,7 @@ class LocalScorer:
         scorer = cls(model.eval(), tokenizer, name or default_name, target)
         scorer.device_map = device_map
         scorer.loaded_as = loaded_as
+        scorer._can_mount = adapter is None
         return scorer
 
     @classmethod
@@ -113,6 +117,7 @@ class LocalScorer:
             raise ShadowReferenceError(str(exc)) from exc
         scorer = cls(model, tokenizer, name or _dir_name(model_dir), target)
         scorer.loaded_as = DESCRIPTIONS[kind]
+        scorer._can_mount = False
         return scorer
 
     def enable_noise_floor(self, dtype: str) -> None:
@@ -130,14 +135,74 @@ class LocalScorer:
             self._noise_model = None if dtype == "float32" else serving_dtype_copy(self._model, dtype)
             self.noise_dtype = dtype
 
-    async def score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None) -> list[ScoredSequence]:
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Blocking: mount a PEFT LoRA adapter, unmerged: in fp32 on the reference, and in
+        the serving dtype on its noise-floor copy (base + adapter as a low-precision engine
+        runs it). Every adapter shares the one base in memory; `score(adapter=name)` applies it."""
+        if not self._can_mount:
+            raise ShadowReferenceError(f"{self.name} ({self.loaded_as}) cannot mount LoRA adapters: "
+                                       "mounted adapters need a transformers reference without --shadow-reference-adapter")
+        if name in self.mounted:
+            raise ShadowReferenceError(f"the adapter {name} is mounted on the reference already")
+        with self._lock:
+            try:
+                self._model = _mount(self._model, name, path, torch.float32)
+                if self._noise_model is not None:
+                    self._noise_model = _mount(self._noise_model, name, path, DTYPES[self.noise_dtype])
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise ShadowReferenceError(f"the reference could not mount the adapter {name} from {path}: {exc}") from exc
+            bad = [f"{n} holds NaN/inf" for n, p in self._model.named_parameters()
+                   if _of_adapter(n, name) and not torch.isfinite(p).all()]
+            if bad:
+                self._unmount(name)
+                raise ShadowReferenceError(f"the adapter {name} from {path}: {'; '.join(bad[:MAX_INTEGRITY_PROBLEMS])}")
+            self.mounted.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Blocking: drop a mounted adapter's weights (between forwards)."""
+        with self._lock:
+            if name in self.mounted:
+                self._unmount(name)
+                self.mounted.remove(name)
+
+    def _unmount(self, name: str) -> None:
+        """The last adapter's removal unwraps the model (peft's unload: its LoRA layers
+        out, nothing merged), so the base runs as it was loaded."""
+        for attr in ("_model", "_noise_model"):
+            model = getattr(self, attr)
+            if model is None or name not in getattr(model, "peft_config", {}):
+                continue
+            if len(model.peft_config) == 1:
+                setattr(self, attr, model.unload())
+            else:
+                model.delete_adapter(name)
+
+    def _active(self, adapter: str | None):
+        """The reference (and its noise copy) with `adapter` applied, or with every
+        mounted adapter off for the base's requests."""
+        if adapter is None and not self.mounted:
+            return contextlib.nullcontext()
+        if adapter is not None and adapter not in self.mounted:
+            raise ShadowReferenceError(f"the adapter {adapter} is not mounted on the reference")
+        stack = contextlib.ExitStack()
+        for model in (self._model, self._noise_model):
+            if model is None:
+                continue
+            if adapter is None:
+                stack.enter_context(model.disable_adapter())
+            else:
+                model.set_adapter(adapter)
+        return stack
+
+    async def score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None,
+                    adapter: str | None = None) -> list[ScoredSequence]:
         """Refuses at once while an earlier pass still runs (one that timed out keeps its
         thread), so a slow reference sheds load instead of piling up forward passes."""
         if not self._lock.acquire(blocking=False):
             raise ReferenceBusyError("the reference is still busy with an earlier batch")
         loop = asyncio.get_running_loop()
         thread = self._free_thread if self._run_free and self._free_thread is not None else self._thread
-        return await loop.run_in_executor(thread, self._score_locked, items, top_m, noise_top_k)
+        return await loop.run_in_executor(thread, self._score_locked, items, top_m, noise_top_k, adapter)
 
     async def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -170,21 +235,24 @@ class LocalScorer:
         self._free_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-free")
         self._free_thread.submit(_confine_this_thread, before, nice).result()
 
-    def _score_locked(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None) -> list[ScoredSequence]:
+    def _score_locked(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None,
+                      adapter: str | None = None) -> list[ScoredSequence]:
         try:
-            return self._score(items, top_m, noise_top_k)
+            return self._score(items, top_m, noise_top_k, adapter)
         finally:
             self._lock.release()
 
-    def score_sync(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None) -> list[ScoredSequence]:
+    def score_sync(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None,
+                   adapter: str | None = None) -> list[ScoredSequence]:
         """Blocking, for benchmarks and tests: waits for the reference to be free."""
         with self._lock:
-            return self._score(items, top_m, noise_top_k)
+            return self._score(items, top_m, noise_top_k, adapter)
 
-    def _score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None) -> list[ScoredSequence]:
+    def _score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None,
+               adapter: str | None = None) -> list[ScoredSequence]:
         if noise_top_k is not None and self.noise_dtype is None:
             raise ShadowReferenceError("the noise floor was asked for but is not enabled on this reference")
-        with torch.inference_mode():
+        with torch.inference_mode(), self._active(adapter):
             sequences = [item.prompt_ids + item.output_ids[:-1] for item in items]
             width = max(len(s) for s in sequences)
             input_ids = torch.full((len(items), width), self._pad_id, dtype=torch.long)
@@ -245,6 +313,26 @@ class LocalScorer:
             values = rows[i, wanted].tolist()
             reference.append(PositionStats(dict(zip(wanted, values)), top_ids[i].tolist(), top_lp[i].tolist()))
         return ScoredSequence(reference, noise)
+
+
+def _mount(model, name: str, path: Path, dtype: torch.dtype):
+    """`model` with the LoRA adapter at `path` added as `name` (wrapped in a PeftModel on
+    the first one; the base modules are shared, not copied), its weights in `dtype`."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=name, autocast_adapter_dtype=False)
+    else:
+        model = PeftModel.from_pretrained(model, str(path), adapter_name=name, autocast_adapter_dtype=False)
+    for key, param in model.named_parameters():
+        if _of_adapter(key, name) and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model.eval()
+
+
+def _of_adapter(parameter: str, adapter: str) -> bool:
+    """peft names an adapter's weights `....lora_A.<adapter>.weight` (and lora_B)."""
+    return f".lora_A.{adapter}." in parameter or f".lora_B.{adapter}." in parameter
 
 
 def _device(device: str) -> torch.device:

@@ -1,7 +1,9 @@
 """Shadow metrics (DESIGN.md, "Metrics") on an injected CollectorRegistry.
 
-Every series carries `model`, `reference` and the operator's constant labels (e.g.
-`variant="canary"`); comparison series also carry `comparison`: "candidate" (the served
+Every series carries `model`, `reference`, the operator's constant labels (e.g.
+`variant="canary"`) and `adapter`: the mounted LoRA adapter the requests named, `""` for
+the base model (each adapter is its own candidate, with its own verdict; `for_adapter`
+gives its series, sharing the collectors); comparison series also carry `comparison`: "candidate" (the served
 model vs the fp32 reference) and, with the noise floor on, "noise_floor" (the reference
 in the serving dtype vs itself in fp32, over the same positions), so every PromQL ratio
 between the two is paired.
@@ -11,6 +13,7 @@ from _sum/_count, quantiles with histogram_quantile.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -45,9 +48,10 @@ class ShadowMetrics:
         reference: str,
         const_labels: Mapping[str, str] | None = None,
         comparisons: tuple[str, ...] = (CANDIDATE,),
+        adapter: str = "",
     ):
-        base = {"model": model, "reference": reference, **(const_labels or {})}
-        names = list(base)
+        common = {"model": model, "reference": reference, **(const_labels or {})}
+        names = [*common, "adapter"]
 
         def counter(name, doc, extra=()):
             return Counter(name, doc, [*names, *extra], registry=registry)
@@ -114,31 +118,62 @@ class ShadowMetrics:
             "shadow_verdict_floor_kl_scale", "The noise floor's KL scale: 1 uncalibrated, else the engine calibration's ratio.",
             names, registry=registry)
 
-        self._base = base
+        self._common = common
+        self._comparisons = comparisons
         self._registry = registry
-        # Create every labelled child now, so series exist (at 0) before the first event:
-        # rate() and absent() behave from the first scrape.
-        self._sampled.labels(**base)
-        for outcome in OUTCOMES:
-            self._samples.labels(**base, outcome=outcome)
-        for comparison in comparisons:
-            labels = {**base, "comparison": comparison}
-            for result in RESULTS:
-                self._sequences.labels(**labels, result=result)
-            for top1 in ("same", "different"):
-                self._tokens.labels(**labels, top1=top1)
-            for metric in (self._first_divergence, self._compared_len, self._kl, self._delta_p, self._drift,
-                           self._delta_p_gain, self._delta_p_loss, self._delta_p_squares):
-                metric.labels(**labels)
-        for action in OVERSIZE:
-            self._oversize.labels(**base, action=action)
+        self._bind(adapter)
+
+    def for_adapter(self, adapter: str) -> ShadowMetrics:
+        """The series of requests on mounted adapter `adapter` (same collectors, its own children)."""
+        view = copy.copy(self)
+        view._bind(adapter)
+        return view
+
+    def _bind(self, adapter: str) -> None:
+        """Create this adapter's children now, so series exist (at 0) before the first
+        event: rate() and absent() behave from the first scrape."""
+        self.adapter = adapter
+        self._base = base = {**self._common, "adapter": adapter}
+        for metric, labels in self._children():
+            metric.labels(**labels)
         self._queue_depth.labels(**base).set(0)
         self._queue_tokens.labels(**base).set(0)
-        self._reference_seconds.labels(**base)
-        self._sample_age.labels(**base)
         self._oldest_age.labels(**base).set(0)
         self._throttled.labels(**base).set(0)
         self.verdict("inconclusive", False, {}, 0, 1.0)
+
+    def _children(self):
+        """Every (collector, labels) child of this adapter's series."""
+        base = self._base
+        yield self._sampled, base
+        for outcome in OUTCOMES:
+            yield self._samples, {**base, "outcome": outcome}
+        for comparison in self._comparisons:
+            labels = {**base, "comparison": comparison}
+            for result in RESULTS:
+                yield self._sequences, {**labels, "result": result}
+            for top1 in ("same", "different"):
+                yield self._tokens, {**labels, "top1": top1}
+            for metric in (self._first_divergence, self._compared_len, self._kl, self._delta_p, self._drift,
+                           self._delta_p_gain, self._delta_p_loss, self._delta_p_squares):
+                yield metric, labels
+        for action in OVERSIZE:
+            yield self._oversize, {**base, "action": action}
+        for metric in (self._queue_depth, self._queue_tokens, self._reference_seconds, self._sample_age,
+                       self._oldest_age, self._throttled, self._verdict_state, self._verdict_different,
+                       self._verdict_sequences, self._verdict_floor_scale):
+            yield metric, base
+        for statistic in CHECKS:
+            for bound in BOUNDS:
+                yield self._verdict_bound, {**base, "statistic": statistic, "bound": bound}
+
+    def remove(self) -> None:
+        """Drop this adapter's series (an unloaded adapter's, once it has been retired long enough)."""
+        for metric, labels in list(self._children()):  # labels in declaration order (dicts keep it)
+            try:
+                metric.remove(*labels.values())
+            except KeyError:  # never created
+                pass
 
     def outcomes(self) -> dict[str, float]:
         """Samples so far by outcome (compared, dropped, skipped, error)."""

@@ -8,6 +8,10 @@ The reference uses idle capacity: while the engine holds requests (`engine_load`
 it is held back (a `shadow_max_duty` cap on its compute time, its confined threads);
 while the engine is idle it runs free (no pause, every core), and a pause in progress
 ends as soon as the engine empties. Without an `engine_load` it is always held back.
+
+Requests on mounted LoRA adapters are shadowed per adapter (shadow/lanes.py): scored
+against the reference with that adapter applied unmerged, in batches of one adapter;
+`add_adapter` / `remove_adapter` mount and unmount one on the reference at run time.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import dataclasses
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +29,7 @@ from shadow.candidate import CandidateLogprobs
 from shadow.capture import DivergenceCapture
 from shadow.compare import SequenceComparison, compare_sequence
 from shadow.history import ComparedSequence, History
+from shadow.lanes import BASE, Lane, Lanes
 from shadow.metrics import NOISE_FLOOR, ShadowMetrics
 from shadow.reference_check import ReferenceCheck
 from shadow.report import ShadowReport, build_report
@@ -71,6 +75,7 @@ class ShadowSample:
     model: str
     sequences: list[ShadowSequence]
     finished_at: float = field(default_factory=time.monotonic)  # its request's end (the age's origin)
+    adapter: str = BASE  # the mounted LoRA adapter its request named ("" the base)
 
 
 class ShadowPath:
@@ -99,24 +104,24 @@ class ShadowPath:
         self.capture = capture
         self.model_name = model_name
         self.reference_name = reference_name or scorer.name
-        self.history = History(settings.shadow_verdict_max_sequences)
+        self._lanes = Lanes(metrics, settings.shadow_verdict_max_sequences)
+        self.history: History = self._lanes.base.history  # the base model's (verify, tests)
         self._rng = rng or random.Random()
         self._queue: asyncio.Queue[ShadowSample] = asyncio.Queue(settings.shadow_queue_size)
         self._worker: asyncio.Task | None = None
         self._carry: ShadowSample | None = None  # taken from the queue, waiting for the next batch
         self._queued_tokens = 0  # prompt + output tokens of the queued samples and the carry
-        self._waiting: deque[float] = deque()  # finished_at of the queued samples and the carry, oldest first
         self._engine_load = engine_load
         self._held_back: bool | None = None  # the reference's throttle as last set
         self._busy_s = 0.0  # reference time of the last forward, not yet paid back by idling
         self._clock = time.perf_counter
         self._sleep = self._pause  # replaceable in tests
         self._wake = asyncio.Event()  # set on stop: a pause ends at once, the queue drains
+        self._scoring = asyncio.Lock()  # a batch being scored, or an adapter being (un)mounted on the reference
         self._closed = False
         self._self_check = self_check
         self.calibration = calibration
         self.reference_check: ReferenceCheck | None = None  # None: not (yet) checked
-        metrics.oldest_age_from(self._oldest_age)
 
     @property
     def refused(self) -> bool:
@@ -132,34 +137,96 @@ class ShadowPath:
         """The serving dtype the noise floor is computed in; None when it is off."""
         return self.scorer.noise_dtype if self.settings.shadow_noise_floor else None
 
-    def report(self, window_s: float | None = None, with_trajectory: bool = False) -> ShadowReport:
+    def lane(self, adapter: str = BASE) -> Lane | None:
+        """A mounted adapter's lane ("" the base); None when it is not mounted."""
+        return self._lanes.live(adapter)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The mounted adapters the shadow judges, besides the base."""
+        return [lane.adapter for lane in self._lanes if lane.adapter != BASE]
+
+    def report(self, window_s: float | None = None, with_trajectory: bool = False, adapter: str = BASE) -> ShadowReport:
         """The verdict and its statistics over the sequences of the last `window_s`
-        seconds (all that are kept when None). CPU work: call it off the event loop."""
-        return build_report(
-            self.history.snapshot(window_s), model=self.model_name, reference=self.reference_name,
+        seconds (all that are kept when None), for the base or a mounted adapter (KeyError
+        when not mounted). CPU work: call it off the event loop."""
+        lane = self._lanes.live(adapter)
+        if lane is None:
+            raise KeyError(adapter)
+        report = build_report(
+            lane.history.snapshot(window_s), model=self.model_name, reference=self.reference_name,
             noise_dtype=self.noise_dtype, policy=self.settings.verdict_policy, window_s=window_s,
-            evicted=self.history.evicted, with_trajectory=with_trajectory, reference_check=self.reference_check,
+            evicted=lane.history.evicted, with_trajectory=with_trajectory, reference_check=self.reference_check,
             calibration=self.calibration,
         )
+        report.adapter = adapter
+        return report
 
-    def publish_verdict(self) -> None:
-        """The verdict over everything kept, as gauges (CPU work: off the event loop)."""
-        report = self.report()
+    def publish_verdict(self, adapter: str = BASE) -> None:
+        """A lane's verdict over everything kept, as gauges (CPU work: off the event loop)."""
+        report = self.report(adapter=adapter)
         verdict = report.verdict
         bounds = {name: (i.estimate, _bound(i.low, -1), _bound(i.high, 1))
                   for name in CHECKS if (i := getattr(verdict, name)) is not None}
         sequences = report.candidate.sequences if report.candidate else 0
-        self.metrics.verdict(verdict.status, bool(verdict.different), bounds, sequences,
-                             verdict.floor.kl_scale if verdict.floor else 1.0)
+        self._lanes.live(adapter).metrics.verdict(verdict.status, bool(verdict.different), bounds, sequences,
+                                                   verdict.floor.kl_scale if verdict.floor else 1.0)
+
+    # --- mounted adapters ----------------------------------------------------------
+
+    async def add_adapter(self, adapter: str, path) -> None:
+        """Mount a LoRA adapter on the reference (blocking load in a thread, between
+        batches) and open its lane: its requests are sampled from now on."""
+        mount = getattr(self.scorer, "add_adapter", None)
+        if mount is None:
+            raise ShadowReferenceError(f"the reference {self.reference_name} cannot mount LoRA adapters")
+        async with self._scoring:
+            await asyncio.to_thread(mount, adapter, path)
+            self._lanes.add(adapter)
+        log.info("shadow: adapter %s mounted on the reference (%s)", adapter, path)
+
+    async def remove_adapter(self, adapter: str) -> None:
+        """Unmount an adapter: its lane closes, its queued samples are counted as skipped,
+        the reference drops its weights (between batches)."""
+        async with self._scoring:
+            lane = self._lanes.live(adapter)
+            if lane is None or adapter == BASE:
+                raise KeyError(adapter)
+            kept, removed = self._purge(lambda sample: sample.adapter == adapter)
+            self._lanes.retire(adapter)
+            lane.metrics.sample("skipped", removed)
+            unmount = getattr(self.scorer, "remove_adapter", None)
+            if unmount is not None:
+                await asyncio.to_thread(unmount, adapter)
+        log.info("shadow: adapter %s unmounted (%d queued samples skipped)", adapter, removed)
+
+    def _purge(self, drop) -> tuple[int, int]:
+        """Take the queued samples (and the carry) `drop` selects out of the queue;
+        returns (kept, removed)."""
+        queued = [self._carry] if self._carry is not None else []
+        self._carry = None
+        while not self._queue.empty():
+            queued.append(self._queue.get_nowait())
+            self._queue.task_done()
+        removed = 0
+        for sample in queued:
+            if drop(sample):
+                removed += 1
+                self._queued_tokens -= _sample_tokens(sample)
+            else:
+                self._queue.put_nowait(sample)
+        return len(queued) - removed, removed
 
     # --- the request side: cheap and non-blocking ---------------------------------
 
-    def admit(self, header: str | None = None) -> bool:
+    def admit(self, header: str | None = None, adapter: str = BASE) -> bool:
         """Decide at admission, so unsampled requests pay nothing. An admitted request
-        must end in exactly one outcome: submit() or skip()."""
-        sampled = not self.refused and self._decide(header)
+        must end in exactly one outcome: submit() or skip(). A request on an adapter the
+        reference does not hold is not sampled."""
+        lane = self._lanes.live(adapter)
+        sampled = not self.refused and self._decide(header) and lane is not None
         if sampled:
-            self.metrics.admitted()
+            lane.metrics.admitted()
         return sampled
 
     def _decide(self, header: str | None) -> bool:
@@ -172,32 +239,38 @@ class ShadowPath:
         return rate > 0 and (rate >= 1 or self._rng.random() < rate)
 
     def submit(self, sample: ShadowSample) -> None:
-        sequences = [fitted for s in sample.sequences if s.output_ids and (fitted := self._fit(s)) is not None]
+        lane = self._lanes.live(sample.adapter)
+        if lane is None:  # its adapter was unmounted while the request ran
+            if (retired := self._lanes.find(sample.adapter)) is not None:
+                retired.metrics.sample("skipped")
+            return
+        metrics = lane.metrics
+        sequences = [fitted for s in sample.sequences if s.output_ids and (fitted := self._fit(s, metrics)) is not None]
         if not sequences:
-            self.metrics.sample("skipped")
+            metrics.sample("skipped")
             return
         if self._closed:
-            self.metrics.sample("dropped")
+            metrics.sample("dropped")
             return
         if not getattr(self.scorer, "ready", True):  # a remote reference not reachable (yet), or disabled
-            self.metrics.sample("error")
+            metrics.sample("error")
             return
         kept = dataclasses.replace(sample, sequences=sequences)
         tokens = _sample_tokens(kept)
         # An empty queue takes any sample (it was fitted to the batch budget already), so a
         # large batch of prompts is never dropped for a budget it alone exceeds.
         if self._queued_tokens and self._queued_tokens + tokens > self.settings.shadow_queue_tokens:
-            self.metrics.sample("dropped")
-        else:
-            try:
-                self._queue.put_nowait(kept)
-                self._queued_tokens += tokens
-                self._waiting.append(kept.finished_at)
-            except asyncio.QueueFull:
-                self.metrics.sample("dropped")
-        self._gauge()
+            metrics.sample("dropped")
+            return
+        try:
+            self._queue.put_nowait(kept)
+        except asyncio.QueueFull:
+            metrics.sample("dropped")
+            return
+        self._queued_tokens += tokens
+        lane.queued(kept.finished_at, tokens)
 
-    def _fit(self, seq: ShadowSequence) -> ShadowSequence | None:
+    def _fit(self, seq: ShadowSequence, metrics: ShadowMetrics) -> ShadowSequence | None:
         """A sequence past the longest the reference takes: its first max-tokens tokens of
         prompt + output, so no forward exceeds the batch budget; None (skipped) when the
         prompt alone leaves no room for an output token."""
@@ -205,9 +278,9 @@ class ShadowPath:
         if seq.tokens <= budget:
             return seq
         if len(seq.prompt_ids) >= budget:
-            self.metrics.oversize("skipped")
+            metrics.oversize("skipped")
             return None
-        self.metrics.oversize("truncated")
+        metrics.oversize("truncated")
         return seq.head(budget)
 
     def _budgets(self) -> tuple[int, int]:
@@ -218,16 +291,11 @@ class ShadowPath:
         batch = min(self.settings.shadow_batch_tokens, batch_cap or self.settings.shadow_batch_tokens)
         return min(sequence, batch), batch
 
-    def _oldest_age(self) -> float:
-        """Seconds the oldest waiting sample has waited (read at each scrape)."""
-        return time.monotonic() - self._waiting[0] if self._waiting else 0.0
-
-    def _gauge(self) -> None:
-        self.metrics.queue_depth(self._queue.qsize() + (self._carry is not None), self._queued_tokens)
-
-    def skip(self) -> None:
-        """A sampled request that was aborted or failed: nothing to compare."""
-        self.metrics.sample("skipped")
+    def skip(self, adapter: str = BASE, outcome: str = "skipped") -> None:
+        """A sampled request that was aborted or failed: nothing to compare (or `outcome`
+        "error": one that could not be handed over)."""
+        if (lane := self._lanes.find(adapter)) is not None:
+            lane.metrics.sample(outcome)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -245,13 +313,14 @@ class ShadowPath:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        left = self._queue.qsize() + (self._carry is not None)
+        _, left = self._purge(lambda sample: True)
         if left:
             log.warning("shadow: %d samples left unscored at shutdown", left)
-            self.metrics.sample("dropped", left)
+        for lane in self._lanes:
+            if lane.waiting:
+                lane.metrics.sample("dropped", len(lane.waiting))
+            lane.cleared()
         self._queued_tokens = 0
-        self._waiting.clear()
-        self.metrics.queue_depth(0, 0)
         await self.scorer.close()
         if self.capture is not None:
             self.capture.close()
@@ -283,13 +352,12 @@ class ShadowPath:
             return
         log.error("shadow: REFUSING to judge against the reference %s (nothing is sampled): %s. %s",
                   self.reference_name, "; ".join(check.reasons), check.summary())
-        while not self._queue.empty():  # taken before the refusal: nothing to compare them against
-            self._queue.get_nowait()
-            self._queue.task_done()
-            self.metrics.sample("skipped")
+        self._purge(lambda sample: True)  # taken before the refusal: nothing to compare them against
+        for lane in self._lanes:
+            if lane.waiting:
+                lane.metrics.sample("skipped", len(lane.waiting))
+            lane.cleared()
         self._queued_tokens = 0
-        self._waiting.clear()
-        self._gauge()
 
     async def _run(self) -> None:
         await self.run_reference_check()
@@ -297,14 +365,16 @@ class ShadowPath:
             return
         while True:
             batch = await self._next_batch()
+            metrics = self._lanes.find(batch[0].adapter).metrics
             try:
-                recorded = await self._process(batch)
+                async with self._scoring:
+                    recorded = await self._process(batch)
             except asyncio.CancelledError:  # shutdown ran out of drain time before scoring ended
-                self.metrics.sample("dropped", len(batch))
+                metrics.sample("dropped", len(batch))
                 raise
             except Exception:  # never let one bad batch stop the worker
                 log.exception("shadow: batch failed")
-                self.metrics.sample("error", len(batch))
+                metrics.sample("error", len(batch))
             else:
                 if recorded is not None:  # scored: finish the bookkeeping even if shutdown cancels us
                     try:
@@ -317,7 +387,6 @@ class ShadowPath:
             finally:
                 for _ in batch:
                     self._queue.task_done()
-                self._gauge()
             await self._idle()
 
     async def _idle(self) -> None:
@@ -346,7 +415,8 @@ class ShadowPath:
         if held_back == self._held_back:
             return
         self._held_back = held_back
-        self.metrics.throttled(held_back)
+        for lane in self._lanes:
+            lane.metrics.throttled(held_back)
         throttle = getattr(self.scorer, "throttle", None)  # a local reference's threads; a remote one has none
         if throttle is not None:
             try:
@@ -361,21 +431,24 @@ class ShadowPath:
             pass
 
     async def _next_batch(self) -> list[ShadowSample]:
-        """Wait for one sample, then take whatever else is queued while the batch's padded
-        size (sequences x longest sequence: what the reference's logits cost) fits the
-        token budget. A sample that does not fit is carried over to open the next batch."""
+        """Wait for one sample, then take whatever else is queued on the same adapter
+        while the batch's padded size (sequences x longest sequence: what the reference's
+        logits cost) fits the token budget. A sample that does not fit, or is on another
+        adapter, is carried over to open the next batch."""
         first, self._carry = self._carry or await self._queue.get(), None
         batch = [first]
         while not self._queue.empty():
             nxt = self._queue.get_nowait()
-            if _padded_tokens([*batch, nxt]) > self._budgets()[1] or \
+            if nxt.adapter != first.adapter or _padded_tokens([*batch, nxt]) > self._budgets()[1] or \
                     sum(len(s.sequences) for s in (*batch, nxt)) > MAX_BATCH_SEQUENCES:
                 self._carry = nxt
                 break
             batch.append(nxt)
-        self._queued_tokens -= sum(_sample_tokens(s) for s in batch)
-        for _ in batch:
-            self._waiting.popleft()
+        lane = self._lanes.find(first.adapter)
+        for sample in batch:
+            tokens = _sample_tokens(sample)
+            self._queued_tokens -= tokens
+            lane.taken(tokens)
         return batch
 
     async def _process(self, batch: list[ShadowSample]) -> asyncio.Future | None:
@@ -387,6 +460,8 @@ class ShadowPath:
             for seq in sample.sequences
         ]
         noise_top_k = self.top_k if self.noise_dtype is not None else None
+        adapter = batch[0].adapter
+        metrics = self._lanes.find(adapter).metrics
         stats: list[ScoredSequence] = []
         # A lone sample of several sequences can exceed the budget padded together: split it.
         for n, chunk in enumerate(_chunks(items, self._budgets()[1])):
@@ -396,21 +471,23 @@ class ShadowPath:
             started = self._clock()
             try:
                 stats += await asyncio.wait_for(
-                    self.scorer.score(chunk, self.settings.shadow_reference_top_m, noise_top_k),
+                    self.scorer.score(chunk, self.settings.shadow_reference_top_m, noise_top_k, adapter or None),
                     self.settings.shadow_timeout_s if self.scorer.cancellable else None,
                 )
             except Exception as exc:
                 log.warning("shadow: reference failed on %d samples: %s", len(batch), str(exc) or type(exc).__name__)
-                self.metrics.sample("error", len(batch))
+                metrics.sample("error", len(batch))
                 return None
             finally:
                 self._busy_s = self._clock() - started
-            self.metrics.reference_latency(self._busy_s)
+            metrics.reference_latency(self._busy_s)
         # Comparison, metrics and capture off the event loop: the server's requests share it.
         return asyncio.ensure_future(asyncio.to_thread(self._record, batch, stats))
 
     def _record(self, batch: list[ShadowSample], stats: list[ScoredSequence]) -> None:
         margin = self.settings.shadow_near_tie_margin
+        lane = self._lanes.find(batch[0].adapter)
+        metrics = lane.metrics
         at = 0
         for sample in batch:
             scored = stats[at : at + len(sample.sequences)]
@@ -425,19 +502,21 @@ class ShadowPath:
                 ]
             except Exception as exc:  # ComparisonError, or a malformed reply that slipped through
                 log.warning("shadow: sample %s not comparable: %s", sample.request_id, exc)
-                self.metrics.sample("error")
+                metrics.sample("error")
                 continue
             for index, (seq, cand, s, (candidate, noise)) in enumerate(zip(sample.sequences, candidates, scored, results)):
-                self.metrics.sequence(candidate)
+                metrics.sequence(candidate)
                 if noise is not None:
-                    self.metrics.sequence(noise, NOISE_FLOOR)
-                self.history.add(ComparedSequence(time.time(), sample.request_id, candidate, noise, tuple(seq.output_ids)))
+                    metrics.sequence(noise, NOISE_FLOOR)
+                lane.history.add(ComparedSequence(time.time(), sample.request_id, candidate, noise, tuple(seq.output_ids)))
                 if self.capture is not None and candidate.first_divergence is not None:
                     self._capture(sample, index, seq, cand, s, candidate)
-            self.metrics.sample("compared")
-            self.metrics.sample_age(time.monotonic() - sample.finished_at)
+            metrics.sample("compared")
+            metrics.sample_age(time.monotonic() - sample.finished_at)
+        if self._lanes.live(lane.adapter) is not lane:  # unmounted while it was scored: no verdict to publish
+            return
         try:
-            self.publish_verdict()
+            self.publish_verdict(lane.adapter)
         except Exception:  # the gauges keep their last value; the endpoint still answers
             log.exception("shadow: the verdict could not be published")
 

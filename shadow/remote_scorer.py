@@ -174,7 +174,10 @@ class RemoteScorer:
         self.problem = problem
         self.state = DISABLED
 
-    async def score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None) -> list[ScoredSequence]:
+    async def score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None,
+                    adapter: str | None = None) -> list[ScoredSequence]:
+        if adapter is not None:  # the server refuses a remote reference with mounted adapters; the last guard
+            raise ShadowReferenceError(f"the remote reference serves one model: it cannot apply the adapter {adapter}")
         if self.state != UP:
             raise ReferenceUnavailableError(self.problem or f"remote reference {self._url} not reachable yet")
         body = ScoreRequestBody(

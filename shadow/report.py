@@ -93,6 +93,7 @@ class WindowBody(BaseModel):
 class ShadowReport(BaseModel):
     model: str
     reference: str
+    adapter: str = ""  # the mounted LoRA adapter judged ("" the base model): the reference has it applied, unmerged
     noise_dtype: str | None
     window: WindowBody
     candidate: SideReport | None

@@ -94,8 +94,10 @@ class Scorer(Protocol):
         """Blocking: prepare the reference in the serving dtype, or raise ShadowReferenceError."""
         ...
 
-    async def score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None) -> list[ScoredSequence]:
-        """`noise_top_k`: also score the noise floor, keeping its top-k per position."""
+    async def score(self, items: list[ScoreItem], top_m: int, noise_top_k: int | None = None,
+                    adapter: str | None = None) -> list[ScoredSequence]:
+        """`noise_top_k`: also score the noise floor, keeping its top-k per position.
+        `adapter`: a mounted LoRA adapter to apply, unmerged (None: the reference as loaded)."""
         ...
 
     async def close(self) -> None: ...

@@ -177,7 +177,8 @@ class ShadowSettings(VerdictSettings):
     @field_validator("shadow_labels")
     @classmethod
     def _valid_label_names(cls, labels: dict[str, str]) -> dict[str, str]:
-        reserved = {"model", "reference", "comparison", "outcome", "result", "top1", "le"}
+        reserved = {"model", "reference", "adapter", "comparison", "outcome", "result", "top1", "le", "statistic",
+                    "bound", "action"}
         for name in labels:
             if not name.isidentifier() or name.startswith("__") or name in reserved:
                 raise ValueError(f"'{name}' cannot be a constant label name")

@@ -31,7 +31,7 @@ class EchoScorer:
     def enable_noise_floor(self, dtype: str) -> None:
         self.noise_dtype = dtype
 
-    async def score(self, items, top_m, noise_top_k=None):
+    async def score(self, items, top_m, noise_top_k=None, adapter=None):
         self.batches.append(len(items))
         await asyncio.sleep(self.delay)
         out = []
@@ -50,17 +50,17 @@ class EchoScorer:
 
 
 class RaisingScorer(EchoScorer):
-    async def score(self, items, top_m, noise_top_k=None):
+    async def score(self, items, top_m, noise_top_k=None, adapter=None):
         raise RuntimeError("reference exploded")
 
 
 class HangingScorer(EchoScorer):
-    async def score(self, items, top_m, noise_top_k=None):
+    async def score(self, items, top_m, noise_top_k=None, adapter=None):
         await asyncio.sleep(3600)
 
 
 class NanScorer(EchoScorer):
-    async def score(self, items, top_m, noise_top_k=None):
+    async def score(self, items, top_m, noise_top_k=None, adapter=None):
         return [ScoredSequence([PositionStats({1: float("nan"), 2: -1.0}, [2], [-1.0]) for _ in item.candidate_ids])
                 for item in items]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from server.engines.base import Engine, EngineChunk, EngineDeadError, EngineInputError, SamplingOptions
+from server.engines.base import Engine, EngineChunk, EngineDeadError, EngineInputError, LoraAdapter, SamplingOptions
 from server.settings import EngineSettings
 
-__all__ = ["Engine", "EngineChunk", "EngineDeadError", "EngineInputError", "SamplingOptions", "load_engine"]
+__all__ = ["Engine", "EngineChunk", "EngineDeadError", "EngineInputError", "LoraAdapter", "SamplingOptions", "load_engine"]
 
 
 def load_engine(settings: EngineSettings) -> Engine:

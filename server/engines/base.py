@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
@@ -54,20 +55,36 @@ class EngineChunk:
     finish_reason: FinishReason | None = None
 
 
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A mounted LoRA adapter, as a request names it (`model`) and the engine knows it."""
+
+    name: str
+    path: Path
+    id: int  # the engine's id for this load (vLLM's lora_int_id): unique, never reused
+
+
 class Engine(Protocol):
     name: str
     max_model_len: int
     dtype: str  # the dtype the model really runs in ("bfloat16", ...), `auto` resolved
 
     def generate(
-        self, prompt_ids: list[int], options: SamplingOptions, request_id: str
+        self, prompt_ids: list[int], options: SamplingOptions, request_id: str, adapter: LoraAdapter | None = None
     ) -> AsyncIterator[EngineChunk]:
-        """Stream one sequence. Closing the iterator early aborts the request."""
+        """Stream one sequence, on the base or with a mounted adapter. Closing the
+        iterator early aborts the request."""
         ...
 
-    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str,
+                              adapter: LoraAdapter | None = None) -> list[dict[int, float]]:
         """Teacher-forced over the prompt: for each position 1..n-1, the raw top-k
         log-probs plus the prompt's own token there (llama.cpp's perplexity mode)."""
+        ...
+
+    async def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Load a LoRA adapter so requests can name it; raise EngineInputError if the
+        engine refuses it."""
         ...
 
     def pending(self) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from server.engines.base import EngineChunk, EngineDeadError, EngineInputError, SamplingOptions
+from server.engines.base import EngineChunk, EngineDeadError, EngineInputError, LoraAdapter, SamplingOptions
 
 # vLLM's rule: a temperature this small samples greedily (dividing by it overflows to inf).
 _GREEDY_BELOW = 1e-5
@@ -56,8 +56,9 @@ class TransformersEngine:
         return cls(model, tokenizer, limit)
 
     async def generate(
-        self, prompt_ids: list[int], options: SamplingOptions, request_id: str
+        self, prompt_ids: list[int], options: SamplingOptions, request_id: str, adapter: LoraAdapter | None = None
     ) -> AsyncIterator[EngineChunk]:
+        _no_adapter(adapter)
         if options.min_tokens > options.max_tokens:  # vLLM's own check and wording
             raise EngineInputError(f"min_tokens must be less than or equal to max_tokens={options.max_tokens}, "
                                    f"got {options.min_tokens}.")
@@ -85,13 +86,18 @@ class TransformersEngine:
             finally:
                 self._pending -= 1
 
-    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str,
+                              adapter: LoraAdapter | None = None) -> list[dict[int, float]]:
+        _no_adapter(adapter)
         loop = asyncio.get_running_loop()
         self._pending += 1
         try:
             return await loop.run_in_executor(self._worker, self._prompt_logprobs, prompt_ids, k)
         finally:
             self._pending -= 1
+
+    async def add_adapter(self, adapter: LoraAdapter) -> None:
+        _no_adapter(adapter)
 
     def pending(self) -> int:
         return self._pending
@@ -234,3 +240,8 @@ class _StopAwareText:
     def _take(self, end: int) -> str:
         piece, self._sent = self._text[self._sent:end], max(end, self._sent)
         return piece
+
+
+def _no_adapter(adapter: LoraAdapter | None) -> None:
+    if adapter is not None:  # the settings refuse LoRA flags with this engine; this is the last guard
+        raise EngineInputError("the transformers engine serves the base model only: mounted LoRA adapters need vLLM")

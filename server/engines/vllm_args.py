@@ -20,6 +20,9 @@ OWNED = {
     "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size": "--pipeline-parallel-size",
     "distributed_executor_backend": "--distributed-executor-backend", "quantization": "--quantization",
     "max_num_seqs": "--max-num-seqs", "enable_prefix_caching": "--enable-prefix-caching",
+    "enable_lora": "--enable-lora", "max_loras": "--max-loras", "max_lora_rank": "--max-lora-rank",
+    "max_cpu_loras": "--max-cpu-loras",
+    "lora_dtype": "(fixed: adapters run in the serving dtype, as the shadow's noise floor models them)",
     "logprobs_mode": "(fixed: the shadow compares raw log-probs)",
     "disable_log_stats": "(fixed: /metrics needs vLLM's stats)",
 }

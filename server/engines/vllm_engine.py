@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from server.engines.base import EngineChunk, EngineDeadError, EngineInputError, SamplingOptions
+from server.engines.base import EngineChunk, EngineDeadError, EngineInputError, LoraAdapter, SamplingOptions
 from server.settings import EngineSettings
 
 
@@ -47,6 +47,7 @@ class VllmEngine:
             disable_log_stats=False,  # keeps vLLM's Prometheus metrics on
             tensor_parallel_size=settings.tensor_parallel_size,
             pipeline_parallel_size=settings.pipeline_parallel_size,
+            **_lora_args(settings),
             **{name: value for name, value in chosen.items() if value is not None},
             **parse_engine_args(settings.engine_arg),
         )
@@ -59,7 +60,7 @@ class VllmEngine:
         return engine
 
     async def generate(
-        self, prompt_ids: list[int], options: SamplingOptions, request_id: str
+        self, prompt_ids: list[int], options: SamplingOptions, request_id: str, adapter: LoraAdapter | None = None
     ) -> AsyncIterator[EngineChunk]:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
@@ -85,7 +86,8 @@ class VllmEngine:
                 repetition_penalty=options.repetition_penalty,
                 output_kind=RequestOutputKind.DELTA,
             )
-            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
+            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                                        lora_request=_lora_request(adapter))
             # Closing this generator (client gone) closes vLLM's, which aborts the request.
             async for out in stream:
                 yield _chunk(out.outputs[0], out.finished)
@@ -94,7 +96,8 @@ class VllmEngine:
         except VllmEngineDeadError as exc:
             raise EngineDeadError("the vLLM engine core process died") from exc
 
-    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str) -> list[dict[int, float]]:
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int, request_id: str,
+                              adapter: LoraAdapter | None = None) -> list[dict[int, float]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -102,11 +105,23 @@ class VllmEngine:
         # Prompt log-probs skip the sampler's processors: raw, like the sampled ones.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                                            lora_request=_lora_request(adapter)):
             final = out
         if final is None or final.prompt_logprobs is None:
             raise RuntimeError("vLLM returned no prompt log-probs")
         return [{tid: lp.logprob for tid, lp in pos.items()} for pos in final.prompt_logprobs[1:]]
+
+    async def add_adapter(self, adapter: LoraAdapter) -> None:
+        """vLLM's add_lora (its worker reads the adapter); a refusal is the caller's input error."""
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        try:
+            await self._llm.add_lora(_lora_request(adapter))
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError("the vLLM engine core process died") from exc
+        except Exception as exc:  # vLLM wraps the worker's error in a bare Exception
+            raise EngineInputError(f"vLLM could not load the adapter {adapter.name} from {adapter.path}: {exc}") from exc
 
     def pending(self) -> int:
         """vLLM's unfinished requests (running and waiting), as its scheduler sees them."""
@@ -132,3 +147,26 @@ def _chunk(output, finished: bool) -> EngineChunk:
     if output.logprobs is not None:
         logprobs = [{tid: lp.logprob for tid, lp in pos.items()} for pos in output.logprobs]
     return EngineChunk(list(output.token_ids), output.text, logprobs, reason)
+
+
+def _lora_args(settings: EngineSettings) -> dict:
+    """vLLM's LoRA engine arguments: on when adapters are mounted (or may be), every
+    mounted adapter kept resident (max_cpu_loras), the adapter computed in the serving
+    dtype (lora_dtype auto: what the shadow's noise floor models)."""
+    if not settings.lora_enabled:
+        return {}
+    ranks = []
+    if settings.lora_modules:
+        from adapters.lora_adapter import read_lora_adapter
+
+        ranks = [read_lora_adapter(path).rank for _, path in settings.lora_mounts()]
+    return {"enable_lora": True, "max_lora_rank": settings.lora_rank_limit(ranks), "max_loras": settings.max_loras or 1,
+            "max_cpu_loras": settings.lora_capacity}
+
+
+def _lora_request(adapter: LoraAdapter | None):
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=str(adapter.path))

@@ -29,7 +29,7 @@ class ChatHandler(EndpointHandler[ChatCompletionRequest]):
         k, token_text = request.logprobs_k, self.token_text(request)
         return ChatCompletionResponse(
             id=request_id,
-            model=self.ctx.model_name,
+            model=request.model,  # the base's served name, or the adapter's
             choices=[
                 ChatChoice(
                     index=c.index,
@@ -42,8 +42,8 @@ class ChatHandler(EndpointHandler[ChatCompletionRequest]):
             usage=usage(prompts, sum(len(c.token_ids) for c in choices)),
         )
 
-    def opening(self, jobs: list[Job], request_id: str) -> list[ChatCompletionChunk]:
-        return [self._chunk(request_id, [ChatChunkChoice(index=job.index, delta={"role": "assistant", "content": ""})])
+    def opening(self, request: ChatCompletionRequest, jobs: list[Job], request_id: str) -> list[ChatCompletionChunk]:
+        return [self._chunk(request, request_id, [ChatChunkChoice(index=job.index, delta={"role": "assistant", "content": ""})])
                 for job in jobs]
 
     def chunk(
@@ -55,10 +55,11 @@ class ChatHandler(EndpointHandler[ChatCompletionRequest]):
             logprobs = chat_logprobs(piece.token_ids, piece.logprobs or [], k, self.token_text(request))
         choice = ChatChunkChoice(index=index, delta={"content": piece.text}, logprobs=logprobs,
                                  finish_reason=piece.finish_reason)
-        return self._chunk(request_id, [choice])
+        return self._chunk(request, request_id, [choice])
 
-    def usage_chunk(self, request_id: str, totals: Usage) -> ChatCompletionChunk:
-        return self._chunk(request_id, [], usage=totals)
+    def usage_chunk(self, request: ChatCompletionRequest, request_id: str, totals: Usage) -> ChatCompletionChunk:
+        return self._chunk(request, request_id, [], usage=totals)
 
-    def _chunk(self, request_id: str, choices: list[ChatChunkChoice], **extra) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, model=self.ctx.model_name, choices=choices, **extra)
+    def _chunk(self, request: ChatCompletionRequest, request_id: str, choices: list[ChatChunkChoice],
+               **extra) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=request_id, model=request.model, choices=choices, **extra)

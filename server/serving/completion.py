@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engines import EngineChunk
+from server.engines import EngineChunk, LoraAdapter
 from server.errors import InvalidRequestError
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from server.serving.generation import Choice, usage
@@ -23,8 +23,8 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return ids
 
-    async def score_prompts(self, request: CompletionRequest, prompts: list[list[int]],
-                            request_id: str) -> list[list[dict[int, float]]] | None:
+    async def score_prompts(self, request: CompletionRequest, prompts: list[list[int]], request_id: str,
+                            adapter: LoraAdapter | None = None) -> list[list[dict[int, float]]] | None:
         k = request.prompt_k
         if k is None:
             return None
@@ -33,14 +33,14 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
             raise InvalidRequestError(f"{param} must be at most {self.ctx.max_logprobs}", param=param)
         engine = self.ctx.engine
         return list(await asyncio.gather(*(
-            engine.prompt_logprobs(ids, k, f"{request_id}-prompt-{p}") for p, ids in enumerate(prompts))))
+            engine.prompt_logprobs(ids, k, f"{request_id}-prompt-{p}", adapter) for p, ids in enumerate(prompts))))
 
     def response(
         self, request: CompletionRequest, prompts: list[list[int]], choices: list[Choice], request_id: str
     ) -> CompletionResponse:
         return CompletionResponse(
             id=request_id,
-            model=self.ctx.model_name,
+            model=request.model,  # the base's served name, or the adapter's
             choices=[self._choice(request, prompts, c) for c in choices],
             usage=usage(prompts, sum(len(c.token_ids) for c in choices)),
         )
@@ -74,10 +74,10 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
         if k is not None:
             logprobs = completion_logprobs(piece.token_ids, piece.logprobs or [], k, self.token_text(request), offset)
         choice = CompletionChoice(index=index, text=piece.text, logprobs=logprobs, finish_reason=piece.finish_reason)
-        return CompletionResponse(id=request_id, model=self.ctx.model_name, choices=[choice])
+        return CompletionResponse(id=request_id, model=request.model, choices=[choice])
 
-    def usage_chunk(self, request_id: str, totals: Usage) -> CompletionResponse:
-        return CompletionResponse(id=request_id, model=self.ctx.model_name, choices=[], usage=totals)
+    def usage_chunk(self, request: CompletionRequest, request_id: str, totals: Usage) -> CompletionResponse:
+        return CompletionResponse(id=request_id, model=request.model, choices=[], usage=totals)
 
 
 def _batch(prompt: str | list) -> list:

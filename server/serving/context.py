@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from server.engines import Engine, load_engine
+from server.engines import Engine, LoraAdapter, load_engine
 from server.engines.facts import engine_facts
 from server.errors import ModelNotFoundError
+from server.serving.adapters import AdapterRegistry
 from server.serving.limits import RequestLimits
 from server.serving.prompts import PromptRenderer
 from server.serving.reference_probe import reference_self_check
@@ -32,6 +34,7 @@ class ServingContext:
     max_logprobs: int
     shadow: ShadowPath | None = None
     limits: RequestLimits = RequestLimits()
+    adapters: AdapterRegistry | None = None  # mounted LoRA adapters (None: the base only)
 
     @classmethod
     def load(cls, settings: ServeSettings, registry: CollectorRegistry) -> ServingContext:
@@ -60,6 +63,14 @@ class ServingContext:
                 candidate_tokenizer=renderer.tokenizer, registry=registry, self_check=check, calibration=calibration,
                 engine_load=engine.pending,
             )
+        adapters = None
+        if settings.lora_enabled:
+            from adapters.lora_adapter import read_lora_adapter
+
+            ranks = [read_lora_adapter(path).rank for _, path in settings.lora_mounts()]
+            adapters = AdapterRegistry(engine, settings.model_name, settings.model, enabled=True,
+                                       rank_limit=settings.lora_rank_limit(ranks), capacity=settings.lora_capacity,
+                                       shadow=shadow)
         return cls(
             engine=engine,
             renderer=renderer,
@@ -68,14 +79,28 @@ class ServingContext:
             max_logprobs=settings.max_logprobs,
             limits=settings.request_limits,
             shadow=shadow,
+            adapters=adapters,
         )
 
-    def check_model(self, requested: str) -> None:
+    async def mount(self, mounts: list[tuple[str, Path]]) -> None:
+        """The --lora-modules adapters, on the engine and the reference, before serving
+        (an APIError here stops the start, with its message)."""
+        for name, path in mounts:
+            await self.adapters.load(name, path)
+
+    def resolve(self, requested: str) -> LoraAdapter | None:
+        """The mounted adapter a request's `model` names, None for the base; 404 for any other name."""
+        if self.adapters is not None:
+            return self.adapters.resolve(requested)
         if requested != self.model_name:
             raise ModelNotFoundError(
                 f"The model '{requested}' does not exist; this server serves '{self.model_name}'",
                 param="model",
             )
+        return None
+
+    def check_model(self, requested: str) -> None:
+        self.resolve(requested)
 
 
 def new_request_id(prefix: str) -> str:

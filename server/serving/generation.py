@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from server.engines import Engine, EngineChunk, EngineDeadError, EngineInputError, SamplingOptions
+from server.engines import Engine, EngineChunk, EngineDeadError, EngineInputError, LoraAdapter, SamplingOptions
 from server.errors import ContextLengthError, InvalidRequestError, ServiceUnavailableError
 from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
 
@@ -109,8 +109,10 @@ def _completion_budget(prompt_len: int, asked: int | None, max_model_len: int, p
     return asked if asked is not None else room
 
 
-async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIterator[tuple[int, EngineChunk]]:
-    """Run all jobs concurrently and yield (choice index, chunk) as they arrive.
+async def run_jobs(engine: Engine, jobs: list[Job], request_id: str,
+                   adapter: LoraAdapter | None = None) -> AsyncIterator[tuple[int, EngineChunk]]:
+    """Run all jobs concurrently (on the base, or with a mounted adapter) and yield
+    (choice index, chunk) as they arrive.
 
     Closing this iterator (client gone, error) cancels every job; each engine stream's
     own cleanup aborts its engine request. One job (most requests) is read directly:
@@ -118,7 +120,7 @@ async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIte
     """
     if len(jobs) == 1:
         job = jobs[0]
-        stream = engine.generate(job.prompt_ids, job.options, f"{request_id}-{job.index}")
+        stream = engine.generate(job.prompt_ids, job.options, f"{request_id}-{job.index}", adapter)
         try:
             async for chunk in stream:
                 yield job.index, chunk
@@ -131,7 +133,7 @@ async def run_jobs(engine: Engine, jobs: list[Job], request_id: str) -> AsyncIte
 
     async def pump(job: Job) -> None:
         try:
-            async for chunk in engine.generate(job.prompt_ids, job.options, f"{request_id}-{job.index}"):
+            async for chunk in engine.generate(job.prompt_ids, job.options, f"{request_id}-{job.index}", adapter):
                 await queue.put((job.index, chunk))
         except Exception as exc:
             await queue.put((job.index, exc))

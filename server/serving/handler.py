@@ -11,7 +11,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
-from server.engines import EngineChunk
+from server.engines import EngineChunk, LoraAdapter
 from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
 from server.serving.context import ServingContext, new_request_id
 from server.serving.generation import Choice, Job, collect, plan_jobs, run_jobs, usage
@@ -30,11 +30,11 @@ class EndpointHandler(ABC, Generic[RequestT]):
     async def create(self, request: RequestT, shadow_header: str | None = None):
         ctx = self.ctx
         ctx.limits.check(request)
-        ctx.check_model(request.model)
+        adapter = ctx.resolve(request.model)  # a mounted LoRA adapter, or None for the base
         # Chat templates and tokenizers take seconds on a multi-megabyte prompt: not on the loop.
         prompts = await asyncio.to_thread(self.prompts, request)
         request_id = new_request_id(self.id_prefix)
-        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, ctx.model_name)
+        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, request.model, adapter.name if adapter else "")
         try:
             jobs = plan_jobs(
                 request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,
@@ -42,7 +42,7 @@ class EndpointHandler(ABC, Generic[RequestT]):
             )
             jobs = ctx.limits.fit_budget(jobs, explicit=request.completion_limit is not None, n=request.n,
                                          prompts=len(prompts))
-            scored = await self.score_prompts(request, prompts, request_id)
+            scored = await self.score_prompts(request, prompts, request_id, adapter)
         except BaseException:  # refused: a sampled request still ends as exactly one shadow outcome
             if tap is not None:
                 tap.abandon()
@@ -54,7 +54,7 @@ class EndpointHandler(ABC, Generic[RequestT]):
         else:
             # Nothing is sent before the engine's first output: an engine-side refusal is
             # still an HTTP error, and a client's time to first token is the engine's.
-            stream = await started(tapped(run_jobs(ctx.engine, jobs, request_id), jobs, tap))
+            stream = await started(tapped(run_jobs(ctx.engine, jobs, request_id, adapter), jobs, tap))
             if request.stream:
                 return EventStream(self._events(request, prompts, jobs, stream, request_id))
             choices = await collect(jobs, stream)
@@ -62,15 +62,15 @@ class EndpointHandler(ABC, Generic[RequestT]):
             choice.prompt_logprobs = scored[choice.index // request.n]
         return await asyncio.to_thread(self.response, request, prompts, choices, request_id)
 
-    async def score_prompts(self, request: RequestT, prompts: list[list[int]],
-                            request_id: str) -> list[list[dict[int, float]]] | None:
+    async def score_prompts(self, request: RequestT, prompts: list[list[int]], request_id: str,
+                            adapter: LoraAdapter | None = None) -> list[list[dict[int, float]]] | None:
         """Teacher-forced log-probs over each prompt, when the endpoint's request asks."""
         return None
 
     async def _events(
         self, request: RequestT, prompts: list[list[int]], jobs: list[Job], stream: Chunks, request_id: str
     ) -> AsyncIterator[BaseModel]:
-        for event in self.opening(jobs, request_id):
+        for event in self.opening(request, jobs, request_id):
             yield event
         completion_tokens, sent = 0, {job.index: 0 for job in jobs}  # characters sent per choice
         async for index, piece in stream:
@@ -79,7 +79,7 @@ class EndpointHandler(ABC, Generic[RequestT]):
                 yield self.chunk(request, index, piece, request_id, sent[index])
                 sent[index] += len(piece.text)
         if request.stream_options and request.stream_options.include_usage:
-            yield self.usage_chunk(request_id, usage(prompts, completion_tokens))
+            yield self.usage_chunk(request, request_id, usage(prompts, completion_tokens))
 
     def token_text(self, request: RequestT):
         """How log-prob entries name tokens: their text, or vLLM's `token_id:N` on request."""
@@ -93,7 +93,7 @@ class EndpointHandler(ABC, Generic[RequestT]):
     def response(self, request: RequestT, prompts: list[list[int]], choices: list[Choice], request_id: str) -> BaseModel:
         """The whole answer (blocking: log-prob formatting runs on a worker thread)."""
 
-    def opening(self, jobs: list[Job], request_id: str) -> list[BaseModel]:
+    def opening(self, request: RequestT, jobs: list[Job], request_id: str) -> list[BaseModel]:
         """Events sent once the engine has started, before its first piece."""
         return []
 
@@ -102,7 +102,7 @@ class EndpointHandler(ABC, Generic[RequestT]):
         """One streamed piece of choice `index`, `offset` characters into its text."""
 
     @abstractmethod
-    def usage_chunk(self, request_id: str, totals: Usage) -> BaseModel:
+    def usage_chunk(self, request: RequestT, request_id: str, totals: Usage) -> BaseModel:
         """The last event when the client asked for usage."""
 
 

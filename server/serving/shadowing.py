@@ -19,21 +19,23 @@ log = logging.getLogger(__name__)
 class ShadowTap:
     """Collects a sampled request's sequences; submits them only if it finished normally."""
 
-    def __init__(self, shadow: ShadowPath, request_id: str, model: str):
+    def __init__(self, shadow: ShadowPath, request_id: str, model: str, adapter: str = ""):
         self._shadow = shadow
         self._request_id = request_id
         self._model = model
+        self._adapter = adapter  # the mounted LoRA adapter ("" the base): the sample's lane
         self.top_k = shadow.top_k
 
     @classmethod
-    def open(cls, shadow: ShadowPath | None, header: str | None, request_id: str, model: str) -> ShadowTap | None:
+    def open(cls, shadow: ShadowPath | None, header: str | None, request_id: str, model: str,
+             adapter: str = "") -> ShadowTap | None:
         if shadow is None:
             return None
         try:
-            sampled = shadow.admit(header)
+            sampled = shadow.admit(header, adapter)
         except ShadowHeaderError as exc:
             raise InvalidRequestError(str(exc), param="X-Shadow") from exc
-        return cls(shadow, request_id, model) if sampled else None
+        return cls(shadow, request_id, model, adapter) if sampled else None
 
     def finish(self, choices: Sequence[Choice]) -> None:
         try:
@@ -44,14 +46,14 @@ class ShadowTap:
                 for c in choices
                 if c.finish_reason is not None
             ]
-            self._shadow.submit(ShadowSample(self._request_id, self._model, sequences))
+            self._shadow.submit(ShadowSample(self._request_id, self._model, sequences, adapter=self._adapter))
         except Exception:  # the client's answer is done; a shadow bug must not touch it
             log.exception("shadow: could not hand over request %s", self._request_id)
-            self._shadow.metrics.sample("error")
+            self._shadow.skip(self._adapter, "error")
 
     def abandon(self) -> None:
         try:
-            self._shadow.skip()
+            self._shadow.skip(self._adapter)
         except Exception:
             log.exception("shadow: could not count a skipped request")
 

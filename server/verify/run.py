@@ -6,6 +6,7 @@ here computes a statistic of its own."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -90,7 +91,7 @@ async def verify(settings: VerifySettings) -> VerifyResult:
     except Exception as exc:
         raise EngineLoadError(f"{settings.engine} could not load {settings.candidate}: {type(exc).__name__}: {exc}") from exc
     try:
-        facts = engine_facts(settings.engine_settings(), engine, scorer.name)
+        facts = engine_facts(settings.engine_settings(CANDIDATE_NAME), engine, scorer.name)
         calibration = None if settings.verdict_calibration is None or settings.calibrate else \
             load_calibration(settings.verdict_calibration, facts)
         check = None
@@ -109,20 +110,38 @@ async def verify(settings: VerifySettings) -> VerifyResult:
             raise ReferenceUntrustedError(
                 f"refusing to judge the candidate against {settings.reference}: {'; '.join(reference_check.reasons)}. "
                 f"{reference_check.summary()}. Check the reference first (--verdict-reference-check false skips this)")
+        ctx = ServingContext(engine, renderer, CANDIDATE_NAME, max_n=1, max_logprobs=settings.top_k, shadow=shadow)
+        lane = ""
+        if settings.candidate_adapter is not None:  # the candidate is the adapter, mounted; the base is not judged
+            ctx, lane = await _mounted(ctx, settings), CANDIDATE_NAME
         shadow.start()
         try:
-            ctx = ServingContext(engine, renderer, CANDIDATE_NAME, max_n=1, max_logprobs=settings.top_k, shadow=shadow)
             if settings.corpus is None:
                 labels = await _generate(ctx, work, settings.max_tokens)
             else:
                 labels = await _teacher_force(ctx, work, settings.top_k)
-            await _scored(shadow, len(work))
+            await _scored(shadow, len(work), lane)
         finally:
             await shadow.stop()
-        report = await asyncio.to_thread(shadow.report, None, True)
-        return VerifyResult(report, shadow.history.snapshot(), labels, renderer.tokenizer.decode, facts)
+        report = await asyncio.to_thread(shadow.report, None, True, lane)
+        return VerifyResult(report, shadow.lane(lane).history.snapshot(), labels, renderer.tokenizer.decode, facts)
     finally:
         await engine.shutdown()
+
+
+async def _mounted(ctx: ServingContext, settings: VerifySettings) -> ServingContext:
+    """The context with --candidate-adapter mounted as CANDIDATE_NAME on the engine and the
+    reference (the base served as BASE_NAME), as `serve --lora-modules` mounts one."""
+    from adapters.lora_adapter import read_lora_adapter
+    from server.serving.adapters import AdapterRegistry
+    from server.verify.settings import BASE_NAME
+
+    engine_settings = settings.engine_settings(CANDIDATE_NAME)
+    rank = read_lora_adapter(settings.candidate_adapter).rank
+    registry = AdapterRegistry(ctx.engine, BASE_NAME, settings.candidate, enabled=True,
+                               rank_limit=engine_settings.lora_rank_limit([rank]), capacity=1, shadow=ctx.shadow)
+    await registry.load(CANDIDATE_NAME, settings.candidate_adapter)
+    return dataclasses.replace(ctx, model_name=BASE_NAME, adapters=registry)
 
 
 async def _generate(ctx: ServingContext, conversations: list[list[dict]], max_tokens: int) -> dict[str, str]:
@@ -150,9 +169,11 @@ async def _teacher_force(ctx: ServingContext, windows: list[tuple[list[int], lis
     bar = tqdm(total=len(windows), desc="candidate", unit="window", leave=False)
 
     async def one(n: int, context: list[int], scored: list[int]) -> None:
-        entries = await ctx.engine.prompt_logprobs(context + scored, k, f"corpus-{n}")
+        adapter = ctx.resolve(CANDIDATE_NAME)  # the mounted --candidate-adapter, or None: the candidate itself
+        entries = await ctx.engine.prompt_logprobs(context + scored, k, f"corpus-{n}", adapter)
         ctx.shadow.submit(ShadowSample(f"corpus-{n}", CANDIDATE_NAME,
-                                       [ShadowSequence(context, scored, entries[len(context) - 1:])]))
+                                       [ShadowSequence(context, scored, entries[len(context) - 1:])],
+                                       adapter=adapter.name if adapter else ""))
         bar.update()
 
     try:
@@ -162,11 +183,12 @@ async def _teacher_force(ctx: ServingContext, windows: list[tuple[list[int], lis
     return {f"corpus-{n}": f"window {n}" for n in range(len(windows))}
 
 
-async def _scored(shadow: ShadowPath, expected: int) -> None:
+async def _scored(shadow: ShadowPath, expected: int, lane: str = "") -> None:
     """Wait for the reference to score every sample; refuse a verdict on a subset."""
     bar = tqdm(total=expected, desc="reference", unit="seq", leave=False)
+    metrics = shadow.lane(lane).metrics
     try:
-        while (done := shadow.metrics.outcomes()) and sum(done.values()) < expected:
+        while (done := metrics.outcomes()) and sum(done.values()) < expected:
             bar.n = done["compared"]
             bar.refresh()
             await asyncio.sleep(0.2)

@@ -21,6 +21,9 @@ class VerifySettings(VerdictSettings, VllmOptions):
     candidate: CliPositionalArg[Path] = Field(description="the candidate's Hugging Face directory")
     reference: CliPositionalArg[Path] = Field(description="the reference's Hugging Face directory (run in fp32)")
     adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on the reference (merged-LoRA candidates)")
+    candidate_adapter: Path | None = Field(
+        default=None, description="a PEFT LoRA adapter *mounted* on CANDIDATE by vLLM (its LoRA kernels, in --dtype), "
+        "judged against REFERENCE + the same adapter unmerged in fp32: the mounted rows of the LoRA report")
     engine: EngineName = Field(default="vllm", description="the candidate's engine: vllm or transformers")
     dtype: DType = Field(default="auto", description="the candidate's serving dtype; the noise floor runs the reference in it")
     prompts: Path | None = Field(
@@ -79,15 +82,27 @@ class VerifySettings(VerdictSettings, VllmOptions):
             raise ValueError("give --prompts or --corpus, not both")
         if self.calibrate and self.verdict_calibration is None:
             raise ValueError("--calibrate writes to --verdict-calibration FILE: give it")
+        if self.candidate_adapter is not None and self.adapter is not None:
+            raise ValueError("--candidate-adapter is applied to the reference too (unmerged, fp32); --adapter is for a "
+                             "merged candidate: give one or the other")
         self.engine_settings()  # the engine options are checked now, before anything loads
         return self
 
     def engine_settings(self, served_model_name: str | None = None) -> EngineSettings:
-        """The candidate's engine as `serve` would load it, with the same vLLM options."""
+        """The candidate's engine as `serve` would load it, with the same vLLM options (and
+        --candidate-adapter mounted as `served_model_name`, the base then served as BASE_NAME)."""
+        lora = {}
+        if self.candidate_adapter is not None:
+            lora = {"lora_modules": [f"{served_model_name or ADAPTER_NAME}={self.candidate_adapter}"]}
+            served_model_name = BASE_NAME
         return EngineSettings(
             model=self.candidate, served_model_name=served_model_name, engine=self.engine, dtype=self.dtype,
             max_model_len=self.max_model_len, max_logprobs=self.top_k, enforce_eager=self.enforce_eager,
             kv_cache_gib=self.kv_cache_gib, gpu_memory_utilization=self.gpu_memory_utilization,
             trust_remote_code=self.trust_remote_code,
-            **self.model_dump(include=set(VllmOptions.model_fields)),
+            **lora, **self.model_dump(include=set(VllmOptions.model_fields)),
         )
+
+
+BASE_NAME = "base"  # the candidate's base, when --candidate-adapter is what is judged
+ADAPTER_NAME = "candidate-adapter"

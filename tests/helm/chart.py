@@ -39,11 +39,20 @@ def rule_groups(docs: list[dict]) -> dict:
 def all_queries(stable: list[dict], canary: list[dict]) -> dict[str, str]:
     """Every PromQL expression the chart ships that should return data: dashboard targets,
     recording rules, canary analyses. Keyed by where it lives. (Alert expressions return
-    data only when they fire; their evaluation is checked through Prometheus's rule API.)"""
+    data only when they fire; their evaluation is checked through Prometheus's rule API.)
+
+    Dashboard targets keep `$model`, `$variant` and Grafana's interval variables for the
+    caller to substitute; `$adapter` is substituted here with the variable's All value
+    (`.*`, which also matches the base model's series, which have no adapter label), as
+    Grafana does on a dashboard left at All."""
+    board = dashboard(stable)
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    all_adapters = variables["adapter"]["allValue"]
     queries = {}
-    for panel in dashboard(stable)["panels"]:
+    for panel in board["panels"]:
         for target in panel["targets"]:
-            queries[f"dashboard: {panel['title']} [{target['legendFormat']}]"] = target["expr"]
+            expr = target["expr"].replace("$adapter", all_adapters)
+            queries[f"dashboard: {panel['title']} [{target['legendFormat']}]"] = expr
     for group in rule_groups(stable)["groups"]:
         for rule in group["rules"]:
             if "record" in rule:

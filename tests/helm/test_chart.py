@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from kubernetes.client import ApiClient
@@ -31,7 +32,10 @@ def canary():
     return render(CANARY_VALUES, name="shadowserve-canary")
 
 
-@pytest.mark.parametrize("values", [{}, CANARY_VALUES], ids=["default", "canary"])
+ADAPTER_CANARY = {**CANARY_VALUES, "analysis": {**CANARY_VALUES["analysis"], "adapter": "tenant-a", "strict": True}}
+
+
+@pytest.mark.parametrize("values", [{}, CANARY_VALUES, ADAPTER_CANARY], ids=["default", "canary", "canary-adapter"])
 def test_lint_is_clean(values):
     from helm_python import lint
 
@@ -123,7 +127,7 @@ def test_monitoring_objects(stable):
     (config_map,) = by_kind(stable, "ConfigMap")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     board = dashboard(stable)
-    assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "model", "variant"}
+    assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "model", "variant", "adapter"}
     titles = " | ".join(p["title"] for p in board["panels"])
     for needle in ("Verdict: token KL, candidate over noise floor", "excess top-1", "excess hard", "First divergence",
                    "P(diverged by position N)", "KL", "Δp", "drift", "Same top-1", "Hard vs near-tie", "queue",
@@ -133,6 +137,42 @@ def test_monitoring_objects(stable):
     for title in ("Same top-1 rate", "P(diverged by position N)", "Token KL(ref || ·): mean and quantiles"):
         panel = next(p for p in board["panels"] if p["title"] == title)
         assert all("comparison" in t["expr"] for t in panel["targets"]), title
+
+
+SHADOW_SELECTOR = re.compile(r"\bshadow_[a-z_]+(\{[^}]*\})?")
+
+
+def test_the_dashboard_selects_and_splits_by_adapter(stable):
+    """An `adapter` variable (All: `.*`, which matches the base model's label-less series);
+    every shadow series a panel reads is filtered by it; wherever a panel splits by variant it
+    splits by adapter too (one verdict per adapter, never pooled), legend included. vLLM's
+    series have no adapter: the serving panels are not filtered by it."""
+    board = dashboard(stable)
+    (adapter,) = [v for v in board["templating"]["list"] if v["name"] == "adapter"]
+    assert (adapter["type"], adapter["multi"], adapter["includeAll"], adapter["allValue"]) == ("query", True, True, ".*")
+    assert re.fullmatch(r"label_values\(shadow_[a-z_]+\{[^}]*model=~\"\$model\"[^}]*\}, adapter\)",
+                        adapter["query"]["query"]), adapter
+    shadow = vllm = 0
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            expr, legend = target["expr"], target["legendFormat"]
+            if "vllm:" in expr:
+                vllm += 1
+                assert "adapter" not in expr and "adapter" not in legend, expr
+                continue
+            selectors = [m.group(0) for m in SHADOW_SELECTOR.finditer(expr)]
+            assert selectors, expr
+            shadow += len(selectors)
+            for selector in selectors:
+                assert 'adapter=~"$adapter"' in selector, (panel["title"], selector)
+            for clause in re.findall(r"\bby \(([^)]*)\)", expr):
+                labels = {label.strip() for label in clause.split(",")}
+                assert "variant" not in labels or "adapter" in labels, (panel["title"], clause)
+                if "variant" in labels:
+                    assert "{{variant}} {{adapter}}" in legend, (panel["title"], legend)
+    assert shadow >= 50 and vllm == 6  # every panel's, not a few
+    verdict = board["panels"][0]["targets"][0]["expr"]
+    assert verdict.startswith("min by (model, variant, adapter) (shadow_verdict_state{")
 
 
 def test_the_dashboard_and_its_docs_are_what_the_generator_writes():
@@ -174,6 +214,56 @@ def test_a_strict_canary_also_gates_on_detectable_difference():
     assert len(by_kind(docs, "MetricTemplate")) == 2
 
 
+def gate_docs(**analysis) -> list[dict]:
+    values = {**CANARY_VALUES, "analysis": {**CANARY_VALUES["analysis"], "strict": True, **analysis}}
+    return render(values, name="shadowserve-canary")
+
+
+def gate_queries(docs: list[dict]) -> dict[str, str]:
+    """Every gate query, Argo's and Flagger's, by where it lives."""
+    queries = {f"argo {m['name']}": m["provider"]["prometheus"]["query"]
+               for t in by_kind(docs, "AnalysisTemplate") for m in t["spec"]["metrics"]}
+    queries.update({f"flagger {t['metadata']['name']}": t["spec"]["query"] for t in by_kind(docs, "MetricTemplate")})
+    return queries
+
+
+SELECTORS = re.compile(r"\bshadow_[a-z_]+\{([^}]*)\}")
+
+
+@pytest.mark.parametrize("noise_floor", [True, False], ids=["verdict", "fallback"])
+@pytest.mark.parametrize("adapter, matcher", [("tenant-a", 'adapter="tenant-a"'), ("", 'adapter=""')],
+                         ids=["tenant-a", "base"])
+def test_a_gate_on_one_adapter_selects_its_series_alone(adapter, matcher, noise_floor):
+    queries = gate_queries(gate_docs(adapter=adapter, noiseFloor=noise_floor))
+    assert len(queries) == (4 if noise_floor else 2), queries
+    for where, query in queries.items():
+        selectors = SELECTORS.findall(query)
+        assert selectors, (where, query)
+        for selector in selectors:
+            assert selector.startswith(f'model="candidate",variant="canary",{matcher}'), (where, query)
+
+
+@pytest.mark.parametrize("analysis", [{}, {"adapter": None}], ids=["default", "null"])
+def test_the_default_gate_reads_every_adapter_together(analysis):
+    """null (the default): no adapter selection; the verdict's min (and `different`'s max)
+    runs over replicas and adapters alike: one adapter's proven fail is a fail."""
+    queries = gate_queries(gate_docs(**analysis))
+    assert queries == {
+        "argo verdict": 'min(shadow_verdict_state{model="candidate",variant="canary"}) or on () vector(0)',
+        "argo detectably-different": 'max(shadow_verdict_different{model="candidate",variant="canary"}) or on () vector(0)',
+        "flagger shadowserve-canary-verdict":
+            'min(shadow_verdict_state{model="candidate",variant="canary"}) or on () vector(0)',
+        "flagger shadowserve-canary-detectably-different":
+            'max(shadow_verdict_different{model="candidate",variant="canary"}) or on () vector(0)',
+    }
+    fallback = gate_queries(gate_docs(noiseFloor=False, **analysis))
+    assert len(fallback) == 2
+    for where, query in fallback.items():
+        assert "adapter=" not in query, where
+        # the worst adapter's ratio, not a pool of all adapters' sequences
+        assert query.strip().startswith("max(") and query.count("sum by (adapter) (") == 2, (where, query)
+
+
 def test_the_absolute_gates_are_only_a_fallback():
     docs = render({**CANARY_VALUES, "analysis": {"enabled": True, "noiseFloor": False}}, name="shadowserve-canary")
     (analysis,) = by_kind(docs, "AnalysisTemplate")
@@ -203,6 +293,8 @@ BAD_VALUES = [
     ({"analysis": {"prometheusAddress": "prometheus:9090"}}, "/analysis/prometheusAddress"),
     ({"candidate": {"modelVolume": {"claimName": "", "path": "/m"}}}, "/candidate/modelVolume/claimName"),
     ({"candidate": {"shmSize": "lots"}}, "/candidate/shmSize"),
+    ({"analysis": {"adapter": 5}}, "/analysis/adapter"),
+    ({"analysis": {"adapter": ["tenant-a"]}}, "/analysis/adapter"),
 ]
 
 

@@ -194,7 +194,7 @@ class WrappedEngine:
         self._engine, self._delay_s, self._refuse = engine, delay_s, refuse
         self.name, self.max_model_len, self.dtype = engine.name, engine.max_model_len, engine.dtype
 
-    async def generate(self, prompt_ids, options, request_id):
+    async def generate(self, prompt_ids, options, request_id, adapter=None):
         await asyncio.sleep(self._delay_s)
         if self._refuse:
             raise EngineInputError("the engine refuses this request")

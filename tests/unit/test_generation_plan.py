@@ -23,7 +23,7 @@ class ScriptedEngine:
         self.error = error
         self.closed: list[str] = []
 
-    async def generate(self, prompt_ids, options, request_id):
+    async def generate(self, prompt_ids, options, request_id, adapter=None):
         try:
             for chunk in self.script:
                 await asyncio.sleep(0)

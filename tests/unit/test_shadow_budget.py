@@ -42,7 +42,7 @@ class Recording:
         self.cancellable = inner.cancellable
         self.batches: list[list[ScoreItem]] = []
 
-    async def score(self, items, top_m, noise_top_k=None):
+    async def score(self, items, top_m, noise_top_k=None, adapter=None):
         self.batches.append(list(items))
         return await self.inner.score(items, top_m, noise_top_k)
 
@@ -272,7 +272,7 @@ def test_the_worker_idles_after_each_batch_and_drops_what_overflows_meanwhile():
     clock = Clock()
 
     class Slow(EchoScorer):  # each batch takes 2 s of the fake clock
-        async def score(self, items, top_m, noise_top_k=None):
+        async def score(self, items, top_m, noise_top_k=None, adapter=None):
             clock.now += 2.0
             return await super().score(items, top_m, noise_top_k)
 

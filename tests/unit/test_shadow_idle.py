@@ -53,7 +53,7 @@ class Throttled(EchoScorer):
     def throttle(self, held_back: bool) -> None:
         self.held_back = held_back
 
-    async def score(self, items, top_m, noise_top_k=None):
+    async def score(self, items, top_m, noise_top_k=None, adapter=None):
         self.runs.append(self.held_back)
         self.starts.append(self.clock.now)
         self.clock.now += 2.0

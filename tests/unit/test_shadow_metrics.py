@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from shadow.compare import PositionStats, compare_sequence
 from shadow.metrics import ShadowMetrics
 
-LABELS = {"model": "cand", "reference": "ref", "variant": "canary"}
+LABELS = {"model": "cand", "reference": "ref", "variant": "canary", "adapter": ""}
 CMP = {**LABELS, "comparison": "candidate"}
 
 

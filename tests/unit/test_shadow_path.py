@@ -206,7 +206,7 @@ def test_the_noise_floor_is_recorded_beside_the_candidate_and_judged():
     asyncio.run(run(path, [sample(request_id=f"r{i}") for i in range(3)]))
 
     def get(name, comparison, **labels):
-        return registry.get_sample_value(name, {"model": "cand", "reference": "echo", "comparison": comparison, **labels})
+        return registry.get_sample_value(name, {"model": "cand", "reference": "echo", "adapter": "", "comparison": comparison, **labels})
 
     # Same positions on both sides; the candidate flips position 1 hard, the noise floor agrees everywhere.
     assert get("shadow_token_kl_divergence_count", "candidate") == get("shadow_token_kl_divergence_count", "noise_floor") == 12
@@ -218,7 +218,7 @@ def test_the_noise_floor_is_recorded_beside_the_candidate_and_judged():
     assert [r.request_id for r in path.history.snapshot()] == ["r0", "r1", "r2"]
     assert path.report(window_s=1e-9).candidate is None  # nothing that recent
     # The same verdict is exported as gauges, for the alerts and canary gates.
-    base = {"model": "cand", "reference": "echo"}
+    base = {"model": "cand", "reference": "echo", "adapter": ""}
     assert registry.get_sample_value("shadow_verdict_state", base) == -1
     assert registry.get_sample_value("shadow_verdict_different", base) == 1
     assert registry.get_sample_value("shadow_verdict_sequences", base) == 3
@@ -231,7 +231,7 @@ def test_the_noise_floor_is_recorded_beside_the_candidate_and_judged():
 def test_the_verdict_gauges_start_undecided():
     registry = CollectorRegistry()
     ShadowMetrics(registry, "cand", "echo")
-    base = {"model": "cand", "reference": "echo"}
+    base = {"model": "cand", "reference": "echo", "adapter": ""}
     assert registry.get_sample_value("shadow_verdict_state", base) == 0
     assert registry.get_sample_value("shadow_verdict_floor_kl_scale", base) == 1
     value = registry.get_sample_value("shadow_verdict_interval", {**base, "statistic": "kl_ratio", "bound": "low"})

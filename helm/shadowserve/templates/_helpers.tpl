@@ -70,39 +70,49 @@ model="{{ .Values.candidate.servedModelName }}",variant="{{ .Values.variant }}"
 {{- end -}}
 
 {{/*
-The verdict's paired statistics in PromQL, by (model, variant): the candidate against
+The canary gates' matcher: this release's series, and with `analysis.adapter` a string
+only that adapter's ("" the base model's: in Prometheus an empty label is an absent one).
+null: every adapter's, which the gates then combine (one adapter's fail is a fail).
+*/}}
+{{- define "shadowserve.analysisMatcher" -}}
+{{ include "shadowserve.matcher" . }}{{ if kindIs "string" .Values.analysis.adapter }},adapter={{ .Values.analysis.adapter | quote }}{{ end }}
+{{- end -}}
+
+{{/*
+The verdict's paired statistics in PromQL, by (model, variant, adapter): the candidate against
 the noise floor (the reference in the serving dtype vs fp32, on the same positions).
 Arguments (a dict): m = label matchers ending in a comma ("" for all series), w = window,
 floor = smallest noise KL per token a ratio is taken against (an fp32 noise floor is 0).
+Each LoRA adapter (label `adapter`, absent for the base model) is judged on its own.
 */}}
 {{- define "shadowserve.promql.klRatio" -}}
-sum by (model, variant) (rate(shadow_token_kl_divergence_sum{ {{- .m }}comparison="candidate"}[{{ .w }}]))
+sum by (model, variant, adapter) (rate(shadow_token_kl_divergence_sum{ {{- .m }}comparison="candidate"}[{{ .w }}]))
   / (
-    (sum by (model, variant) (rate(shadow_token_kl_divergence_sum{ {{- .m }}comparison="noise_floor"}[{{ .w }}]))
-      >= {{ .floor }} * sum by (model, variant) (rate(shadow_token_kl_divergence_count{ {{- .m }}comparison="noise_floor"}[{{ .w }}])))
-    or {{ .floor }} * sum by (model, variant) (rate(shadow_token_kl_divergence_count{ {{- .m }}comparison="noise_floor"}[{{ .w }}]))
+    (sum by (model, variant, adapter) (rate(shadow_token_kl_divergence_sum{ {{- .m }}comparison="noise_floor"}[{{ .w }}]))
+      >= {{ .floor }} * sum by (model, variant, adapter) (rate(shadow_token_kl_divergence_count{ {{- .m }}comparison="noise_floor"}[{{ .w }}])))
+    or {{ .floor }} * sum by (model, variant, adapter) (rate(shadow_token_kl_divergence_count{ {{- .m }}comparison="noise_floor"}[{{ .w }}]))
   )
 {{- end -}}
 
 {{- define "shadowserve.promql.excessTop1" -}}
 (
-  sum by (model, variant) (rate(shadow_tokens_total{ {{- .m }}comparison="candidate",top1="different"}[{{ .w }}]))
-  - sum by (model, variant) (rate(shadow_tokens_total{ {{- .m }}comparison="noise_floor",top1="different"}[{{ .w }}]))
-) / sum by (model, variant) (rate(shadow_tokens_total{ {{- .m }}comparison="candidate"}[{{ .w }}]))
+  sum by (model, variant, adapter) (rate(shadow_tokens_total{ {{- .m }}comparison="candidate",top1="different"}[{{ .w }}]))
+  - sum by (model, variant, adapter) (rate(shadow_tokens_total{ {{- .m }}comparison="noise_floor",top1="different"}[{{ .w }}]))
+) / sum by (model, variant, adapter) (rate(shadow_tokens_total{ {{- .m }}comparison="candidate"}[{{ .w }}]))
 {{- end -}}
 
 {{- define "shadowserve.promql.excessHard" -}}
 (
-  sum by (model, variant) (rate(shadow_sequences_total{ {{- .m }}comparison="candidate",result="hard"}[{{ .w }}]))
-  - sum by (model, variant) (rate(shadow_sequences_total{ {{- .m }}comparison="noise_floor",result="hard"}[{{ .w }}]))
-) / sum by (model, variant) (rate(shadow_sequences_total{ {{- .m }}comparison="candidate"}[{{ .w }}]))
+  sum by (model, variant, adapter) (rate(shadow_sequences_total{ {{- .m }}comparison="candidate",result="hard"}[{{ .w }}]))
+  - sum by (model, variant, adapter) (rate(shadow_sequences_total{ {{- .m }}comparison="noise_floor",result="hard"}[{{ .w }}]))
+) / sum by (model, variant, adapter) (rate(shadow_sequences_total{ {{- .m }}comparison="candidate"}[{{ .w }}]))
 {{- end -}}
 
-{{/* Series (value 1) for the (model, variant) pairs with enough data in the window to judge. */}}
+{{/* Series (value 1) for the (model, variant, adapter) groups with enough data in the window to judge. */}}
 {{- define "shadowserve.promql.enough" -}}
-sum by (model, variant) (increase(shadow_token_kl_divergence_count{ {{- .m }}comparison="noise_floor"}[{{ .w }}])) >= {{ .minTokens }}
-  and on (model, variant)
-sum by (model, variant) (increase(shadow_compared_sequence_tokens_count{ {{- .m }}comparison="noise_floor"}[{{ .w }}])) >= {{ .minSequences }}
+sum by (model, variant, adapter) (increase(shadow_token_kl_divergence_count{ {{- .m }}comparison="noise_floor"}[{{ .w }}])) >= {{ .minTokens }}
+  and on (model, variant, adapter)
+sum by (model, variant, adapter) (increase(shadow_compared_sequence_tokens_count{ {{- .m }}comparison="noise_floor"}[{{ .w }}])) >= {{ .minSequences }}
 {{- end -}}
 
 {{/* A canary gate's query: the statistic where there is enough data, NaN otherwise (Argo
@@ -110,7 +120,7 @@ reads NaN as neither success nor failure: inconclusive; Flagger as a failed chec
 {{- define "shadowserve.promql.gate" -}}
 (
   {{- include (printf "shadowserve.promql.%s" .stat) . | nindent 2 }}
-) and on (model, variant) (
+) and on (model, variant, adapter) (
   {{- include "shadowserve.promql.enough" . | nindent 2 }}
 ) or on () vector(NaN)
 {{- end -}}

@@ -1,0 +1,109 @@
+"""Mounted LoRA adapters (vLLM's OpenAIServingModels): the names a request may give as
+`model` besides the base, each loaded into the engine and, with the shadow on, onto
+the reference, so its requests are judged against the base + that adapter in fp32.
+
+An adapter is mounted on both or on neither: the reference first (a refusal there
+leaves the engine untouched), then the engine (a refusal there unmounts it from the
+reference). Unloading takes the name away at once (new requests get 404) and closes
+its shadow lane; the engine keeps the weights for requests still running, as vLLM's
+own unload does, and its LRU cache (--max-cpu-loras) lets them go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from pathlib import Path
+
+from server.engines import Engine, EngineInputError, LoraAdapter
+from server.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
+from shadow.path import ShadowPath
+from shadow.scoring import ShadowReferenceError
+
+log = logging.getLogger(__name__)
+
+
+class AdapterRegistry:
+    def __init__(self, engine: Engine, base_name: str, base_dir: Path, *, enabled: bool, rank_limit: int,
+                 capacity: int, shadow: ShadowPath | None = None):
+        self.engine = engine
+        self.base_name = base_name
+        self.base_dir = base_dir
+        self.enabled = enabled
+        self.rank_limit = rank_limit
+        self.capacity = capacity
+        self.shadow = shadow
+        self._mounted: dict[str, LoraAdapter] = {}
+        self._ids = itertools.count(1)  # vLLM's lora_int_id: never reused, so a reload is never mistaken for the old one
+        self._lock = asyncio.Lock()
+
+    @property
+    def mounted(self) -> list[LoraAdapter]:
+        return list(self._mounted.values())
+
+    def resolve(self, model: str) -> LoraAdapter | None:
+        """The adapter a request's `model` names; None for the base; 404 otherwise."""
+        if model == self.base_name:
+            return None
+        adapter = self._mounted.get(model)
+        if adapter is None:
+            served = ", ".join(repr(n) for n in [self.base_name, *self._mounted])
+            raise ModelNotFoundError(f"The model '{model}' does not exist; this server serves {served}", param="model")
+        return adapter
+
+    async def load(self, name: str, path: Path) -> LoraAdapter:
+        """Check the adapter against the base, then mount it on the reference and the
+        engine. Errors are the client's (400, 404 for a missing directory)."""
+        from adapters.lora_adapter import AdapterNotFoundError, LoraAdapterError, check_lora_adapter
+
+        if not self.enabled:
+            raise InvalidRequestError("LoRA adapters are not enabled on this server (--enable-lora)")
+        name = name.strip()
+        if not name or any(c.isspace() for c in name):
+            raise InvalidRequestError("lora_name must be non-empty, without spaces", param="lora_name")
+        async with self._lock:
+            if name == self.base_name:
+                raise InvalidRequestError(f"The lora adapter '{name}' conflicts with the served base model.",
+                                          param="lora_name")
+            if name in self._mounted:
+                raise InvalidRequestError(f"The lora adapter '{name}' has already been loaded; unload it first.",
+                                          param="lora_name")
+            if len(self._mounted) >= self.capacity:
+                raise InvalidRequestError(
+                    f"{len(self._mounted)} adapters are mounted, the most this server holds (--max-cpu-loras "
+                    f"{self.capacity}): unload one first", param="lora_name")
+            try:
+                info = await asyncio.to_thread(check_lora_adapter, path, self.base_dir)
+            except AdapterNotFoundError as exc:
+                raise NotFoundError(str(exc), param="lora_path") from exc
+            except LoraAdapterError as exc:
+                raise InvalidRequestError(str(exc), param="lora_path") from exc
+            if info.rank > self.rank_limit:
+                raise InvalidRequestError(
+                    f"the adapter's rank {info.rank} is above this server's --max-lora-rank {self.rank_limit}",
+                    param="lora_path")
+            adapter = LoraAdapter(name, path, next(self._ids))
+            if self.shadow is not None:
+                try:
+                    await self.shadow.add_adapter(name, path)
+                except ShadowReferenceError as exc:
+                    raise InvalidRequestError(f"the shadow's reference cannot mount it: {exc}", param="lora_path") from exc
+            try:
+                await self.engine.add_adapter(adapter)
+            except EngineInputError as exc:
+                if self.shadow is not None:
+                    await self.shadow.remove_adapter(name)
+                raise InvalidRequestError(str(exc), param="lora_path") from exc
+            self._mounted[name] = adapter
+        log.info("LoRA adapter %s mounted from %s (rank %d, alpha %g)", name, path, info.rank, info.alpha)
+        return adapter
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            if name not in self._mounted:
+                raise NotFoundError(f"The lora adapter '{name}' cannot be found.", param="lora_name")
+            del self._mounted[name]
+            if self.shadow is not None:
+                await self.shadow.remove_adapter(name)
+        log.info("LoRA adapter %s unmounted", name)
