@@ -211,7 +211,7 @@ def create_app(
                 state.loading = True
                 ctx = await asyncio.wait_for(in_daemon_thread(load_in_thread), limit)
                 if ctx.adapters is not None:
-                    await ctx.mount(settings.lora_mounts())
+                    await ctx.mount(settings.lora_mounts(), settings.reference_lora_paths())
                 if ctx.shadow is not None:
                     await check_reference_first(ctx.shadow)
                     ctx.shadow.start()
@@ -314,7 +314,8 @@ def create_app(
                                           "(its verdict starts over)", param="load_inplace")
             from pathlib import Path
 
-            await ctx.adapters.load(request.lora_name, Path(request.lora_path))
+            reference = Path(request.reference_path) if request.reference_path else None
+            await ctx.adapters.load(request.lora_name, Path(request.lora_path), reference)
             return f"Success: LoRA adapter '{request.lora_name}' added successfully."
 
         @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)

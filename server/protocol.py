@@ -384,6 +384,8 @@ class LoadLoraAdapterRequest(BaseModel):
     lora_name: str
     lora_path: str
     load_inplace: bool = False
+    # shadowserve's: the reference's own copy of the adapter (default: lora_path).
+    reference_path: str | None = None
 
 
 class UnloadLoraAdapterRequest(BaseModel):

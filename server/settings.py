@@ -250,6 +250,10 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    def reference_lora_paths(self) -> dict[str, Path]:
+        """--shadow-reference-lora-modules: adapter name -> the reference's copy."""
+        return dict(parse_lora_module(item) for item in self.shadow_reference_lora_modules)
+
     @property
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_message_chars, self.max_prompts, self.max_stop_chars, self.max_request_tokens)
@@ -266,6 +270,16 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
             if self.shadow_reference_adapter is not None:
                 raise ValueError("--shadow-reference-adapter is the reference of a merged candidate; with mounted "
                                  "adapters each request's own adapter is applied to the reference: give one or the other")
+            from adapters.lora_adapter import check_lora_adapter
+
+            mounted = dict(self.lora_mounts())
+            for name, path in self.reference_lora_paths().items():
+                if name not in mounted:
+                    raise ValueError(f"--shadow-reference-lora-modules {name}: no --lora-modules adapter has that name")
+                check_lora_adapter(path, self.shadow_reference_model or self.model)
+        elif self.shadow_reference_lora_modules:
+            raise ValueError("--shadow-reference-lora-modules names the reference's adapters: it needs the shadow on "
+                             "and --lora-modules")
         if self.verdict_calibrate:
             if self.verdict_calibration is None:
                 raise ValueError("--verdict-calibrate writes to --verdict-calibration FILE: give it")

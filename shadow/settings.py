@@ -97,6 +97,9 @@ class ShadowSettings(VerdictSettings):
     shadow_reference_adapter: Path | None = Field(
         default=None, description="unmerged PEFT adapter applied on the local reference (reference for a merged-LoRA candidate)"
     )
+    shadow_reference_lora_modules: list[str] = Field(
+        default_factory=list, description="the reference's own copy of a mounted adapter, NAME=DIR (repeat the flag): "
+        "e.g. the adapter as trained, when the one mounted was converted (default: each --lora-modules directory)")
     shadow_reference_url: str | None = Field(
         default=None, description="remote reference (`shadowserve reference`) base URL; replaces the local reference"
     )

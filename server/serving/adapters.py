@@ -52,9 +52,10 @@ class AdapterRegistry:
             raise ModelNotFoundError(f"The model '{model}' does not exist; this server serves {served}", param="model")
         return adapter
 
-    async def load(self, name: str, path: Path) -> LoraAdapter:
-        """Check the adapter against the base, then mount it on the reference and the
-        engine. Errors are the client's (400, 404 for a missing directory)."""
+    async def load(self, name: str, path: Path, reference_path: Path | None = None) -> LoraAdapter:
+        """Check the adapter against the base, then mount it on the reference (its own
+        copy at `reference_path`, default the same directory) and the engine. Errors are
+        the client's (400, 404 for a missing directory)."""
         from adapters.lora_adapter import AdapterNotFoundError, LoraAdapterError, check_lora_adapter
 
         if not self.enabled:
@@ -86,7 +87,7 @@ class AdapterRegistry:
             adapter = LoraAdapter(name, path, next(self._ids))
             if self.shadow is not None:
                 try:
-                    await self.shadow.add_adapter(name, path)
+                    await self.shadow.add_adapter(name, reference_path or path)
                 except ShadowReferenceError as exc:
                     raise InvalidRequestError(f"the shadow's reference cannot mount it: {exc}", param="lora_path") from exc
             try:
@@ -96,7 +97,8 @@ class AdapterRegistry:
                     await self.shadow.remove_adapter(name)
                 raise InvalidRequestError(str(exc), param="lora_path") from exc
             self._mounted[name] = adapter
-        log.info("LoRA adapter %s mounted from %s (rank %d, alpha %g)", name, path, info.rank, info.alpha)
+        log.info("LoRA adapter %s mounted from %s (rank %d, alpha %g)%s", name, path, info.rank, info.alpha,
+                 f"; the reference's copy: {reference_path}" if reference_path else "")
         return adapter
 
     async def unload(self, name: str) -> None:

@@ -82,11 +82,11 @@ class ServingContext:
             adapters=adapters,
         )
 
-    async def mount(self, mounts: list[tuple[str, Path]]) -> None:
-        """The --lora-modules adapters, on the engine and the reference, before serving
-        (an APIError here stops the start, with its message)."""
+    async def mount(self, mounts: list[tuple[str, Path]], reference_paths: dict[str, Path] | None = None) -> None:
+        """The --lora-modules adapters, on the engine and the reference (its own copy where
+        given), before serving (an APIError here stops the start, with its message)."""
         for name, path in mounts:
-            await self.adapters.load(name, path)
+            await self.adapters.load(name, path, (reference_paths or {}).get(name))
 
     def resolve(self, requested: str) -> LoraAdapter | None:
         """The mounted adapter a request's `model` names, None for the base; 404 for any other name."""

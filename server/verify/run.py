@@ -60,7 +60,8 @@ def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:
         shadow_top_k=settings.top_k,
         shadow_near_tie_margin=settings.near_tie_margin,
         shadow_reference_model=settings.reference,
-        shadow_reference_adapter=settings.adapter,
+        # A mounted candidate adapter goes onto the reference per request (run._mounted), not into its load.
+        shadow_reference_adapter=settings.adapter if settings.candidate_adapter is None else None,
         shadow_reference_device=settings.reference_device,
         shadow_reference_max_memory=settings.reference_max_memory,
         shadow_queue_size=samples + 1,
@@ -140,7 +141,7 @@ async def _mounted(ctx: ServingContext, settings: VerifySettings) -> ServingCont
     rank = read_lora_adapter(settings.candidate_adapter).rank
     registry = AdapterRegistry(ctx.engine, BASE_NAME, settings.candidate, enabled=True,
                                rank_limit=engine_settings.lora_rank_limit([rank]), capacity=1, shadow=ctx.shadow)
-    await registry.load(CANDIDATE_NAME, settings.candidate_adapter)
+    await registry.load(CANDIDATE_NAME, settings.candidate_adapter, settings.adapter)
     return dataclasses.replace(ctx, model_name=BASE_NAME, adapters=registry)
 
 

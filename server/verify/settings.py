@@ -20,7 +20,9 @@ class VerifySettings(VerdictSettings, VllmOptions):
 
     candidate: CliPositionalArg[Path] = Field(description="the candidate's Hugging Face directory")
     reference: CliPositionalArg[Path] = Field(description="the reference's Hugging Face directory (run in fp32)")
-    adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on the reference (merged-LoRA candidates)")
+    adapter: Path | None = Field(
+        default=None, description="unmerged PEFT adapter on the reference (merged-LoRA candidates; with "
+        "--candidate-adapter: the reference's own copy of it)")
     candidate_adapter: Path | None = Field(
         default=None, description="a PEFT LoRA adapter *mounted* on CANDIDATE by vLLM (its LoRA kernels, in --dtype), "
         "judged against REFERENCE + the same adapter unmerged in fp32: the mounted rows of the LoRA report")
@@ -82,9 +84,6 @@ class VerifySettings(VerdictSettings, VllmOptions):
             raise ValueError("give --prompts or --corpus, not both")
         if self.calibrate and self.verdict_calibration is None:
             raise ValueError("--calibrate writes to --verdict-calibration FILE: give it")
-        if self.candidate_adapter is not None and self.adapter is not None:
-            raise ValueError("--candidate-adapter is applied to the reference too (unmerged, fp32); --adapter is for a "
-                             "merged candidate: give one or the other")
         self.engine_settings()  # the engine options are checked now, before anything loads
         return self
 
