@@ -145,7 +145,7 @@ def tp_rank_order(src: Path, dst: Path, tp: int = 3, order: tuple[int, ...] = (1
     return merge_tp(shards, dst)
 
 
-def lora_adapter(base: Path, dst: Path, scale: float = 0.15, seed: int = 1234) -> Path:
+def lora_adapter(base: Path, dst: Path, scale: float = 0.15, seed: int = 1234, rank: int = 8) -> Path:
     """A seeded rank-8 adapter on every linear layer whose effect on the model is well
     above bf16 noise (KL(base || base + adapter) ~ 10x the bf16 noise KL), so judging a
     merged candidate against the base alone would fail."""
@@ -155,7 +155,7 @@ def lora_adapter(base: Path, dst: Path, scale: float = 0.15, seed: int = 1234) -
     torch.manual_seed(seed)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-        LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+        LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     )
     with torch.no_grad():
@@ -166,12 +166,13 @@ def lora_adapter(base: Path, dst: Path, scale: float = 0.15, seed: int = 1234) -
     return dst
 
 
-def lora_bf16_merge(base: Path, adapter: Path, dst: Path) -> Path:
-    """The naive merge: base loaded in bf16, peft merges into the bf16 weights, saved bf16."""
+def lora_bf16_merge(base: Path, adapter: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The naive merge: base loaded in bf16 (or `dtype`), peft merges into the
+    low-precision weights, saved in that dtype."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter)
     merged = model.merge_and_unload()
     merged.save_pretrained(dst)
     AutoTokenizer.from_pretrained(base).save_pretrained(dst)
@@ -208,6 +209,15 @@ def norm_eps(src: Path, dst: Path, eps: float = 1e-6) -> Path:
     return dst
 
 
+def with_alpha(adapter: Path, dst: Path, lora_alpha: float) -> Path:
+    """The adapter with its lora_alpha replaced: its update applied at the wrong scale
+    (an adapter converted for serving that lost or doubled its scale)."""
+    shutil.copytree(adapter, dst, dirs_exist_ok=True)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": lora_alpha}))
+    return dst
+
+
 def lora_merged(base: Path, adapter: Path, dst: Path, times: int = 1, lora_alpha: float | None = None) -> Path:
     """peft's fp32 merge, `times` times over (2: merged twice), optionally with the adapter's
     lora_alpha replaced (a merge at the wrong scale)."""
@@ -215,11 +225,7 @@ def lora_merged(base: Path, adapter: Path, dst: Path, times: int = 1, lora_alpha
     from transformers import AutoModelForCausalLM
 
     if lora_alpha is not None:
-        changed = dst.with_name(dst.name + "-adapter")
-        shutil.copytree(adapter, changed, dirs_exist_ok=True)
-        config = json.loads((adapter / "adapter_config.json").read_text())
-        (changed / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": lora_alpha}))
-        adapter = changed
+        adapter = with_alpha(adapter, dst.with_name(dst.name + "-adapter"), lora_alpha)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     for _ in range(times):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()

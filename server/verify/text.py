@@ -51,8 +51,11 @@ def header(settings, report: ShadowReport) -> str:
     """One line naming what was compared (`settings`: the run's VerifySettings)."""
     mode = (f"corpus {settings.corpus}, windows of {settings.context} tokens (second half scored)"
             if settings.corpus else f"{settings.max_tokens} greedy tokens per prompt")
-    adapter = f" + adapter {settings.adapter}" if settings.adapter else ""
-    return (f"shadowserve verify: {settings.candidate} ({settings.engine}, {report.noise_dtype or settings.dtype}) "
+    mounted = getattr(settings, "candidate_adapter", None)
+    reference_adapter = settings.adapter or mounted
+    adapter = f" + adapter {reference_adapter} unmerged" if reference_adapter else ""
+    candidate = f"{settings.candidate} + adapter {mounted} mounted" if mounted else f"{settings.candidate}"
+    return (f"shadowserve verify: {candidate} ({settings.engine}, {report.noise_dtype or settings.dtype}) "
             f"vs {settings.reference}{adapter} (fp32); {mode}")
 
 
