@@ -84,6 +84,8 @@ class VerifySettings(VerdictSettings, VllmOptions):
             raise ValueError("give --prompts or --corpus, not both")
         if self.calibrate and self.verdict_calibration is None:
             raise ValueError("--calibrate writes to --verdict-calibration FILE: give it")
+        if self.candidate_adapter is not None and self.engine != "vllm":
+            raise ValueError("--candidate-adapter is mounted by vLLM's LoRA kernels: it needs --engine vllm")
         self.engine_settings()  # the engine options are checked now, before anything loads
         return self
 
