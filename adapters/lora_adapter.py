@@ -74,7 +74,7 @@ def check_lora_adapter(path: Path, base_dir: Path) -> LoraAdapterInfo:
     weights = _weights(path)
     try:
         base = open_checkpoint(base_dir)
-    except (FileNotFoundError, AdapterError) as exc:
+    except Exception as exc:  # no weights, or a file its reader refuses
         raise LoraAdapterError(f"the base {base_dir}: {exc}") from exc
     for name in weights.keys():
         kind = "A" if ".lora_A." in name else "B" if ".lora_B." in name else None
@@ -101,5 +101,10 @@ def check_lora_adapter(path: Path, base_dir: Path) -> LoraAdapterInfo:
 def _weights(path: Path) -> TensorSource:
     for name in WEIGHTS:
         if (path / name).is_file():
-            return TensorSource(path / name)
+            try:
+                return TensorSource(path / name)
+            except AdapterError:
+                raise
+            except Exception as exc:  # a truncated or corrupt safetensors header
+                raise LoraAdapterError(f"{path / name}: not readable ({exc})") from exc
     raise LoraAdapterError(f"{path}: no adapter weights ({' or '.join(WEIGHTS)})")

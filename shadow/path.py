@@ -182,7 +182,7 @@ class ShadowPath:
             raise ShadowReferenceError(f"the reference {self.reference_name} cannot mount LoRA adapters")
         async with self._scoring:
             await asyncio.to_thread(mount, adapter, path)
-            self._lanes.add(adapter)
+            self._lanes.add(adapter).metrics.throttled(bool(self._held_back))
         log.info("shadow: adapter %s mounted on the reference (%s)", adapter, path)
 
     async def remove_adapter(self, adapter: str) -> None:
@@ -368,6 +368,9 @@ class ShadowPath:
             metrics = self._lanes.find(batch[0].adapter).metrics
             try:
                 async with self._scoring:
+                    if self._lanes.live(batch[0].adapter) is None:  # unmounted after it was taken: nothing to apply
+                        metrics.sample("skipped", len(batch))
+                        continue
                     recorded = await self._process(batch)
             except asyncio.CancelledError:  # shutdown ran out of drain time before scoring ended
                 metrics.sample("dropped", len(batch))

@@ -41,10 +41,14 @@ def _adapter_reason(adapter: Path | None) -> str | None:
 
 async def calibrate(settings: VerifySettings) -> Calibration:
     """Measure, save to `settings.verdict_calibration`, return. Raises CalibrationUnavailable."""
-    if (reason := _adapter_reason(settings.adapter)) is not None:
+    # A mounted candidate adapter is judged against the base engine's noise: measured on the
+    # reference's base (its --adapter is then the reference's copy of the mounted adapter).
+    mounted = settings.candidate_adapter is not None
+    if not mounted and (reason := _adapter_reason(settings.adapter)) is not None:
         raise CalibrationUnavailable(reason)
     run = settings.model_copy(update={"candidate": settings.reference, "calibrate": False, "verdict_calibration": None,
-                                      "strict": False, "html": None})
+                                      "strict": False, "html": None, "candidate_adapter": None,
+                                      "adapter": None if mounted else settings.adapter})
     try:
         result = await verify(run)
     except EngineLoadError as exc:  # the engine cannot serve the reference as it is: named, not fatal

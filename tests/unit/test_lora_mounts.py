@@ -149,7 +149,7 @@ def test_the_cli_stops_with_the_reason_and_exit_2(models):
     assert "trained for another base" in run.stderr and "lora_A must be [4, 128]" in run.stderr
 
 
-def test_a_dora_or_full_module_adapter_is_refused(models, tmp_path):
+def test_a_dora_full_module_or_corrupt_adapter_is_refused(models, tmp_path):
     for key, value, match in (("use_dora", True, "DoRA"), ("modules_to_save", ["lm_head"], "whole modules")):
         changed = tmp_path / key
         shutil.copytree(models["a"], changed)
@@ -157,3 +157,8 @@ def test_a_dora_or_full_module_adapter_is_refused(models, tmp_path):
         (changed / "adapter_config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match=match):
             check_lora_adapter(changed, models["base"])
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(models["a"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="not readable"):
+        check_lora_adapter(corrupt, models["base"])
