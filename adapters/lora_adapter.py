@@ -47,8 +47,10 @@ def read_lora_adapter(path: Path) -> LoraAdapterInfo:
         raise AdapterNotFoundError(f"{path}: no LoRA adapter there (a PEFT adapter directory holds {CONFIG})")
     try:
         config = json.loads((path / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LoraAdapterError(f"{path / CONFIG}: not readable JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise LoraAdapterError(f"{path / CONFIG}: expected a JSON object, found {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraAdapterError(f"{path}: a {config.get('peft_type')} adapter; only LoRA adapters can be mounted")
     if config.get("use_dora"):
@@ -56,13 +58,19 @@ def read_lora_adapter(path: Path) -> LoraAdapterInfo:
     if config.get("modules_to_save"):
         raise LoraAdapterError(f"{path}: the adapter also saves whole modules ({', '.join(config['modules_to_save'])}); "
                                "vLLM cannot mount those: merge it (shadowserve merge-lora) and serve the result")
-    ranks = [int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())]
+    pattern = config.get("rank_pattern") or {}
+    ranks = [config.get("r", 8), *(pattern.values() if isinstance(pattern, dict) else [pattern])]
+    alpha = config.get("lora_alpha", 8)
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks) or \
+            not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise LoraAdapterError(f"{path / CONFIG}: r and rank_pattern must be positive integers and lora_alpha a "
+                               f"number (r={config.get('r')!r}, lora_alpha={alpha!r})")
     targets = config.get("target_modules") or ()
     weights = _weights(path)
     names = [n for n in weights.keys() if ".lora_A." in n or ".lora_B." in n]
     if not names:
         raise LoraAdapterError(f"{weights.path}: no lora_A / lora_B tensors")
-    return LoraAdapterInfo(path, max(ranks), float(config.get("lora_alpha", 8)),
+    return LoraAdapterInfo(path, max(ranks), float(alpha),
                            tuple([targets] if isinstance(targets, str) else targets),
                            config.get("base_model_name_or_path"), len(names))
 
@@ -86,8 +94,8 @@ def check_lora_adapter(path: Path, base_dir: Path) -> LoraAdapterInfo:
             raise LoraAdapterError(
                 f"{path}: the adapter updates {module}, which the base {base_dir} does not have: it was trained for "
                 f"another base ({info.base_model or 'base_model_name_or_path not recorded'})")
-        out_dim, in_dim = base[target].shape(target)[:2]
-        shape = weights.shape(name)
+        out_dim, in_dim = (*base[target].shape(target), 0, 0)[:2]
+        shape = (*weights.shape(name), 0, 0)[:2]
         rank = shape[0] if kind == "A" else shape[1]
         wanted = (rank, in_dim) if kind == "A" else (out_dim, rank)
         if tuple(shape[:2]) != wanted:

@@ -68,15 +68,16 @@ def main() -> None:
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
             results[count] = json.loads(run.stdout.strip().splitlines()[-1])
-    alone = results[counts[0]]["rss"] if counts[0] == 0 else results[counts[0]]["base_rss"]
     for count in counts:
         r = results[count]
         per_copy = r["base_bytes"] * count  # a base (fp32) per adapter, had each been loaded on its own
-        rows.append((str(count), f"{r['rss'] / MIB:.0f}", f"{(r['rss'] - alone) / MIB:+.0f}",
-                     f"{r['lora_bytes'] / MIB:.1f}", f"{per_copy / MIB:.0f}"))
-    print(f"\nThe shadow's reference (SmolLM2-135M fp32 + its bf16 noise copy), {cpu_name()}")
-    print_table(["adapters mounted", "RSS (MiB)", "vs no adapter (MiB)", "adapter weights in the fp32 reference (MiB)",
-                 "a base copy per adapter would add (MiB)"], rows)
+        rows.append((str(count), f"{r['base_rss'] / MIB:.0f}", f"{r['rss'] / MIB:.0f}",
+                     f"{(r['rss'] - r['base_rss']) / MIB:+.0f}", f"{r['lora_bytes'] / MIB:.1f}",
+                     f"{r['base_bytes'] / MIB:.0f}", f"{per_copy / MIB:.0f}"))
+    print(f"\nThe shadow's reference (SmolLM2-135M fp32 + its bf16 noise copy), {cpu_name()}; each row a fresh process")
+    print_table(["adapters mounted", "RSS before mounting (MiB)", "RSS after, one batch each (MiB)", "growth (MiB)",
+                 "adapter weights, fp32 (MiB)", "base weights, fp32 (MiB)", "a base copy per adapter would add (MiB)"],
+                rows)
 
 
 if __name__ == "__main__":

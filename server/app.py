@@ -299,10 +299,11 @@ def create_app(
         ctx = state.require()
         if ctx.shadow is None:
             raise NotFoundError("the shadow path is off on this server (--shadow-rate 0): there is no verdict")
-        if ctx.shadow.lane(adapter) is None:
+        try:
+            return await asyncio.to_thread(ctx.shadow.report, window, trajectory, adapter)
+        except KeyError:  # not mounted (or unloaded just now)
             raise NotFoundError(f"no mounted adapter '{adapter}' is shadowed here; mounted: "
-                                f"{', '.join(ctx.shadow.adapters) or 'none'}", param="adapter")
-        return await asyncio.to_thread(ctx.shadow.report, window, trajectory, adapter)
+                                f"{', '.join(ctx.shadow.adapters) or 'none'}", param="adapter") from None
 
     if settings.allow_runtime_lora_updating:
         @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)

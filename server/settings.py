@@ -72,6 +72,13 @@ class LoraOptions(BaseModel):
         """--lora-modules as (name, directory) pairs."""
         return [parse_lora_module(item) for item in self.lora_modules]
 
+    def lora_rank_cap(self) -> int:
+        """The engine's --max-lora-rank: given, or the smallest of vLLM's sizes holding the
+        --lora-modules ranks (read from their adapter_config.json)."""
+        from adapters.lora_adapter import read_lora_adapter
+
+        return self.lora_rank_limit([read_lora_adapter(path).rank for _, path in self.lora_mounts()])
+
     def lora_rank_limit(self, ranks: list[int] = ()) -> int:
         """--max-lora-rank, or the smallest of vLLM's sizes holding `ranks` (at least vLLM's 16)."""
         if self.max_lora_rank is not None:
@@ -273,10 +280,14 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
             from adapters.lora_adapter import check_lora_adapter
 
             mounted = dict(self.lora_mounts())
-            for name, path in self.reference_lora_paths().items():
+            copies = self.reference_lora_paths()
+            for name in copies:
                 if name not in mounted:
                     raise ValueError(f"--shadow-reference-lora-modules {name}: no --lora-modules adapter has that name")
-                check_lora_adapter(path, self.shadow_reference_model or self.model)
+            base = self.shadow_reference_model or self.model
+            for name, path in mounted.items():  # what the reference mounts must fit the reference's base
+                if copies.get(name, path) != path or base != self.model:
+                    check_lora_adapter(copies.get(name, path), base)
         elif self.shadow_reference_lora_modules:
             raise ValueError("--shadow-reference-lora-modules names the reference's adapters: it needs the shadow on "
                              "and --lora-modules")

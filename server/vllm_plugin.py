@@ -57,6 +57,23 @@ def register() -> None:
     log.debug("shadowserve: vLLM's torch LoRA ops now leave base-model rows (index -1) alone")
 
 
+def report() -> None:
+    """Say, in the server's log, whether base-model rows are safe on this vLLM: its CPU
+    backend runs the PyTorch ops (GPUs run Triton kernels that skip index -1)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    if aliases_base_rows(lora_ops.bgmv_shrink):
+        log.warning("vLLM's LoRA ops here give base-model requests batched beside adapter requests an adapter's "
+                    "update, and shadowserve's fix is not loaded (SHADOWSERVE_VLLM_LORA_FIX=0, or VLLM_PLUGINS leaves "
+                    "out shadowserve_lora_base_rows): the base's answers can be wrong; the shadow's base lane shows it")
+    else:
+        log.info("vLLM's LoRA ops leave base-model rows of mixed batches alone (shadowserve's fix, or vLLM's own)")
+
+
 def aliases_base_rows(bgmv_shrink) -> bool:
     """Whether the op gives a row marked -1 (no LoRA) an adapter's update."""
     import torch

@@ -149,13 +149,13 @@ class LocalScorer:
                 self._model = _mount(self._model, name, path, torch.float32)
                 if self._noise_model is not None:
                     self._noise_model = _mount(self._noise_model, name, path, DTYPES[self.noise_dtype])
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                raise ShadowReferenceError(f"the reference could not mount the adapter {name} from {path}: {exc}") from exc
-            bad = [f"{n} holds NaN/inf" for n, p in self._model.named_parameters()
-                   if _of_adapter(n, name) and not torch.isfinite(p).all()]
-            if bad:
+                bad = [f"{n} holds NaN/inf" for n, p in self._model.named_parameters()
+                       if _of_adapter(n, name) and not torch.isfinite(p).all()]
+                if bad:
+                    raise ShadowReferenceError("; ".join(bad[:MAX_INTEGRITY_PROBLEMS]))
+            except Exception as exc:  # all or nothing: the reference as it was before
                 self._unmount(name)
-                raise ShadowReferenceError(f"the adapter {name} from {path}: {'; '.join(bad[:MAX_INTEGRITY_PROBLEMS])}")
+                raise ShadowReferenceError(f"the reference could not mount the adapter {name} from {path}: {exc}") from exc
             self.mounted.append(name)
 
     def remove_adapter(self, name: str) -> None:
@@ -166,16 +166,23 @@ class LocalScorer:
                 self.mounted.remove(name)
 
     def _unmount(self, name: str) -> None:
-        """The last adapter's removal unwraps the model (peft's unload: its LoRA layers
-        out, nothing merged), so the base runs as it was loaded."""
+        """`name` out of both models. The last adapter's removal unwraps the model (peft's
+        unload: its LoRA layers out, nothing merged), so the base runs as it was loaded; a
+        first mount that failed half-way (peft inserts the layers before it reads the
+        weights) leaves a bare model with LoRA layers in it: they are taken out."""
+        from peft import PeftModel
+
         for attr in ("_model", "_noise_model"):
             model = getattr(self, attr)
-            if model is None or name not in getattr(model, "peft_config", {}):
+            if model is None:
                 continue
-            if len(model.peft_config) == 1:
-                setattr(self, attr, model.unload())
-            else:
-                model.delete_adapter(name)
+            if not isinstance(model, PeftModel):
+                _strip_lora_layers(model)
+            elif name in model.peft_config:
+                if len(model.peft_config) == 1:
+                    setattr(self, attr, model.unload())
+                else:
+                    model.delete_adapter(name)
 
     def _active(self, adapter: str | None):
         """The reference (and its noise copy) with `adapter` applied, or with every
@@ -328,6 +335,16 @@ def _mount(model, name: str, path: Path, dtype: torch.dtype):
         if _of_adapter(key, name) and param.dtype != dtype:
             param.data = param.data.to(dtype)
     return model.eval()
+
+
+def _strip_lora_layers(model: torch.nn.Module) -> None:
+    """Every peft layer in a bare model replaced by the base layer it wraps."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(parent, child_name, child.get_base_layer())
 
 
 def _of_adapter(parameter: str, adapter: str) -> bool:

@@ -129,6 +129,10 @@ class ShadowMetrics:
         view._bind(adapter)
         return view
 
+    def recreate(self) -> None:
+        """This adapter's series back at their start values (gauges), or as they were (counters)."""
+        self._bind(self.adapter)
+
     def _bind(self, adapter: str) -> None:
         """Create this adapter's children now, so series exist (at 0) before the first
         event: rate() and absent() behave from the first scrape."""
@@ -167,12 +171,17 @@ class ShadowMetrics:
             for bound in BOUNDS:
                 yield self._verdict_bound, {**base, "statistic": statistic, "bound": bound}
 
-    def remove(self) -> None:
-        """Drop this adapter's series (an unloaded adapter's, once it has been retired long enough)."""
+    def remove(self, gauges_only: bool = False) -> None:
+        """Drop this adapter's series: all of them (an adapter retired long enough, or one
+        that never served), or only its gauges (just unloaded: its verdict and queue say
+        nothing any more, so alerts and canary gates must not read them; its counters
+        stay readable)."""
         for metric, labels in list(self._children()):  # labels in declaration order (dicts keep it)
+            if gauges_only and not isinstance(metric, Gauge):
+                continue
             try:
                 metric.remove(*labels.values())
-            except KeyError:  # never created
+            except KeyError:  # never created, or removed already
                 pass
 
     def outcomes(self) -> dict[str, float]:

@@ -76,6 +76,7 @@ class ShadowSample:
     sequences: list[ShadowSequence]
     finished_at: float = field(default_factory=time.monotonic)  # its request's end (the age's origin)
     adapter: str = BASE  # the mounted LoRA adapter its request named ("" the base)
+    adapter_id: int = 0  # that mount's id: a sample of an earlier mount under the same name is not judged
 
 
 class ShadowPath:
@@ -174,37 +175,46 @@ class ShadowPath:
 
     # --- mounted adapters ----------------------------------------------------------
 
-    async def add_adapter(self, adapter: str, path) -> None:
+    async def add_adapter(self, adapter: str, path, adapter_id: int = 0) -> None:
         """Mount a LoRA adapter on the reference (blocking load in a thread, between
-        batches) and open its lane: its requests are sampled from now on."""
+        batches) and open its lane: its requests (of this mount, `adapter_id`) are sampled
+        from now on. Mount and lane happen together even if the caller is cancelled."""
         mount = getattr(self.scorer, "add_adapter", None)
         if mount is None:
             raise ShadowReferenceError(f"the reference {self.reference_name} cannot mount LoRA adapters")
-        async with self._scoring:
-            await asyncio.to_thread(mount, adapter, path)
-            self._lanes.add(adapter).metrics.throttled(bool(self._held_back))
+
+        async def both() -> None:
+            async with self._scoring:
+                await asyncio.to_thread(mount, adapter, path)
+                self._lanes.add(adapter, adapter_id).metrics.throttled(bool(self._held_back))
+
+        await asyncio.shield(both())
         log.info("shadow: adapter %s mounted on the reference (%s)", adapter, path)
 
-    async def remove_adapter(self, adapter: str) -> None:
+    async def remove_adapter(self, adapter: str, served: bool = True) -> None:
         """Unmount an adapter: its lane closes, its queued samples are counted as skipped,
-        the reference drops its weights (between batches)."""
+        the reference drops its weights (between batches). `served=False`: a mount rolled
+        back before it served anything, which leaves no series behind."""
         async with self._scoring:
             lane = self._lanes.live(adapter)
             if lane is None or adapter == BASE:
                 raise KeyError(adapter)
-            kept, removed = self._purge(lambda sample: sample.adapter == adapter)
-            self._lanes.retire(adapter)
+            removed = self._purge(lambda sample: sample.adapter == adapter)
             lane.metrics.sample("skipped", removed)
+            self._lanes.retire(adapter, served)
             unmount = getattr(self.scorer, "remove_adapter", None)
             if unmount is not None:
                 await asyncio.to_thread(unmount, adapter)
         log.info("shadow: adapter %s unmounted (%d queued samples skipped)", adapter, removed)
 
-    def _purge(self, drop) -> tuple[int, int]:
-        """Take the queued samples (and the carry) `drop` selects out of the queue;
-        returns (kept, removed)."""
-        queued = [self._carry] if self._carry is not None else []
-        self._carry = None
+    def _purge(self, drop) -> int:
+        """Take the queued samples (and the carry) `drop` selects out of the queue, in
+        order; returns how many."""
+        queued = []
+        if self._carry is not None:  # taken by get() and not yet finished: released here
+            queued.append(self._carry)
+            self._carry = None
+            self._queue.task_done()
         while not self._queue.empty():
             queued.append(self._queue.get_nowait())
             self._queue.task_done()
@@ -215,15 +225,25 @@ class ShadowPath:
                 self._queued_tokens -= _sample_tokens(sample)
             else:
                 self._queue.put_nowait(sample)
-        return len(queued) - removed, removed
+        return removed
+
+    def _drop_everything(self, outcome: str) -> int:
+        """Every queued sample out, counted as `outcome` on its lane (shutdown, refusal)."""
+        left = self._purge(lambda sample: True)
+        for lane in self._lanes:
+            if lane.waiting:
+                lane.metrics.sample(outcome, len(lane.waiting))
+            lane.cleared()
+        self._queued_tokens = 0
+        return left
 
     # --- the request side: cheap and non-blocking ---------------------------------
 
-    def admit(self, header: str | None = None, adapter: str = BASE) -> bool:
+    def admit(self, header: str | None = None, adapter: str = BASE, adapter_id: int | None = None) -> bool:
         """Decide at admission, so unsampled requests pay nothing. An admitted request
         must end in exactly one outcome: submit() or skip(). A request on an adapter the
-        reference does not hold is not sampled."""
-        lane = self._lanes.live(adapter)
+        reference does not hold (or holds another load of) is not sampled."""
+        lane = self._lanes.live(adapter, adapter_id)
         sampled = not self.refused and self._decide(header) and lane is not None
         if sampled:
             lane.metrics.admitted()
@@ -239,8 +259,8 @@ class ShadowPath:
         return rate > 0 and (rate >= 1 or self._rng.random() < rate)
 
     def submit(self, sample: ShadowSample) -> None:
-        lane = self._lanes.live(sample.adapter)
-        if lane is None:  # its adapter was unmounted while the request ran
+        lane = self._lanes.live(sample.adapter, sample.adapter_id)
+        if lane is None:  # its adapter was unmounted (and perhaps mounted again) while the request ran
             if (retired := self._lanes.find(sample.adapter)) is not None:
                 retired.metrics.sample("skipped")
             return
@@ -291,6 +311,13 @@ class ShadowPath:
         batch = min(self.settings.shadow_batch_tokens, batch_cap or self.settings.shadow_batch_tokens)
         return min(sequence, batch), batch
 
+    def _lane_metrics(self, adapter: str) -> ShadowMetrics:
+        """Where a batch's outcome is counted: its lane's series, live or retired (a batch
+        is taken only from live lanes, and the worker's lock comes before any later
+        retirement, so its lane cannot have been evicted; the base's as a last resort)."""
+        lane = self._lanes.find(adapter)
+        return lane.metrics if lane is not None else self.metrics
+
     def skip(self, adapter: str = BASE, outcome: str = "skipped") -> None:
         """A sampled request that was aborted or failed: nothing to compare (or `outcome`
         "error": one that could not be handed over)."""
@@ -313,14 +340,8 @@ class ShadowPath:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        _, left = self._purge(lambda sample: True)
-        if left:
+        if left := self._drop_everything("dropped"):
             log.warning("shadow: %d samples left unscored at shutdown", left)
-        for lane in self._lanes:
-            if lane.waiting:
-                lane.metrics.sample("dropped", len(lane.waiting))
-            lane.cleared()
-        self._queued_tokens = 0
         await self.scorer.close()
         if self.capture is not None:
             self.capture.close()
@@ -352,12 +373,7 @@ class ShadowPath:
             return
         log.error("shadow: REFUSING to judge against the reference %s (nothing is sampled): %s. %s",
                   self.reference_name, "; ".join(check.reasons), check.summary())
-        self._purge(lambda sample: True)  # taken before the refusal: nothing to compare them against
-        for lane in self._lanes:
-            if lane.waiting:
-                lane.metrics.sample("skipped", len(lane.waiting))
-            lane.cleared()
-        self._queued_tokens = 0
+        self._drop_everything("skipped")  # taken before the refusal: nothing to compare them against
 
     async def _run(self) -> None:
         await self.run_reference_check()
@@ -365,11 +381,11 @@ class ShadowPath:
             return
         while True:
             batch = await self._next_batch()
-            metrics = self._lanes.find(batch[0].adapter).metrics
+            metrics = self._lane_metrics(batch[0].adapter)
             try:
                 async with self._scoring:
-                    if self._lanes.live(batch[0].adapter) is None:  # unmounted after it was taken: nothing to apply
-                        metrics.sample("skipped", len(batch))
+                    if self._lanes.live(batch[0].adapter, batch[0].adapter_id) is None:
+                        metrics.sample("skipped", len(batch))  # unmounted after it was taken: nothing to apply
                         continue
                     recorded = await self._process(batch)
             except asyncio.CancelledError:  # shutdown ran out of drain time before scoring ended
@@ -464,7 +480,7 @@ class ShadowPath:
         ]
         noise_top_k = self.top_k if self.noise_dtype is not None else None
         adapter = batch[0].adapter
-        metrics = self._lanes.find(adapter).metrics
+        metrics = self._lane_metrics(adapter)
         stats: list[ScoredSequence] = []
         # A lone sample of several sequences can exceed the budget padded together: split it.
         for n, chunk in enumerate(_chunks(items, self._budgets()[1])):

@@ -52,6 +52,10 @@ class VllmEngine:
             **parse_engine_args(settings.engine_arg),
         )
         llm = AsyncLLM.from_engine_args(args)
+        if settings.lora_enabled:
+            from server.vllm_plugin import report
+
+            report()
         # `auto` is resolved by vLLM (an fp32 checkpoint is served in bf16/fp16).
         engine = cls(llm, llm.model_config.max_model_len, str(llm.model_config.dtype).removeprefix("torch."))
         # vLLM keeps this frame alive; a local reference would outlive shutdown() and end
@@ -155,12 +159,7 @@ def _lora_args(settings: EngineSettings) -> dict:
     dtype (lora_dtype auto: what the shadow's noise floor models)."""
     if not settings.lora_enabled:
         return {}
-    ranks = []
-    if settings.lora_modules:
-        from adapters.lora_adapter import read_lora_adapter
-
-        ranks = [read_lora_adapter(path).rank for _, path in settings.lora_mounts()]
-    return {"enable_lora": True, "max_lora_rank": settings.lora_rank_limit(ranks), "max_loras": settings.max_loras or 1,
+    return {"enable_lora": True, "max_lora_rank": settings.lora_rank_cap(), "max_loras": settings.max_loras or 1,
             "max_cpu_loras": settings.lora_capacity}
 
 

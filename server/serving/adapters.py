@@ -25,12 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class AdapterRegistry:
-    def __init__(self, engine: Engine, base_name: str, base_dir: Path, *, enabled: bool, rank_limit: int,
-                 capacity: int, shadow: ShadowPath | None = None):
+    def __init__(self, engine: Engine, base_name: str, base_dir: Path, *, rank_limit: int, capacity: int,
+                 shadow: ShadowPath | None = None, reference_dir: Path | None = None):
+        """`reference_dir`: the reference's base, which the reference's copy of each
+        adapter must fit too (default: `base_dir`)."""
         self.engine = engine
         self.base_name = base_name
         self.base_dir = base_dir
-        self.enabled = enabled
+        self.reference_dir = reference_dir or base_dir
         self.rank_limit = rank_limit
         self.capacity = capacity
         self.shadow = shadow
@@ -58,8 +60,6 @@ class AdapterRegistry:
         the client's (400, 404 for a missing directory)."""
         from adapters.lora_adapter import AdapterNotFoundError, LoraAdapterError, check_lora_adapter
 
-        if not self.enabled:
-            raise InvalidRequestError("LoRA adapters are not enabled on this server (--enable-lora)")
         name = name.strip()
         if not name or any(c.isspace() for c in name):
             raise InvalidRequestError("lora_name must be non-empty, without spaces", param="lora_name")
@@ -76,6 +76,8 @@ class AdapterRegistry:
                     f"{self.capacity}): unload one first", param="lora_name")
             try:
                 info = await asyncio.to_thread(check_lora_adapter, path, self.base_dir)
+                if self.shadow is not None:  # the reference's copy must fit the reference's base
+                    await asyncio.to_thread(check_lora_adapter, reference_path or path, self.reference_dir)
             except AdapterNotFoundError as exc:
                 raise NotFoundError(str(exc), param="lora_path") from exc
             except LoraAdapterError as exc:
@@ -87,15 +89,17 @@ class AdapterRegistry:
             adapter = LoraAdapter(name, path, next(self._ids))
             if self.shadow is not None:
                 try:
-                    await self.shadow.add_adapter(name, reference_path or path)
+                    await self.shadow.add_adapter(name, reference_path or path, adapter.id)
                 except ShadowReferenceError as exc:
                     raise InvalidRequestError(f"the shadow's reference cannot mount it: {exc}", param="lora_path") from exc
             try:
                 await self.engine.add_adapter(adapter)
-            except EngineInputError as exc:
+            except BaseException as exc:  # refused, the engine gone, or cancelled: on both or on neither
                 if self.shadow is not None:
-                    await self.shadow.remove_adapter(name)
-                raise InvalidRequestError(str(exc), param="lora_path") from exc
+                    await asyncio.shield(self.shadow.remove_adapter(name, served=False))
+                if isinstance(exc, EngineInputError):
+                    raise InvalidRequestError(str(exc), param="lora_path") from exc
+                raise
             self._mounted[name] = adapter
         log.info("LoRA adapter %s mounted from %s (rank %d, alpha %g)%s", name, path, info.rank, info.alpha,
                  f"; the reference's copy: {reference_path}" if reference_path else "")

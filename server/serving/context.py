@@ -65,12 +65,9 @@ class ServingContext:
             )
         adapters = None
         if settings.lora_enabled:
-            from adapters.lora_adapter import read_lora_adapter
-
-            ranks = [read_lora_adapter(path).rank for _, path in settings.lora_mounts()]
-            adapters = AdapterRegistry(engine, settings.model_name, settings.model, enabled=True,
-                                       rank_limit=settings.lora_rank_limit(ranks), capacity=settings.lora_capacity,
-                                       shadow=shadow)
+            adapters = AdapterRegistry(engine, settings.model_name, settings.model, rank_limit=settings.lora_rank_cap(),
+                                       capacity=settings.lora_capacity, shadow=shadow,
+                                       reference_dir=settings.shadow_reference_model)
         return cls(
             engine=engine,
             renderer=renderer,
@@ -99,8 +96,6 @@ class ServingContext:
             )
         return None
 
-    def check_model(self, requested: str) -> None:
-        self.resolve(requested)
 
 
 def new_request_id(prefix: str) -> str:

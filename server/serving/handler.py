@@ -34,7 +34,7 @@ class EndpointHandler(ABC, Generic[RequestT]):
         # Chat templates and tokenizers take seconds on a multi-megabyte prompt: not on the loop.
         prompts = await asyncio.to_thread(self.prompts, request)
         request_id = new_request_id(self.id_prefix)
-        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, request.model, adapter.name if adapter else "")
+        tap = ShadowTap.open(ctx.shadow, shadow_header, request_id, request.model, adapter)
         try:
             jobs = plan_jobs(
                 request, prompts, ctx.engine, max_n=ctx.max_n, max_logprobs=ctx.max_logprobs,

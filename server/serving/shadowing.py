@@ -7,7 +7,7 @@ import logging
 from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 
-from server.engines import EngineChunk
+from server.engines import EngineChunk, LoraAdapter
 from server.errors import InvalidRequestError
 from server.serving.generation import Choice, Job
 from shadow.candidate import CandidateLogprobs
@@ -19,20 +19,21 @@ log = logging.getLogger(__name__)
 class ShadowTap:
     """Collects a sampled request's sequences; submits them only if it finished normally."""
 
-    def __init__(self, shadow: ShadowPath, request_id: str, model: str, adapter: str = ""):
+    def __init__(self, shadow: ShadowPath, request_id: str, model: str, adapter: LoraAdapter | None = None):
         self._shadow = shadow
         self._request_id = request_id
         self._model = model
-        self._adapter = adapter  # the mounted LoRA adapter ("" the base): the sample's lane
+        # The mounted LoRA adapter (None: the base): the sample's lane, and which load of it.
+        self._adapter, self._adapter_id = (adapter.name, adapter.id) if adapter else ("", 0)
         self.top_k = shadow.top_k
 
     @classmethod
     def open(cls, shadow: ShadowPath | None, header: str | None, request_id: str, model: str,
-             adapter: str = "") -> ShadowTap | None:
+             adapter: LoraAdapter | None = None) -> ShadowTap | None:
         if shadow is None:
             return None
         try:
-            sampled = shadow.admit(header, adapter)
+            sampled = shadow.admit(header, adapter.name if adapter else "", adapter.id if adapter else 0)
         except ShadowHeaderError as exc:
             raise InvalidRequestError(str(exc), param="X-Shadow") from exc
         return cls(shadow, request_id, model, adapter) if sampled else None
@@ -46,7 +47,8 @@ class ShadowTap:
                 for c in choices
                 if c.finish_reason is not None
             ]
-            self._shadow.submit(ShadowSample(self._request_id, self._model, sequences, adapter=self._adapter))
+            self._shadow.submit(ShadowSample(self._request_id, self._model, sequences, adapter=self._adapter,
+                                             adapter_id=self._adapter_id))
         except Exception:  # the client's answer is done; a shadow bug must not touch it
             log.exception("shadow: could not hand over request %s", self._request_id)
             self._shadow.skip(self._adapter, "error")

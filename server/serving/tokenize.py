@@ -48,4 +48,4 @@ class TokenizeHandler:
     def _check(self, request) -> None:
         check_encodable(request)
         if request.model is not None:
-            self.ctx.check_model(request.model)
+            self.ctx.resolve(request.model)

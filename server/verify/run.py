@@ -133,14 +133,12 @@ async def verify(settings: VerifySettings) -> VerifyResult:
 async def _mounted(ctx: ServingContext, settings: VerifySettings) -> ServingContext:
     """The context with --candidate-adapter mounted as CANDIDATE_NAME on the engine and the
     reference (the base served as BASE_NAME), as `serve --lora-modules` mounts one."""
-    from adapters.lora_adapter import read_lora_adapter
     from server.serving.adapters import AdapterRegistry
     from server.verify.settings import BASE_NAME
 
-    engine_settings = settings.engine_settings(CANDIDATE_NAME)
-    rank = read_lora_adapter(settings.candidate_adapter).rank
-    registry = AdapterRegistry(ctx.engine, BASE_NAME, settings.candidate, enabled=True,
-                               rank_limit=engine_settings.lora_rank_limit([rank]), capacity=1, shadow=ctx.shadow)
+    registry = AdapterRegistry(ctx.engine, BASE_NAME, settings.candidate,
+                               rank_limit=settings.engine_settings(CANDIDATE_NAME).lora_rank_cap(), capacity=1,
+                               shadow=ctx.shadow, reference_dir=settings.reference)
     await registry.load(CANDIDATE_NAME, settings.candidate_adapter, settings.adapter)
     return dataclasses.replace(ctx, model_name=BASE_NAME, adapters=registry)
 
@@ -174,7 +172,7 @@ async def _teacher_force(ctx: ServingContext, windows: list[tuple[list[int], lis
         entries = await ctx.engine.prompt_logprobs(context + scored, k, f"corpus-{n}", adapter)
         ctx.shadow.submit(ShadowSample(f"corpus-{n}", CANDIDATE_NAME,
                                        [ShadowSequence(context, scored, entries[len(context) - 1:])],
-                                       adapter=adapter.name if adapter else ""))
+                                       adapter=adapter.name if adapter else "", adapter_id=adapter.id if adapter else 0))
         bar.update()
 
     try:

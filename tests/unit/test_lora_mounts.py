@@ -95,6 +95,24 @@ def test_the_reference_applies_each_adapter_unmerged_on_one_base(models):
     assert scorer.mounted == [] and scored(scorer, None) == before
 
 
+def test_a_mount_that_fails_leaves_the_reference_as_it_was(models):
+    model = LlamaForCausalLM.from_pretrained(models["base"], dtype=torch.float32).eval()
+    scorer = LocalScorer(model, _Tokenizer(), "tiny", torch.device("cpu"))
+    scorer.enable_noise_floor("bfloat16")
+    before = scored(scorer, None)
+    for mounted in ([], ["a"]):  # the first mount (peft wraps the model) and a later one
+        with pytest.raises(ShadowReferenceError, match="could not mount the adapter f"):
+            scorer.add_adapter("f", models["foreign"])  # another base's shapes: fails after peft inserted its layers
+        assert scorer.mounted == mounted
+        assert not any("lora_" in n and ".f." in n for n, _ in scorer._model.named_parameters())
+        assert scored(scorer, None) == before
+        if not mounted:
+            assert not any("lora_" in n for n, _ in scorer._model.named_parameters())
+            scorer.add_adapter("a", models["a"])
+    want = peft_logprobs(models["base"], models["a"])
+    assert max(abs(g - want[i, t].item()) for i, (g, t) in enumerate(zip(scored(scorer, "a"), ITEM.output_ids))) < 1e-5
+
+
 class _Tokenizer:
     pad_token_id = 0
 

@@ -126,6 +126,7 @@ def test_unmounting_skips_what_its_lane_had_queued():
         path.submit(sample("a", 9))  # a request that was still running when it was unmounted
         figures["late"] = value(registry, "shadow_samples_total", "a", outcome="skipped")
         await settle(lambda: value(registry, "shadow_samples_total", "", outcome="compared") == 2)
+        await asyncio.wait_for(path._queue.join(), 2)  # every sample taken out is accounted for (a carry too)
         with pytest.raises(KeyError):
             path.report(adapter="a")
         await path.stop()
@@ -158,3 +159,48 @@ def test_retired_series_stay_bounded_and_a_remount_keeps_counting():
         lanes.add("t5")
     with pytest.raises(KeyError):
         lanes.retire("")
+
+
+def test_a_request_of_an_earlier_mount_is_not_judged_against_a_new_one():
+    async def run():
+        registry = CollectorRegistry()
+        scorer = AdapterEcho()
+        path = make(scorer, registry)
+        await path.add_adapter("a", Path("/adapters/a-v1"), adapter_id=1)
+        assert path.admit(None, "a", 1)  # a request starts on v1 ...
+        await path.remove_adapter("a")
+        await path.add_adapter("a", Path("/adapters/a-v2"), adapter_id=2)  # ... "a" is v2 when it ends
+        assert not path.admit(None, "a", 1)
+        path.submit(ShadowSample("late", "cand", [ShadowSequence([6, 9], [1] * 4, [dict(LP)] * 4)], adapter="a",
+                                 adapter_id=1))
+        path.start()
+        path.submit(ShadowSample("new", "cand", [ShadowSequence([6, 9], [1] * 4, [dict(LP)] * 4)], adapter="a",
+                                 adapter_id=2))
+        await settle(lambda: value(registry, "shadow_samples_total", "a", outcome="compared") == 1)
+        history = [c.request_id for c in path.lane("a").history.snapshot()]
+        await path.stop()
+        return registry, history
+
+    registry, history = asyncio.run(run())
+    assert history == ["new"]
+    assert value(registry, "shadow_samples_total", "a", outcome="skipped") == 1
+
+
+def test_an_unloaded_adapters_verdict_is_gone_and_a_reload_starts_undecided():
+    registry = CollectorRegistry()
+    lanes = Lanes(ShadowMetrics(registry, "cand", "ref"), max_sequences=8)
+    lane = lanes.add("a", adapter_id=1)
+    lane.metrics.verdict("fail", True, {}, 50, 1.0)
+    lane.metrics.sample("compared", 50)
+    labels = {"model": "cand", "reference": "ref", "adapter": "a"}
+    assert registry.get_sample_value("shadow_verdict_state", labels) == -1
+    lanes.retire("a")  # no alert or canary gate may read a verdict on weights no longer served
+    assert registry.get_sample_value("shadow_verdict_state", labels) is None
+    assert registry.get_sample_value("shadow_queue_depth", labels) is None
+    assert registry.get_sample_value("shadow_samples_total", {**labels, "outcome": "compared"}) == 50
+    lanes.add("a", adapter_id=2)
+    assert registry.get_sample_value("shadow_verdict_state", labels) == 0
+    assert registry.get_sample_value("shadow_verdict_sequences", labels) == 0
+    lanes.add("never", adapter_id=3)
+    lanes.retire("never", served=False)  # a mount rolled back: nothing left behind
+    assert not [s for m in registry.collect() for s in m.samples if s.labels.get("adapter") == "never"]
