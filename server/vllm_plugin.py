@@ -43,7 +43,9 @@ def register() -> None:
 
     modules = [lora_ops, package]
     try:
-        from vllm.lora.punica_wrapper import punica_cpu  # binds the names at import: patched there too
+        from vllm.lora.punica_wrapper import (
+            punica_cpu,  # binds the names at import: patched there too
+        )
 
         modules.append(punica_cpu)
     except ImportError:

@@ -65,6 +65,15 @@ class NanScorer(EchoScorer):
                 for item in items]
 
 
+async def settle(done) -> None:
+    """Wait (10 s at most) until `done()`: the shadow worker got there."""
+    for _ in range(2000):
+        if done():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the worker did not get there")
+
+
 def tiny_local_scorer(tokenizer, seed: int):
     """The real LocalScorer on a tiny random Llama sharing the demo model's vocabulary."""
     import torch

@@ -58,7 +58,11 @@ class AdapterRegistry:
         """Check the adapter against the base, then mount it on the reference (its own
         copy at `reference_path`, default the same directory) and the engine. Errors are
         the client's (400, 404 for a missing directory)."""
-        from adapters.lora_adapter import AdapterNotFoundError, LoraAdapterError, check_lora_adapter
+        from adapters.lora_adapter import (
+            AdapterNotFoundError,
+            LoraAdapterError,
+            check_lora_adapter,
+        )
 
         name = name.strip()
         if not name or any(c.isspace() for c in name):

@@ -17,7 +17,7 @@ from shadow.lanes import Lanes
 from shadow.metrics import NOISE_FLOOR, ShadowMetrics
 from shadow.path import ShadowPath, ShadowSample, ShadowSequence
 from shadow.settings import ShadowSettings
-from tests.scorers import LP, EchoScorer
+from tests.scorers import LP, EchoScorer, settle
 
 PROMPT = {"": 5, "a": 6, "b": 7}  # each lane's samples start with its own token: batches can be told apart
 
@@ -58,14 +58,6 @@ def sample(adapter: str, n: int) -> ShadowSample:
 
 def value(registry, name: str, adapter: str, **labels) -> float:
     return registry.get_sample_value(name, {"model": "cand", "reference": "echo", "adapter": adapter, **labels}) or 0.0
-
-
-async def settle(done) -> None:
-    for _ in range(2000):
-        if done():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the worker did not get there")
 
 
 def test_each_adapter_is_judged_in_its_own_lane():

@@ -26,7 +26,7 @@ from shadow.metrics import ShadowMetrics
 from shadow.path import ShadowPath, ShadowSample, ShadowSequence, duty_idle_s
 from shadow.scoring import ScoreItem
 from shadow.settings import ShadowSettings
-from tests.scorers import LP, EchoScorer, tiny_local_scorer
+from tests.scorers import LP, EchoScorer, settle, tiny_local_scorer
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +73,6 @@ def candidate_entries(output: list[int], vocab: int, k: int = 5, seed: int = 0) 
     return entries
 
 
-async def settle(path: ShadowPath, done) -> None:
-    for _ in range(2000):
-        if done():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the worker did not get there")
-
-
 # --- 1. the queue is budgeted in tokens ----------------------------------------------
 
 
@@ -92,7 +84,7 @@ def test_the_queue_is_budgeted_in_tokens():
         assert value(path, "shadow_samples_total", outcome="dropped") == 2
         assert value(path, "shadow_queue_tokens") == 14 and value(path, "shadow_queue_depth") == 2
         path.start()
-        await settle(path, lambda: value(path, "shadow_samples_total", outcome="compared") == 2
+        await settle(lambda: value(path, "shadow_samples_total", outcome="compared") == 2
                      and value(path, "shadow_queue_tokens") == 0)  # the gauge follows the recording
         assert path._queued_tokens == 0
         path.submit(short("later"))  # room again once the worker took them
@@ -288,15 +280,15 @@ def test_the_worker_idles_after_each_batch_and_drops_what_overflows_meanwhile():
         path._clock, path._sleep = clock, sleep
         path.start()
         path.submit(short("a"))
-        await settle(path, lambda: pauses)
+        await settle(lambda: pauses)
         assert pauses == [pytest.approx(6.0)]  # 2 s busy at duty 0.25: 6 s idle before the next batch
         path.submit(short("b"))  # waits in the queue (7 tokens)
         path.submit(short("c"))  # the queue is full meanwhile: dropped, never waited for
         assert value(path, "shadow_samples_total", outcome="dropped") == 1
         assert path.scorer.batches == [1]  # nothing scored during the pause
         gate.set()
-        await settle(path, lambda: value(path, "shadow_samples_total", outcome="compared") == 2)
-        await settle(path, lambda: len(pauses) == 2)
+        await settle(lambda: value(path, "shadow_samples_total", outcome="compared") == 2)
+        await settle(lambda: len(pauses) == 2)
         await path.stop()
         return path, pauses
 

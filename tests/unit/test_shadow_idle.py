@@ -23,7 +23,7 @@ from shadow.metrics import ShadowMetrics
 from shadow.path import ShadowPath, ShadowSample, ShadowSequence
 from shadow.scoring import ScoreItem
 from shadow.settings import ShadowSettings
-from tests.scorers import LP, EchoScorer, tiny_local_scorer
+from tests.scorers import LP, EchoScorer, settle, tiny_local_scorer
 
 
 class Load:
@@ -73,14 +73,6 @@ def value(path: ShadowPath, name: str) -> float:
 def short(request_id: str, finished_at: float | None = None) -> ShadowSample:
     sample = ShadowSample(request_id, "cand", [ShadowSequence([5, 6, 7], [1] * 4, [dict(LP)] * 4)])
     return sample if finished_at is None else ShadowSample(sample.request_id, "cand", sample.sequences, finished_at)
-
-
-async def settle(done) -> None:
-    for _ in range(2000):
-        if done():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the worker did not get there")
 
 
 def scenario_with(load: Load | None):
