@@ -60,6 +60,9 @@ bench: install
 	$(BIN)/python bench/verdict_error_rates.py
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/engine_calibration.py --model "$$($(BIN)/shadowserve demo-model)"
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/verdict_compiled.py --model "$$($(BIN)/shadowserve demo-model)"
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/lora_report.py --model "$$($(BIN)/shadowserve demo-model)"
+	$(BIN)/python bench/lora_memory.py --model "$$($(BIN)/shadowserve demo-model)"
+	$(BIN)/python bench/lora_mixed_batch.py --model "$$($(BIN)/shadowserve demo-model)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
