@@ -22,20 +22,27 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from shadow.calibration import Calibration
-from shadow.candidate import CandidateLogprobs
 from shadow.capture import DivergenceCapture
 from shadow.compare import SequenceComparison, compare_sequence
 from shadow.history import ComparedSequence, History
 from shadow.lanes import BASE, Lane, Lanes
 from shadow.metrics import NOISE_FLOOR, ShadowMetrics
+from shadow.queue import SampleQueue, ShadowSample, ShadowSequence
 from shadow.reference_check import ReferenceCheck
 from shadow.report import ShadowReport, build_report
-from shadow.scoring import MAX_BATCH_SEQUENCES, ScoredSequence, ScoreItem, Scorer, ShadowReferenceError
+from shadow.scoring import (
+    MAX_BATCH_SEQUENCES,
+    ScoredSequence,
+    ScoreItem,
+    Scorer,
+    ShadowReferenceError,
+)
 from shadow.settings import ShadowSettings
 from shadow.verdict import CHECKS
+
+__all__ = ["ShadowHeaderError", "ShadowPath", "ShadowSample", "ShadowSequence", "duty_idle_s"]
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +52,6 @@ IDLE_POLL_S = 0.1  # how often a paused reference looks whether the engine has e
 
 class ShadowHeaderError(ValueError):
     """An `X-Shadow` value other than always/never (a client error)."""
-
-
-@dataclass(frozen=True)
-class ShadowSequence:
-    prompt_ids: list[int]
-    output_ids: list[int]
-    # The candidate's raw top-k (+ emitted token) per position; given as {id: logprob}
-    # dicts or already packed, held packed (shadow/candidate.py) while queued.
-    logprobs: CandidateLogprobs
-
-    def __post_init__(self):
-        if not isinstance(self.logprobs, CandidateLogprobs):
-            object.__setattr__(self, "logprobs", CandidateLogprobs.pack(self.logprobs))
-
-    @property
-    def tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def head(self, tokens: int) -> ShadowSequence:
-        """The first `tokens` tokens of prompt + output (at least one output token must fit)."""
-        keep = tokens - len(self.prompt_ids)
-        return ShadowSequence(self.prompt_ids, self.output_ids[:keep], self.logprobs.head(keep))
-
-
-@dataclass(frozen=True)
-class ShadowSample:
-    request_id: str
-    model: str
-    sequences: list[ShadowSequence]
-    finished_at: float = field(default_factory=time.monotonic)  # its request's end (the age's origin)
-    adapter: str = BASE  # the mounted LoRA adapter its request named ("" the base)
-    adapter_id: int = 0  # that mount's id: a sample of an earlier mount under the same name is not judged
 
 
 class ShadowPath:
@@ -108,10 +83,8 @@ class ShadowPath:
         self._lanes = Lanes(metrics, settings.shadow_verdict_max_sequences)
         self.history: History = self._lanes.base.history  # the base model's (verify, tests)
         self._rng = rng or random.Random()
-        self._queue: asyncio.Queue[ShadowSample] = asyncio.Queue(settings.shadow_queue_size)
+        self._queue = SampleQueue(settings.shadow_queue_size, settings.shadow_queue_tokens)
         self._worker: asyncio.Task | None = None
-        self._carry: ShadowSample | None = None  # taken from the queue, waiting for the next batch
-        self._queued_tokens = 0  # prompt + output tokens of the queued samples and the carry
         self._engine_load = engine_load
         self._held_back: bool | None = None  # the reference's throttle as last set
         self._busy_s = 0.0  # reference time of the last forward, not yet paid back by idling
@@ -199,43 +172,13 @@ class ShadowPath:
             lane = self._lanes.live(adapter)
             if lane is None or adapter == BASE:
                 raise KeyError(adapter)
-            removed = self._purge(lambda sample: sample.adapter == adapter)
+            removed = self._queue.purge(lambda sample: sample.adapter == adapter)
             lane.metrics.sample("skipped", removed)
             self._lanes.retire(adapter, served)
             unmount = getattr(self.scorer, "remove_adapter", None)
             if unmount is not None:
                 await asyncio.to_thread(unmount, adapter)
         log.info("shadow: adapter %s unmounted (%d queued samples skipped)", adapter, removed)
-
-    def _purge(self, drop) -> int:
-        """Take the queued samples (and the carry) `drop` selects out of the queue, in
-        order; returns how many."""
-        queued = []
-        if self._carry is not None:  # taken by get() and not yet finished: released here
-            queued.append(self._carry)
-            self._carry = None
-            self._queue.task_done()
-        while not self._queue.empty():
-            queued.append(self._queue.get_nowait())
-            self._queue.task_done()
-        removed = 0
-        for sample in queued:
-            if drop(sample):
-                removed += 1
-                self._queued_tokens -= _sample_tokens(sample)
-            else:
-                self._queue.put_nowait(sample)
-        return removed
-
-    def _drop_everything(self, outcome: str) -> int:
-        """Every queued sample out, counted as `outcome` on its lane (shutdown, refusal)."""
-        left = self._purge(lambda sample: True)
-        for lane in self._lanes:
-            if lane.waiting:
-                lane.metrics.sample(outcome, len(lane.waiting))
-            lane.cleared()
-        self._queued_tokens = 0
-        return left
 
     # --- the request side: cheap and non-blocking ---------------------------------
 
@@ -275,20 +218,8 @@ class ShadowPath:
         if not getattr(self.scorer, "ready", True):  # a remote reference not reachable (yet), or disabled
             metrics.sample("error")
             return
-        kept = dataclasses.replace(sample, sequences=sequences)
-        tokens = _sample_tokens(kept)
-        # An empty queue takes any sample (it was fitted to the batch budget already), so a
-        # large batch of prompts is never dropped for a budget it alone exceeds.
-        if self._queued_tokens and self._queued_tokens + tokens > self.settings.shadow_queue_tokens:
+        if not self._queue.put(dataclasses.replace(sample, sequences=sequences), lane):
             metrics.sample("dropped")
-            return
-        try:
-            self._queue.put_nowait(kept)
-        except asyncio.QueueFull:
-            metrics.sample("dropped")
-            return
-        self._queued_tokens += tokens
-        lane.queued(kept.finished_at, tokens)
 
     def _fit(self, seq: ShadowSequence, metrics: ShadowMetrics) -> ShadowSequence | None:
         """A sequence past the longest the reference takes: its first max-tokens tokens of
@@ -340,7 +271,7 @@ class ShadowPath:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        if left := self._drop_everything("dropped"):
+        if left := self._queue.drop_everything(self._lanes, "dropped"):
             log.warning("shadow: %d samples left unscored at shutdown", left)
         await self.scorer.close()
         if self.capture is not None:
@@ -373,14 +304,14 @@ class ShadowPath:
             return
         log.error("shadow: REFUSING to judge against the reference %s (nothing is sampled): %s. %s",
                   self.reference_name, "; ".join(check.reasons), check.summary())
-        self._drop_everything("skipped")  # taken before the refusal: nothing to compare them against
+        self._queue.drop_everything(self._lanes, "skipped")  # taken before the refusal: nothing to compare them against
 
     async def _run(self) -> None:
         await self.run_reference_check()
         if self.refused:
             return
         while True:
-            batch = await self._next_batch()
+            batch = await self._queue.next_batch(self._lanes, self._budgets()[1])
             metrics = self._lane_metrics(batch[0].adapter)
             try:
                 async with self._scoring:
@@ -404,8 +335,7 @@ class ShadowPath:
                     except Exception:  # _record counts per sample; this is a bug past that: keep going
                         log.exception("shadow: recording a batch failed")
             finally:
-                for _ in batch:
-                    self._queue.task_done()
+                self._queue.done(batch)
             await self._idle()
 
     async def _idle(self) -> None:
@@ -448,27 +378,6 @@ class ShadowPath:
             await asyncio.wait_for(self._wake.wait(), seconds)
         except TimeoutError:
             pass
-
-    async def _next_batch(self) -> list[ShadowSample]:
-        """Wait for one sample, then take whatever else is queued on the same adapter
-        while the batch's padded size (sequences x longest sequence: what the reference's
-        logits cost) fits the token budget. A sample that does not fit, or is on another
-        adapter, is carried over to open the next batch."""
-        first, self._carry = self._carry or await self._queue.get(), None
-        batch = [first]
-        while not self._queue.empty():
-            nxt = self._queue.get_nowait()
-            if nxt.adapter != first.adapter or _padded_tokens([*batch, nxt]) > self._budgets()[1] or \
-                    sum(len(s.sequences) for s in (*batch, nxt)) > MAX_BATCH_SEQUENCES:
-                self._carry = nxt
-                break
-            batch.append(nxt)
-        lane = self._lanes.find(first.adapter)
-        for sample in batch:
-            tokens = _sample_tokens(sample)
-            self._queued_tokens -= tokens
-            lane.taken(tokens)
-        return batch
 
     async def _process(self, batch: list[ShadowSample]) -> asyncio.Future | None:
         """Score the batch; return the (shielded) recording of its results, or None when
@@ -553,15 +462,6 @@ class ShadowPath:
 
 def _bound(value: float | None, sign: int) -> float:
     return sign * float("inf") if value is None else value
-
-
-def _padded_tokens(batch: list[ShadowSample]) -> int:
-    lengths = [s.tokens for sample in batch for s in sample.sequences]
-    return len(lengths) * max(lengths)
-
-
-def _sample_tokens(sample: ShadowSample) -> int:
-    return sum(s.tokens for s in sample.sequences)
 
 
 def _chunks(items: list[ScoreItem], budget: int) -> list[list[ScoreItem]]:

@@ -86,7 +86,7 @@ def test_the_queue_is_budgeted_in_tokens():
         path.start()
         await settle(lambda: value(path, "shadow_samples_total", outcome="compared") == 2
                      and value(path, "shadow_queue_tokens") == 0)  # the gauge follows the recording
-        assert path._queued_tokens == 0
+        assert path._queue.tokens == 0
         path.submit(short("later"))  # room again once the worker took them
         await path.stop()
         return path
@@ -238,7 +238,7 @@ def test_the_tap_hands_over_packed_logprobs():
     path = make(EchoScorer(), shadow_top_k=1)
     choice = Choice(0, [5, 6], [1, 2], logprobs=[{1: -0.1, 2: -2.5, 3: -3.0}, {1: -0.2, 2: -1.9}], finish_reason="stop")
     ShadowTap(path, "r", "cand").finish([choice])
-    seq = path._queue.get_nowait().sequences[0]
+    seq = asyncio.run(path._queue.next_batch(path._lanes, 10**6))[0].sequences[0]
     assert isinstance(seq.logprobs, CandidateLogprobs)
     assert seq.logprobs.to_dicts() == [{1: np.float32(-0.1).item()}, {1: np.float32(-0.2).item(), 2: np.float32(-1.9).item()}]
 
