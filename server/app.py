@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, Header, Query, Request
@@ -313,8 +314,6 @@ def create_app(
             if request.load_inplace:
                 raise InvalidRequestError("load_inplace is not supported: unload the adapter, then load it again "
                                           "(its verdict starts over)", param="load_inplace")
-            from pathlib import Path
-
             reference = Path(request.reference_path) if request.reference_path else None
             await ctx.adapters.load(request.lora_name, Path(request.lora_path), reference)
             return f"Success: LoRA adapter '{request.lora_name}' added successfully."
