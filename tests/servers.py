@@ -49,19 +49,21 @@ UNCONFINED = ["--shadow-max-duty", "1", "--shadow-reference-threads", "0", "--sh
 
 
 def start_server(args: list[str], log_path: Path, api_key: str | None = None, timeout: float = 300,
-                 unconfined: bool = True) -> RunningServer:
+                 unconfined: bool = True, env: dict[str, str] | None = None) -> RunningServer:
     """`shadowserve serve ARGS` on a free port, waiting for /health to answer 200."""
     port = free_port()
     confinement = UNCONFINED if unconfined else []
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *confinement, *args]
     if api_key:
         cmd += ["--api-keys", api_key]
-    return launch(cmd, port, log_path, api_key, timeout)
+    return launch(cmd, port, log_path, api_key, timeout, env)
 
 
-def launch(cmd: list[str], port: int, log_path: Path, api_key: str | None = None, timeout: float = 300) -> RunningServer:
-    """Any OpenAI-compatible server command listening on `port` (vLLM's own, for baselines)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def launch(cmd: list[str], port: int, log_path: Path, api_key: str | None = None, timeout: float = 300,
+           env: dict[str, str] | None = None) -> RunningServer:
+    """Any OpenAI-compatible server command listening on `port` (vLLM's own, for baselines);
+    `env`: variables added to the server's environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, api_key)
     deadline = time.monotonic() + timeout

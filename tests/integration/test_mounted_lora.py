@@ -9,6 +9,9 @@ peft, read with the official openai client, /v1/models, /metrics and the verdict
 - bf16 server: an adapter mounted as trained passes the verdict at its noise floor; the
   same adapter with its scale edited (lora_alpha doubled), judged against the adapter as
   trained, fails; each verdict and series is its own, the base untouched.
+- fp32 server without shadowserve's vLLM plugin (server/vllm_plugin.py): vLLM's CPU LoRA
+  ops give base requests batched beside adapter requests an adapter's update, and the
+  shadow's base lane shows it while the adapters' stay exact.
 """
 
 from __future__ import annotations
@@ -258,3 +261,30 @@ def test_bf16_mounted_adapters_are_judged_each_on_its_own(bf16_server):
     assert total(samples, "shadow_verdict_state", adapter="wrong") == -1
     assert total(samples, "shadow_samples_total", adapter="") == 0
     assert verdict(bf16_server, "")["candidate"] is None
+
+
+# --- the bug the shadow found: vLLM's CPU LoRA ops without shadowserve's fix -------------
+
+
+@pytest.fixture(scope="module")
+def unfixed_server(demo_model, lora, tmp_path_factory) -> RunningServer:
+    server = start_server(
+        ["--model", str(demo_model), "--dtype", "float32", *VLLM, "--lora-modules", f"a={lora['a']}",
+         "--lora-modules", f"b={lora['b']}", "--max-loras", "2", "--shadow-rate", "1.0"],
+        tmp_path_factory.mktemp("lora-unfixed") / "server.log", env={"SHADOWSERVE_VLLM_LORA_FIX": "0"})
+    yield server
+    server.stop()
+
+
+def test_without_the_fix_the_shadow_catches_base_requests_given_an_adapter(unfixed_server):
+    client = openai.OpenAI(base_url=f"{unfixed_server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    jobs = [(m, p) for p in BUILTIN_PROMPTS[6:12] for m in (MODEL_NAME, "a", "b")]  # base rows batched beside adapters'
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda job: greedy(client, *job, tokens=32), jobs))
+    samples = wait_compared(unfixed_server, {"": 6, "a": 6, "b": 6})
+    kl = {a: total(samples, "shadow_token_kl_divergence_sum", adapter=a, comparison="candidate") /
+          total(samples, "shadow_token_kl_divergence_count", adapter=a, comparison="candidate") for a in ("", "a", "b")}
+    print(f"\n[fp32, vLLM's LoRA ops unfixed] mean token KL: base {kl['']:.2e}, a {kl['a']:.2e}, b {kl['b']:.2e}")
+    assert kl["a"] <= 1e-8 and kl["b"] <= 1e-8  # adapter rows are right
+    assert kl[""] > 1e-5  # base rows got an adapter's update: 1e3 x what an exact fp32 pipeline shows
+    assert "shadowserve's fix is not loaded" in unfixed_server.log_path.read_text()
