@@ -36,9 +36,7 @@ class LoraAdapterInfo:
     path: Path
     rank: int  # the largest rank of any module (rank_pattern included): what vLLM's max_lora_rank must hold
     alpha: float
-    target_modules: tuple[str, ...]
     base_model: str | None  # adapter_config.json's base_model_name_or_path, as written at training
-    tensors: int  # lora_A / lora_B tensors checked against the base
 
 
 def read_lora_adapter(path: Path) -> LoraAdapterInfo:
@@ -65,14 +63,11 @@ def read_lora_adapter(path: Path) -> LoraAdapterInfo:
             not isinstance(alpha, int | float) or isinstance(alpha, bool):
         raise LoraAdapterError(f"{path / CONFIG}: r and rank_pattern must be positive integers and lora_alpha a "
                                f"number (r={config.get('r')!r}, lora_alpha={alpha!r})")
-    targets = config.get("target_modules") or ()
     weights = _weights(path)
-    names = [n for n in weights.keys() if ".lora_A." in n or ".lora_B." in n]
-    if not names:
+    if not any(".lora_A." in n or ".lora_B." in n for n in weights.keys()):
         raise LoraAdapterError(f"{weights.path}: no lora_A / lora_B tensors")
     return LoraAdapterInfo(path, max(ranks), float(alpha),
-                           tuple([targets] if isinstance(targets, str) else targets),
-                           config.get("base_model_name_or_path"), len(names))
+                           config.get("base_model_name_or_path"))
 
 
 def check_lora_adapter(path: Path, base_dir: Path) -> LoraAdapterInfo:
