@@ -305,6 +305,8 @@ def run_verify(settings: VerifySettings) -> None:
     """Exit 0 pass, 1 fail, 3 inconclusive; 2 when the run itself failed (a load error,
     a bad input, samples that could not be compared): never a verdict by accident."""
     import asyncio
+    import dataclasses
+    import json
     import os
 
     # vLLM logs to stdout by default; keep stdout for the report (--json pipes cleanly).
@@ -316,6 +318,7 @@ def run_verify(settings: VerifySettings) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from server.verify.calibrate import CalibrationUnavailable, calibrate
     from server.verify.run import verify
+    from server.verify.structure import structure_check, structure_lines
     from server.verify.text import header, render_text, sequence_rows
 
     async def calibrated_verify():
@@ -328,7 +331,8 @@ def run_verify(settings: VerifySettings) -> None:
                 print(f"shadowserve verify: not calibrated: {exc}; judging against the transformers noise floor",
                       file=sys.stderr)
                 judged = settings.model_copy(update={"calibrate": False, "verdict_calibration": None})
-        return await verify(judged)
+        result = await verify(judged)
+        return dataclasses.replace(result, structure=await asyncio.to_thread(structure_check, judged))
 
     try:
         result = asyncio.run(calibrated_verify())
@@ -340,18 +344,22 @@ def run_verify(settings: VerifySettings) -> None:
         logging.getLogger("shadowserve.verify").debug("verify failed", exc_info=True)
         print(f"shadowserve verify: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(USAGE_EXIT)
-    report = result.report
-    if settings.json_report:
-        print(report.model_dump_json(indent=2))
+    report, structure = result.report, result.structure
+    if settings.json_report:  # the verdict endpoint's schema, and what the config and weight passes found
+        print(json.dumps({**report.model_dump(mode="json"), "diagnosis": structure.model_dump(mode="json")}, indent=2))
     else:
         rows = sequence_rows(result.sequences, result.labels, result.decode)
-        print(render_text(report, header(settings, report), rows))
+        print(render_text(report, header(settings, report), rows, structure_lines(structure)))
     if report.verdict.status == "fail":  # stderr: --json keeps stdout for the report
         adapter = f" --adapter {settings.adapter}" if settings.adapter else ""
         print(f"where and why: shadowserve diagnose {settings.candidate} {settings.reference}{adapter}", file=sys.stderr)
     if settings.strict and report.verdict.different and report.verdict.status != "fail":
         print("shadowserve verify --strict: the candidate is detectably different from the noise floor "
               "(within tolerance, but not equal to the reference up to rounding)", file=sys.stderr)
+        sys.exit(VERDICT_EXIT["fail"])
+    if settings.strict and structure.departs:
+        print(f"shadowserve verify --strict: the config and weight passes name a departure: "
+              f"{structure.findings[0].summary}", file=sys.stderr)
         sys.exit(VERDICT_EXIT["fail"])
     sys.exit(VERDICT_EXIT[report.verdict.status])
 

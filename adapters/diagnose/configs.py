@@ -14,7 +14,8 @@ class ConfigDifference(BaseModel):
     candidate: object
     reference: object
     consequence: str
-    forward: bool  # changes the forward pass (a departure); False: informational
+    forward: bool  # changes what the model does (a departure); False: informational
+    file: str = "config.json"  # where the difference is: config.json, generation_config.json, tokenizer, chat template
 
 
 def _rope(config: dict) -> dict:

@@ -21,7 +21,8 @@ from adapters.diagnose.activations import ActivationReport
 from adapters.diagnose.configs import ConfigDifference
 from adapters.diagnose.forensics import CLEAN, TensorResult, head_dim_ratio
 
-STRUCTURAL = ("shape", "non_finite", "missing", "extra", "swapped", "rotary", "permuted", "scaled", "low_rank")
+STRUCTURAL = ("shape", "non_finite", "missing", "extra", "swapped", "other_layer", "rotary", "rows_moved", "permuted",
+              "scaled", "offset", "low_rank")
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
@@ -81,9 +82,19 @@ def _modules(names: list[str], layers: int) -> str:
     return text
 
 
+def _layer_of(name: str) -> int:
+    return int(_LAYER.search(name).group(1))
+
+
 def _key(r: TensorResult):
     if r.kind == "scaled":
         return round(r.scale, 4)
+    if r.kind == "offset":
+        return float(f"{r.offset:.3g}")
+    if r.kind == "other_layer":
+        return _layer_of(r.other) - _layer_of(r.name)
+    if r.kind == "rows_moved":
+        return tuple(map(tuple, r.moves)), r.moved
     if r.kind == "permuted":
         return tuple(r.blocks)
     if r.kind == "swapped":
@@ -126,6 +137,17 @@ def _what(kind: str, members: list[TensorResult], facts: Facts) -> str:
                 f"{sample.blocks} (candidate block i holds reference block order[i])")
     if kind == "rotary":
         return sample.detail
+    if kind == "offset":
+        return "= " + sample.detail
+    if kind == "rows_moved":
+        vocab = any(_short(_role(n)) in ("embed_tokens", "lm_head", "tok_embeddings", "output") for n in names)
+        what = sample.detail.replace("rows moved:", "token rows moved: ids" if vocab else "rows moved:")
+        if "←" in what:
+            what += " (candidate row ← the reference row it holds)"
+        if vocab:
+            what += (": those ids read another token's embedding — rows reordered without the tokenizer, or a "
+                     "tokenizer reordered without its rows")
+        return what
     if kind == "low_rank":
         m = sample.adapter_multiple
         if m is None:
@@ -149,6 +171,26 @@ def _adapter_only(names: list[str], adapter_targets: frozenset[str]) -> bool:
     return bool(adapter_targets) and set(names) <= set(adapter_targets)
 
 
+def _other_layer(members: list[TensorResult], per_layer: int) -> str:
+    """'layer 15 holds layer 14's weights (all 9 of its tensors)' for one layer shift."""
+    shift = _layer_of(members[0].other) - _layer_of(members[0].name)
+    layers = sorted({_layer_of(m.name) for m in members})
+    roles = {_short(_role(m.name)) for m in members}
+    whose = {-1: "its predecessor's", 1: "its successor's"}.get(shift, f"the weights of the layer {abs(shift)} "
+                                                                     f"{'below' if shift < 0 else 'above'}")
+    if len(layers) == 1:
+        layer = layers[0]
+        if len(roles) >= per_layer:
+            text = f"layer {layer} holds layer {layer + shift}'s weights (all {per_layer} of its tensors)"
+        else:
+            text = f"layer {layer}'s {', '.join(sorted(roles))} hold{'s' if len(roles) == 1 else ''} layer {layer + shift}'s"
+    else:
+        text = (f"{_layers([m.name for m in members], 0)} hold {whose} weights "
+                f"({', '.join(sorted(roles)) if len(roles) < per_layer else 'every tensor'})")
+    return text + ": a layer renumbered in a merge (pipeline stages or checkpoint shards joined off by " \
+                  f"{abs(shift)}); the reference's own weights for {'it' if len(layers) == 1 else 'them'} are not used"
+
+
 def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
     groups: dict = defaultdict(list)
     for r in results:
@@ -161,6 +203,9 @@ def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
             summary = "; ".join(f"{m.name}: {m.detail}" for m in members)
         elif kind == "permuted":
             summary = _what(kind, members, facts)
+        elif kind == "other_layer":
+            per_layer = len({_role(r.name) for r in results if _LAYER.search(r.name)})
+            summary = _other_layer(members, per_layer)
         else:
             what = _what(kind, members, facts)
             summary = f"{_modules(names, facts.layers)}{' ' if what.startswith('=') else ': '}{what}"
@@ -180,8 +225,8 @@ def tensor_groups(results: list[TensorResult], facts: Facts) -> list[tuple[str, 
     for (role, kind, _), members in groups.items():
         where = _layers([m.name for m in members], facts.layers)
         detail = members[0].detail
-        if kind == "swapped":
-            detail = f"equals reference {_role(members[0].other)}"
+        if kind in ("swapped", "other_layer"):
+            detail = f"equals reference {_role(members[0].other) if kind == 'swapped' else members[0].other}"
         if kind in ("differing", "rounding_beyond") and len(members) > 1:
             detail = (f"relative error {min(m.rel_error for m in members):.3g} to {max(m.rel_error for m in members):.3g}; "
                       f"{min(m.off_fraction for m in members):.1%} to {max(m.off_fraction for m in members):.1%} of "

@@ -9,8 +9,13 @@ The ladder, first match wins:
   rounding         equal after rounding both to the coarser dtype (the cast a conversion
                    does once); fp32 pairs may differ by a few ulp of summation order
   scaled           C = c·R within rounding (c reported, and the head-dim ratio it matches)
+  offset           C = R + c within rounding (c reported; for a norm weight, c = −1 is the
+                   RMSNorm (1 + w) convention: Gemma's stored weight in a Llama model)
   swapped          C equals a different reference tensor of the same layer and shape
+  other_layer      C equals the reference's tensor of the same role in another layer (a layer
+                   renumbered in a merge); found by norm lookup, confirmed by comparison
   rotary           C is R in the other rotary layout (the Meta→HF q/k row permutation)
+  rows_moved       C is R with some rows exchanged (embedding / output head: which token ids)
   permuted         C is R with its rows or columns in equal blocks, re-ordered
   low_rank         C − R is low-rank (an adapter's update: its multiple when known)
   rounding_beyond  within a few ulp of the coarser dtype, but not its own single rounding
@@ -33,6 +38,7 @@ CHUNK_ELEMENTS = 2**20  # 4 MiB of fp32 (8 MiB of fp64) per working chunk
 ROUNDING_OFF_FRACTION = 1e-3  # a single cast may disagree with ours on near-ties this often, no more
 MAX_BLOCKS = 64
 HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+MAX_MOVES = 64  # rows_moved: rows listed (all are counted)
 
 
 class TensorResult(BaseModel):
@@ -46,6 +52,9 @@ class TensorResult(BaseModel):
     scale: float | None = None
     other: str | None = None  # swapped: the reference tensor the candidate equals
     blocks: list[int] | None = None  # permuted: candidate block i holds reference block blocks[i]
+    offset: float | None = None  # offset: C − R
+    moves: list[list[int]] | None = None  # rows_moved: [candidate row, the reference row it holds], first MAX_MOVES
+    moved: int | None = None  # rows_moved: how many rows moved in all
     block_dim: int | None = None
     rank: int | None = None
     adapter_multiple: float | None = None  # low_rank: C − R = multiple × the adapter's update
@@ -65,6 +74,10 @@ class Pair:
     siblings: dict[str, Callable[[], torch.Tensor]] | None = None  # same layer, same shape
     adapter_delta: Callable[[], torch.Tensor] | None = None  # this module's adapter update (fp32)
     adapter_rank: int | None = None
+    other_layers: dict[str, Callable[[], torch.Tensor]] | None = None  # same role and shape, other layers
+    norm_of: Callable[[str], float] | None = None  # ‖reference tensor‖ by name (cached by the caller)
+    norm_weight: bool = False  # an RMSNorm weight: an offset of −1 is the (1 + w) convention
+    vocab_rows: bool = False  # rows are token ids (embedding, output head)
     device: str = "cpu"
 
 
@@ -97,6 +110,7 @@ class _Sums:
     rr: float = 0.0
     cc: float = 0.0
     dd: float = 0.0
+    d: float = 0.0  # Σ(C − R): a constant offset's sum
     noise: float = 0.0  # ‖round(R) − R‖²: the coarser dtype's own rounding of the reference
     off: int = 0
     near: int = 0  # of those off, by exactly one ulp
@@ -126,6 +140,7 @@ def _sums(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype | None, device: s
         s.rr += float(torch.dot(r64.view(-1), r64.view(-1)))
         s.cc += float(torch.dot(c64.view(-1), c64.view(-1)))
         s.dd += float((c64 - r64).square().sum())
+        s.d += float((c64 - r64).sum())
         if dtype is not None:
             rd = rc.to(dtype).float()
             cd = cc.to(dtype).float()
@@ -296,7 +311,10 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     if s.dd == 0 and c.dtype == r.dtype:
         return TensorResult(kind="identical", **result)
     tol = _tolerance(s, dtype)
-    if s.rel <= tol and (s.off <= ROUNDING_OFF_FRACTION * s.n or MANTISSA[dtype] >= 23):
+    # A single cast leaves every element on the reference's own rounding, or (near ties) one ulp
+    # from it; a few elements far off (two rows exchanged) are not rounding however small the total.
+    single_cast = s.off <= ROUNDING_OFF_FRACTION * s.n and s.max_ulp <= 1
+    if s.rel <= tol and (single_cast or MANTISSA[dtype] >= 23):
         return TensorResult(kind="rounding", detail=f"equal up to {_dtype(dtype)} rounding", **result)
 
     if s.rr > 0 and s.cc > 0 and 1 - s.cr**2 / (s.cc * s.rr) < 1e-4:
@@ -307,9 +325,17 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
             note = f" (≈ √{ratio[0]}/√{ratio[1]})" if ratio else ""
             return TensorResult(kind="scaled", scale=k, detail=f"{k:.4f} × reference{note}", **result)
 
+    offset = _offset(s, dtype, tol)
+    if offset is not None:
+        return TensorResult(kind="offset", offset=offset, detail=offset_detail(offset, pair.norm_weight), **result)
+
     for other, load in (pair.siblings or {}).items():
         if _sums(c, load(), None, pair.device).rel <= tol:
             return TensorResult(kind="swapped", other=other, detail=f"equals reference {other}", **result)
+
+    other = _other_layer(c, s, dtype, tol, pair)
+    if other is not None:
+        return TensorResult(kind="other_layer", other=other, detail=f"equals reference {other}", **result)
 
     if pair.rotary_heads and c.dim() == 2 and c.shape[0] % (2 * pair.rotary_heads) == 0:
         index = rotary_rows(c.shape[0], pair.rotary_heads)
@@ -319,6 +345,12 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
         if _sums(c, r, None, pair.device, rows=torch.argsort(index)).rel <= tol:
             return TensorResult(kind="rotary", detail="rows permuted twice: the Meta→HF q/k permutation was applied "
                                 "to weights already in the HF layout", **result)
+
+    if pair.vocab_rows and c.dim() == 2:
+        moves = _rows_moved(c, r, dtype, pair.device)
+        if moves is not None:
+            return TensorResult(kind="rows_moved", moves=[list(m) for m in moves[:MAX_MOVES]], moved=len(moves),
+                                detail=describe_moves(moves), **result)
 
     found = _permutation(c, r, pair.device, tol)
     if found is not None:
@@ -341,6 +373,84 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     hint = next((f": the size of {name} rounding (arithmetic done in {name}?)" for name, p in (("float16", 10), ("bfloat16", 7))
                  if 2.0 ** -(p + 3) <= s.rel <= 2.0 ** -p and MANTISSA[dtype] > p), "")
     return TensorResult(kind="differing", detail=f"relative error {s.rel:.3g}{hint}", **result)
+
+
+def _offset(s: _Sums, dtype: torch.dtype, tol: float) -> float | None:
+    """c when C = R + c within rounding (the candidate's own rounding is of C's values, which
+    an offset can make larger than R's) and clearly beyond it."""
+    if s.rr == 0 or s.n < 2:
+        return None
+    c = s.d / s.n
+    left = math.sqrt(max(s.dd - s.n * c * c, 0.0) / s.rr)
+    slack = tol + 2.0 ** -MANTISSA[dtype] * math.sqrt(s.cc / s.rr)
+    return c if left <= slack and abs(c) * math.sqrt(s.n / s.rr) > 2 * slack else None
+
+
+def offset_detail(c: float, norm_weight: bool) -> str:
+    text = f"reference {'+' if c >= 0 else '−'} {abs(c):.3g}"
+    if norm_weight and abs(c + 1) < 1e-3:
+        return (text + ": an RMSNorm weight in the (1 + w) convention (Gemma's stored w − 1): a Llama forward "
+                "multiplies by w − 1 instead of w")
+    if norm_weight and abs(c - 1) < 1e-3:
+        return (text + ": an RMSNorm weight with the (1 + w) convention's 1 added: right only where the "
+                "forward multiplies by w (Gemma's weight converted to Llama's); else the norm scales by w + 1")
+    return text
+
+
+def _other_layer(c, s: _Sums, dtype: torch.dtype, tol: float, pair: Pair) -> str | None:
+    """The reference tensor of the same role in another layer that C equals. A cheap filter
+    first: ‖C‖ within tol of ‖R_other‖ (necessary: |‖C‖ − ‖R‖| ≤ ‖C − R‖), then the full
+    comparison for the few left."""
+    if not pair.other_layers or pair.norm_of is None:
+        return None
+    norm = math.sqrt(s.cc)
+    for name, load in pair.other_layers.items():
+        size = pair.norm_of(name)
+        if size == 0 or abs(norm - size) > 2 * tol * size:
+            continue
+        other = _sums(c, load(), dtype, pair.device)
+        if other.rel <= _tolerance(other, dtype):
+            return name
+    return None
+
+
+MAX_ROWS_SEARCHED = 4096  # rows_moved: more changed rows than this are not matched (quadratic)
+
+
+def _rows_moved(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype, device: str) -> list[tuple[int, int]] | None:
+    """[(candidate row, the reference row it holds)] for the rows that moved, when every row
+    that differs beyond one rounding equals another row of the reference. Candidate rows are
+    matched by a fixed random projection (nearest), each match then checked in full."""
+    bound = 2.0 ** -MANTISSA[dtype] * 2  # one rounding moves a row by under 2^-p of its norm
+    changed = []
+    for part in row_chunks(r.shape[0], r.shape[1]):
+        rc, cc = r[part].to(device, torch.float64), c[part].to(device, torch.float64)
+        off = (cc - rc).square().sum(1) > bound**2 * rc.square().sum(1)
+        changed.append(torch.nonzero(off).view(-1).cpu() + part.start)
+    rows = torch.cat(changed)
+    if not 2 <= rows.numel() <= MAX_ROWS_SEARCHED:
+        return None
+    project = torch.randn(r.shape[1], 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cand, ref = c[rows].double(), r[rows].double()
+    nearest = torch.cdist(cand @ project, ref @ project).argmin(1)
+    held = ref[nearest]
+    if bool(((cand - held).square().sum(1) > bound**2 * held.square().sum(1)).any()):
+        return None
+    return [(int(i), int(rows[j])) for i, j in zip(rows, nearest)]
+
+
+def describe_moves(moves: list[tuple[int, int]]) -> str:
+    """'2 rows moved: 17 ↔ 42' (exchanges), '5 ← 9' (row 5 holds reference row 9)."""
+    held = dict(moves)
+    parts = []
+    for row, source in moves:
+        if held.get(source) == row:
+            if row < source:
+                parts.append(f"{row} ↔ {source}")
+        else:
+            parts.append(f"{row} ← {source}")
+    shown = ", ".join(parts[:8]) + (f", … ({len(parts) - 8} more)" if len(parts) > 8 else "")
+    return f"{len(moves)} row{'s' if len(moves) != 1 else ''} moved: {shown}"
 
 
 def _scaled_residual(c, r, k: float, device: str) -> float:

@@ -13,6 +13,7 @@ The reference is seen in the candidate's names:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +22,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adapters.diagnose.forensics import Pair, TensorResult, row_chunks, classify
+from adapters.diagnose.forensics import CHUNK_ELEMENTS, Pair, TensorResult, row_chunks, classify
 from adapters.errors import AdapterError
 from adapters.tensor_io import TensorSource, open_checkpoint
 
 _LAYER = re.compile(r"^(.*\blayers\.\d+\.)(.+)$")
 _ROTARY = re.compile(r"self_attn\.([qk])_proj\.weight$")
+_LAYER_NUMBER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
+_NORM = re.compile(r"norm\.weight$")
+_VOCAB = re.compile(r"(embed_tokens|lm_head|tok_embeddings|output)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,30 @@ def _siblings(name: str, view: dict[str, Tensor]) -> dict[str, Callable[[], torc
             if other != name and other.startswith(m.group(1)) and view[other].shape == shape}
 
 
+def _other_layers(name: str, view: dict[str, Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
+    """The reference tensors of the same role and shape in the other layers."""
+    m = _LAYER_NUMBER.match(name)
+    if m is None:
+        return {}
+    shape = view[name].shape
+    return {other: view[other].get for other in view if other != name and view[other].shape == shape
+            and (o := _LAYER_NUMBER.match(other)) is not None and (o.group(1), o.group(3)) == (m.group(1), m.group(3))}
+
+
+def _norms(view: dict[str, Tensor], device: str) -> Callable[[str], float]:
+    """‖reference tensor‖ by name, each computed once (the cross-layer lookup's index)."""
+    cache: dict[str, float] = {}
+
+    def norm_of(name: str) -> float:
+        if name not in cache:
+            t = view[name].get()
+            cache[name] = math.sqrt(sum(float(t.reshape(-1)[i:i + CHUNK_ELEMENTS].to(device, torch.float64).square().sum())
+                                        for i in range(0, t.numel(), CHUNK_ELEMENTS)))
+        return cache[name]
+
+    return norm_of
+
+
 def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Path | None = None,
                 device: str = "cpu", progress: bool = True) -> list[TensorResult]:
     cand_config, ref_config = read_config(candidate), read_config(reference)
@@ -163,6 +191,7 @@ def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Pat
         ref, cand = _tied(ref, ref_config), _tied(cand, cand_config)
     heads = {"q": ref_config["num_attention_heads"],
              "k": ref_config.get("num_key_value_heads") or ref_config["num_attention_heads"]}
+    norm_of = _norms(ref, device)
     results = []
     for name in tqdm(list(ref), desc="weights", unit="tensor", disable=not progress, leave=False):
         if name not in cand:
@@ -172,7 +201,9 @@ def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Pat
         rotary = _ROTARY.search(name)
         pair = Pair(rotary_heads=heads[rotary.group(1)] if rotary else None, siblings=_siblings(name, ref),
                     adapter_delta=(lambda n=name: adapter.delta(n)) if adapter and name in adapter.weights else None,
-                    adapter_rank=adapter.rank if adapter else None, device=device)
+                    adapter_rank=adapter.rank if adapter else None, other_layers=_other_layers(name, ref),
+                    norm_of=norm_of, norm_weight=bool(_NORM.search(name)), vocab_rows=bool(_VOCAB.search(name)),
+                    device=device)
         results.append(classify(name, cand[name].get(), ref[name].get(), pair))
     for name in cand:
         if name not in ref:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from adapters.html_page import BASE_CSS, svg_figure
+from server.verify.structure import structure_lines
 from server.verify.text import describe_trajectory, difference_label, header, intro, sequence_rows, summary_rows
 from shadow.history import ComparedSequence
 
@@ -21,10 +22,12 @@ STATUS_COLOURS = {"pass": "#1e8449", "fail": "#c0392b", "inconclusive": "#b9770e
 def write_html(result, settings, path: Path) -> None:
     """`result` is a VerifyResult; `settings` the VerifySettings the run used."""
     rows = sequence_rows(result.sequences, result.labels, result.decode)
-    path.write_text(render_html(result.report, result.sequences, header(settings, result.report), rows), encoding="utf-8")
+    path.write_text(render_html(result.report, result.sequences, header(settings, result.report), rows,
+                                result.structure), encoding="utf-8")
 
 
-def render_html(report, sequences: list[ComparedSequence], title: str, rows=()) -> str:
+def render_html(report, sequences: list[ComparedSequence], title: str, rows=(), structure=None) -> str:
+    """`structure`: the StructureCheck of the config and weight passes, shown under the verdict."""
     v = report.verdict
     parts = [
         "<!DOCTYPE html>",
@@ -37,6 +40,12 @@ def render_html(report, sequences: list[ComparedSequence], title: str, rows=()) 
     ]
     if report.trajectory:
         parts.append(f"<p>{html.escape(describe_trajectory(report.trajectory))}</p>")
+    lines = structure_lines(structure)
+    if lines:
+        parts.append(f"<h2>Config and weights</h2><p class=structure>{html.escape(lines[0])}</p>")
+        if structure.findings:
+            parts.append("<ol class=findings>" + "".join(f"<li><b>{html.escape(f.source)}</b>: {html.escape(f.summary)}</li>"
+                                                         for f in structure.findings) + "</ol>")
     if report.candidate is not None:
         parts.append(f"<p>{html.escape(intro(report))}</p>")
         parts.append(_table(summary_rows(report)))

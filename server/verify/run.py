@@ -24,6 +24,7 @@ from server.serving.prompts import PromptRenderer
 from server.serving.reference_probe import reference_self_check
 from server.verify.inputs import corpus_windows, load_prompts
 from server.verify.settings import VerifySettings
+from server.verify.structure import StructureCheck
 from shadow.calibration import EngineFacts, load_calibration
 from shadow.factory import build_shadow_path, load_reference
 from shadow.path import ShadowPath, ShadowSample, ShadowSequence
@@ -51,6 +52,7 @@ class VerifyResult:
     labels: dict[str, str]  # request id -> what was asked (the prompt, or the corpus window), in input order
     decode: Callable[[list[int]], str]  # the candidate's tokenizer, for token text in reports
     facts: EngineFacts | None = None  # the candidate's engine, as a calibration names it
+    structure: StructureCheck | None = None  # diagnose's config and weight passes, beside the verdict
 
 
 def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:

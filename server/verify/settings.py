@@ -16,7 +16,8 @@ from shadow.settings import VerdictSettings
 class VerifySettings(VerdictSettings, VllmOptions):
     """Judge a candidate against its reference offline: the shadow pipeline on fixed prompts
     (or a corpus), the noise floor beside it, a report and a verdict. Exit code 0 pass,
-    1 fail (or, with --strict, detectably different), 3 inconclusive, 2 usage or load error."""
+    1 fail (or, with --strict, detectably different or a named departure in the config or
+    weights), 3 inconclusive, 2 usage or load error."""
 
     candidate: CliPositionalArg[Path] = Field(description="the candidate's Hugging Face directory")
     reference: CliPositionalArg[Path] = Field(description="the reference's Hugging Face directory (run in fp32)")
@@ -59,10 +60,15 @@ class VerifySettings(VerdictSettings, VllmOptions):
         default=False,
         description="first measure the engine's own noise (the reference's weights served by this engine, dtype and "
                     "compile mode), write it to --verdict-calibration, then judge the candidate against it")
+    check_weights: bool = Field(
+        default=True,
+        description="also run diagnose's config (tokenizer, template) and weight passes and list what they name under "
+                    "the verdict (seconds for a small model; the weights stream one tensor pair at a time)")
     strict: CliImplicitFlag[bool] = Field(
         default=False,
-        description="exit 1 when the candidate is detectably different from the noise floor, even within tolerance "
-                    "(for conversions, which should equal the original up to rounding)")
+        description="exit 1 when the candidate is detectably different from the noise floor, even within tolerance, "
+                    "or when the config and weight passes name a departure (for conversions, which should equal the "
+                    "original up to rounding)")
 
     @field_validator("candidate", "reference")
     @classmethod

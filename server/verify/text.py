@@ -59,16 +59,18 @@ def header(settings, report: ShadowReport) -> str:
             f"vs {settings.reference}{adapter} (fp32); {mode}")
 
 
-def render_text(report: ShadowReport, title: str, sequences: list[Row] = ()) -> str:
+def render_text(report: ShadowReport, title: str, sequences: list[Row] = (), structure: list[str] = ()) -> str:
+    """`structure`: the config and weight passes' lines, printed under the verdict."""
     lines = [title, ""]
+    tail = [*verdict_lines(report), *([""] + list(structure) if structure else [])]
     if report.candidate is None:
-        return "\n".join([*lines, "nothing was compared", "", *verdict_lines(report)])
+        return "\n".join([*lines, "nothing was compared", "", *tail])
     lines += [intro(report), "", f"{'':26}{'candidate':>24}{'noise floor':>24}"]
     lines += [f"{label:26}{cand:>24}{noise:>24}" if label else "" for label, cand, noise in summary_rows(report)]
     if sequences:
         lines += ["", "First divergence per sequence (position: kind, reference margin, the two top-1 tokens)", ""]
         lines += [f"{label[:34]:36}{cand:54}  {noise}" for label, cand, noise in [("", "candidate", "noise floor"), *sequences]]
-    return "\n".join([*lines, "", *verdict_lines(report)])
+    return "\n".join([*lines, "", *tail])
 
 
 def sequence_rows(sequences, labels: dict[str, str], decode) -> list[Row]:

@@ -127,3 +127,55 @@ def test_chunked_statistics_equal_the_whole_tensor(ref, monkeypatch):
     assert chunked.rel_error == pytest.approx(whole.rel_error, rel=1e-12)
     direct = float((cand.double() - ref.double()).norm() / ref.double().norm())
     assert whole.rel_error == pytest.approx(direct, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_constant_offset_and_the_rmsnorm_convention(dtype):
+    norm = 1 + 0.2 * torch.randn(64, generator=torch.Generator().manual_seed(4))
+    gemma = classify("model.norm.weight", (norm - 1).to(dtype), norm, Pair(norm_weight=True))
+    assert gemma.kind == "offset" and gemma.offset == pytest.approx(-1, abs=2e-3)
+    assert "(1 + w) convention" in gemma.detail and "w − 1 instead of w" in gemma.detail
+    plus = classify("model.norm.weight", (norm + 1).to(dtype), norm, Pair(norm_weight=True))
+    assert plus.kind == "offset" and "1 added" in plus.detail
+    # a matrix shifted by a constant: named with the constant, no norm convention
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(5)) * 0.05
+    shifted = classify("w", (w + 0.02).to(dtype), w)
+    assert shifted.kind == "offset" and shifted.offset == pytest.approx(0.02, rel=1e-2)
+    assert shifted.detail == "reference + 0.02"
+
+
+def test_a_tensor_equal_to_another_layers_is_found_by_its_norm_and_confirmed(ref):
+    layers = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(ref.shape, generator=torch.Generator().manual_seed(10 + i))
+              for i in range(4)}
+    asked = []
+
+    def norm_of(name):
+        asked.append(name)
+        return float(layers[name].norm())
+
+    pair = Pair(other_layers={n: (lambda n=n: layers[n]) for n in layers if "layers.3." not in n}, norm_of=norm_of)
+    result = classify("model.layers.3.mlp.up_proj.weight", layers["model.layers.1.mlp.up_proj.weight"].to(torch.bfloat16),
+                      layers["model.layers.3.mlp.up_proj.weight"], pair)
+    assert (result.kind, result.other) == ("other_layer", "model.layers.1.mlp.up_proj.weight")
+    assert len(asked) >= 2  # looked up by norm, not loaded blindly
+    unrelated = classify("model.layers.3.mlp.up_proj.weight", torch.randn(ref.shape), layers["model.layers.3.mlp.up_proj.weight"], pair)
+    assert unrelated.kind == "differing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_rows_moved_are_named_by_id(dtype):
+    vocab = torch.randn(5000, 32, generator=torch.Generator().manual_seed(6))
+    cand = vocab.clone()
+    cand[[17, 4242]] = vocab[[4242, 17]]  # an exchange
+    cand[[100, 200, 300]] = vocab[[200, 300, 100]]  # a 3-cycle: row 100 holds reference row 200
+    result = classify("model.embed_tokens.weight", cand.to(dtype), vocab, Pair(vocab_rows=True))
+    assert result.kind == "rows_moved" and result.moved == 5
+    assert sorted(map(tuple, result.moves)) == [(17, 4242), (100, 200), (200, 300), (300, 100), (4242, 17)]
+    assert result.detail.startswith("5 rows moved: ") and "17 ↔ 4242" in result.detail and "100 ← 200" in result.detail
+    # without vocab_rows (and so without the search) two exchanged rows are not rounding, even in bf16
+    hidden = classify("w", cand.to(dtype), vocab)
+    assert hidden.kind not in ("identical", "rounding"), hidden
+    # rows changed but not moved anywhere: no rows_moved
+    edited = vocab.clone()
+    edited[[3, 9]] = torch.randn(2, 32)
+    assert classify("model.embed_tokens.weight", edited, vocab, Pair(vocab_rows=True)).kind != "rows_moved"
