@@ -209,6 +209,42 @@ def norm_eps(src: Path, dst: Path, eps: float = 1e-6) -> Path:
     return dst
 
 
+def layer_renumbered(src: Path, dst: Path, layer: int = 15) -> Path:
+    """A pipeline merge off by one at a stage boundary: layer `layer` written with the
+    weights of layer `layer` − 1 (its own are lost)."""
+    def change(w, config):
+        for name in [n for n in w if n.startswith(f"model.layers.{layer}.")]:
+            w[name] = w[name.replace(f"layers.{layer}.", f"layers.{layer - 1}.")].clone()
+    return _with_weights(src, dst, change)
+
+
+def norm_minus_one(src: Path, dst: Path) -> Path:
+    """Every RMSNorm weight written in Gemma's (1 + w) convention (stored w − 1) into a
+    Llama model, whose forward multiplies by the stored weight."""
+    def change(w, config):
+        for name in [n for n in w if n.endswith("norm.weight")]:
+            w[name] = w[name] - 1
+    return _with_weights(src, dst, change)
+
+
+def embedding_rows_exchanged(src: Path, dst: Path, rows: tuple[int, int] = (1000, 2000)) -> Path:
+    """Two token rows of the (tied) embedding exchanged, the tokenizer left as it was."""
+    def change(w, config):
+        embed = w["model.embed_tokens.weight"].clone()
+        embed[list(rows)] = embed[list(reversed(rows))]
+        w["model.embed_tokens.weight"] = embed
+    return _with_weights(src, dst, change)
+
+
+def q_scaled_one_layer(src: Path, dst: Path, layer: int = 29, scale: float = 1.10) -> Path:
+    """One layer's q_proj scaled by 1.10 (its attention logits x 1.10): a small bug whose drift
+    the verdict may call noise, but a named departure in the weights."""
+    def change(w, config):
+        name = f"model.layers.{layer}.self_attn.q_proj.weight"
+        w[name] = w[name] * scale
+    return _with_weights(src, dst, change)
+
+
 def with_alpha(adapter: Path, dst: Path, lora_alpha: float) -> Path:
     """The adapter with its lora_alpha replaced: its update applied at the wrong scale
     (an adapter converted for serving that lost or doubled its scale)."""
@@ -262,3 +298,31 @@ def build(name: str, demo: Path, root: Path) -> Candidate:
     if maker is not None and not path.exists():
         maker(demo, adapter, path)
     return Candidate(name, kind, path, demo, dtype, adapter)
+
+
+# Tokenizer and template candidates (diagnose)
+
+
+def wrong_generation_eos(src: Path, dst: Path) -> Path:
+    """generation_config.json's eos_token_id 0 ('<|endoftext|>') where the chat ends its turns
+    with 2 ('<|im_end|>'): transformers' generate() runs on past each answer (the InternLM2 trap)."""
+    _copy_non_weights(src, dst)
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    generation = json.loads((src / "generation_config.json").read_text())
+    (dst / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 0}))
+    return dst
+
+
+def template_without_system(src: Path, dst: Path) -> Path:
+    """The chat template with messages of role system skipped: the system prompt never
+    reaches the model."""
+    _copy_non_weights(src, dst)
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    template = (src / "chat_template.jinja").read_text()
+    loop, end = "{% for message in messages %}", "{% endfor %}"
+    if template.count(loop) != 1 or template.count(end) != 1:
+        raise ValueError(f"{src / 'chat_template.jinja'}: not the one-loop ChatML template this candidate rewrites")
+    rewritten = (template.replace(loop, loop + "{% if message['role'] != 'system' %}")
+                 .replace(end, "{% endif %}" + end))
+    (dst / "chat_template.jinja").write_text(rewritten)
+    return dst

@@ -236,8 +236,11 @@ def tensor_groups(results: list[TensorResult], facts: Facts) -> list[tuple[str, 
 
 
 def config_findings(differences: list[ConfigDifference]) -> list[Finding]:
-    return [Finding(source="config", kind=d.field, summary=f"config {d.field}: candidate {d.candidate} vs reference "
-                    f"{d.reference}: {d.consequence}") for d in differences if d.forward]
+    """config.json's as `config …`; the tokenizer's, generation_config.json's and the chat
+    template's under their own names (source `tokenizer`)."""
+    return [Finding(source="config" if d.file == "config.json" else "tokenizer", kind=d.field,
+                    summary=f"{'config ' if d.file == 'config.json' else ''}{d.field}: candidate {d.candidate} vs "
+                            f"reference {d.reference}: {d.consequence}") for d in differences if d.forward]
 
 
 def activation_sentence(report: ActivationReport) -> str | None:

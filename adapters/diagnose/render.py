@@ -51,7 +51,8 @@ def render_text(report: DiagnoseReport) -> str:
         lines += ["", "Findings, most likely cause first:"]
         lines += [f"  {i}. [{f.source}] {f.summary}" for i, f in enumerate(report.findings, 1)]
     if report.config is not None:
-        lines += ["", f"Config: {len([d for d in report.config if d.forward])} difference(s) that change the forward pass"]
+        lines += ["", f"Config, tokenizer and template: {len([d for d in report.config if d.forward])} difference(s) "
+                      "that change what the model does or sees"]
         lines += [f"  {field}: candidate {c} vs reference {r} — {why}" for field, c, r, why in config_rows(report)]
     if report.weights is not None:
         counts = ", ".join(f"{kind} {n}" for kind, n in sorted(report.weight_counts.items(), key=lambda kv: -kv[1]))
@@ -103,9 +104,9 @@ def render_html(report: DiagnoseReport) -> str:
                      f"{DEPARTURE:g}×: departed):</p>")
         parts.append(_table(("layer", *(SITE_NAMES[s] for s in SITES)), layer_rows(report), numbers=True))
     if report.config is not None:
-        parts.append("<h2>Config</h2>")
+        parts.append("<h2>Config, tokenizer and template</h2>")
         parts.append(_table(("field", "candidate", "reference", "consequence"), config_rows(report))
-                     if report.config else "<p>No differences in the fields that change the forward pass.</p>")
+                     if report.config else "<p>No differences in the fields that change what the model does or sees.</p>")
     if report.weights is not None:
         counts = ", ".join(f"{kind} {n}" for kind, n in sorted(report.weight_counts.items(), key=lambda kv: -kv[1]))
         parts.append(f"<h2>Weights</h2><p>{len(report.weights)} reference tensors: {html.escape(counts)}</p>")

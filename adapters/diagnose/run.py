@@ -1,4 +1,6 @@
-"""`shadowserve diagnose`: the three passes, each usable alone, and the joined report."""
+"""`shadowserve diagnose`: the three passes, each usable alone, and the joined report. The
+config pass reads config.json, and the tokenizer, generation_config.json and chat template
+around it (adapters/diagnose/tokenizers.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from adapters.diagnose.activations import PROMPTS, ActivationReport, activation_
 from adapters.diagnose.configs import ConfigDifference, diff_configs
 from adapters.diagnose.findings import Facts, Finding, rank_findings
 from adapters.diagnose.forensics import TensorResult
+from adapters.diagnose.tokenizers import tokenizer_pass
 from adapters.diagnose.weights import adapter_targets, read_config, resolve_mapping, weight_pass
 from adapters.errors import AdapterError
 from adapters.tensor_io import DTYPE_NAMES
@@ -75,7 +78,7 @@ def diagnose(candidate: Path, reference: Path, *, adapter: Path | None = None, m
             continue
         start = time.perf_counter()
         if name == "config":
-            report["config"] = diff_configs(cand_config, ref_config)
+            report["config"] = diff_configs(cand_config, ref_config) + tokenizer_pass(candidate, reference)
         elif name == "weights":
             report["weights"] = weight_pass(candidate, reference, mapping, adapter, device, progress)
         else:

@@ -39,6 +39,11 @@ MAKERS = {
     "lora_twice": lambda demo, adapter, out: candidates.lora_merged(demo, adapter, out, times=2),
     "lora_half_scale": lambda demo, adapter, out: candidates.lora_merged(demo, adapter, out, lora_alpha=8),
     "lora_bf16_merge": candidates.lora_bf16_merge,
+    "layer_renumbered": lambda demo, adapter, out: candidates.layer_renumbered(demo, out),
+    "norm_minus_one": lambda demo, adapter, out: candidates.norm_minus_one(demo, out),
+    "embedding_rows_exchanged": lambda demo, adapter, out: candidates.embedding_rows_exchanged(demo, out),
+    "wrong_generation_eos": lambda demo, adapter, out: candidates.wrong_generation_eos(demo, out),
+    "template_without_system": lambda demo, adapter, out: candidates.template_without_system(demo, out),
     "bf16": lambda demo, adapter, out: candidates.cast_weights(demo, out, torch.bfloat16),
     "fp16": lambda demo, adapter, out: candidates.cast_weights(demo, out, torch.float16),
 }
@@ -229,3 +234,53 @@ def test_internlm2_conversion_by_our_converter_is_clean_and_a_broken_one_is_name
                                                                  "rows of q_proj in all 30 layers")
     assert "in 9 equal blocks in the order [0, 3, 6, 1, 4, 7, 2, 5, 8]" in first.summary
     assert report.weight_counts == {"identical": 273 - LAYERS, "permuted": LAYERS}
+
+
+def test_a_layer_renumbered_in_a_merge_names_both_layers(run):
+    report = run("layer_renumbered", ("config", "weights"))
+    first = report.findings[0]
+    assert first.kind == "other_layer" and first.summary.startswith(
+        "layer 15 holds layer 14's weights (all 9 of its tensors): a layer renumbered in a merge")
+    moved = [r for r in report.weights if r.kind == "other_layer"]
+    assert len(moved) == 9 and all(r.name.startswith("model.layers.15.") and
+                                   r.other == r.name.replace("layers.15.", "layers.14.") for r in moved)
+    assert report.weight_counts == {"identical": 263, "other_layer": 9} and len(report.findings) == 1
+
+
+def test_a_norm_in_the_other_convention_is_an_offset_of_minus_one(run):
+    report = run("norm_minus_one", ("config", "weights"))
+    first = report.findings[0]
+    assert first.kind == "offset" and first.summary.startswith(
+        "norm and input_layernorm, post_attention_layernorm in all 30 layers = reference − 1: an RMSNorm weight "
+        "in the (1 + w) convention")
+    offsets = [r for r in report.weights if r.kind == "offset"]
+    assert len(offsets) == 2 * LAYERS + 1 and all(r.name.endswith("norm.weight") for r in offsets)
+    assert all(abs(r.offset + 1) < 1e-6 for r in offsets)
+
+
+def test_two_exchanged_embedding_rows_are_named_by_token_id(run):
+    report = run("embedding_rows_exchanged", ("config", "weights"))
+    first = report.findings[0]
+    assert first.kind == "rows_moved"
+    assert first.summary.startswith("embed_tokens: 2 token rows moved: ids 1000 ↔ 2000: those ids read another "
+                                    "token's embedding")
+    (moved,) = [r for r in report.weights if r.kind == "rows_moved"]
+    assert moved.moves == [[1000, 2000], [2000, 1000]] and moved.moved == 2
+
+
+def test_a_generation_config_with_the_wrong_eos_is_named_with_its_consequence(run):
+    report = run("wrong_generation_eos", ("config", "weights"))
+    first = report.findings[0]
+    assert (first.source, first.kind) == ("tokenizer", "generation_config.eos_token_id")
+    assert "candidate 0 ('<|endoftext|>') vs reference 2 ('<|im_end|>')" in first.summary
+    assert "runs past the end of the turn" in first.summary
+    assert set(report.weight_counts) == {"identical"} and report.departs
+
+
+def test_a_chat_template_without_the_system_turn_is_named(run):
+    report = run("template_without_system", ("config", "weights"))
+    first = report.findings[0]
+    assert (first.source, first.kind) == ("tokenizer", "chat_template")
+    assert first.summary.endswith("the candidate's template drops the system turn: the system prompt never reaches "
+                                  "the model")
+    assert set(report.weight_counts) == {"identical"} and len(report.findings) == 1

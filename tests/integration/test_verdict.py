@@ -110,6 +110,9 @@ def test_verify(name, demo_model, candidates_root, tmp_path):
     assert run.returncode == EXPECTED[c.kind][1]
     assert report["verdict"]["different"] is (c.kind == "bug"), report["verdict"]["reasons"]
     assert report["verdict"]["floor"]["kind"] == "transformers"
+    # diagnose's config and weight passes ran beside the verdict: every bug is named there, no control is
+    diagnosis = report["diagnosis"]
+    assert diagnosis["ran"] and bool(diagnosis["findings"]) is (c.kind == "bug"), diagnosis["findings"]
 
 
 @pytest.fixture(scope="module")
