@@ -53,7 +53,8 @@ class VerifySettings(VerdictSettings, VllmOptions):
         default=0.9, gt=0, le=1, description="vLLM on GPU: its memory share (the fp32 reference shares the device)")
     max_model_len: int | None = Field(default=None, ge=16, description="context length (default: the model's)")
     json_report: CliImplicitFlag[bool] = Field(
-        default=False, alias="json", description="print the report as JSON (the schema of GET /v1/shadow/verdict)"
+        default=False, alias="json", description="print the report as JSON (the schema of GET /v1/shadow/verdict, plus "
+        "`diagnosis`: the config and weight passes' findings)"
     )
     html: Path | None = Field(default=None, description="also write a self-contained HTML report with plots here")
     calibrate: CliImplicitFlag[bool] = Field(
