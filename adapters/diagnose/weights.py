@@ -153,14 +153,21 @@ def _siblings(name: str, view: dict[str, Tensor]) -> dict[str, Callable[[], torc
             if other != name and other.startswith(m.group(1)) and view[other].shape == shape}
 
 
-def _other_layers(name: str, view: dict[str, Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
+def _roles(view: dict[str, Tensor]) -> dict[tuple[str, str, tuple], list[str]]:
+    """Layer tensors grouped by role and shape (the name with its layer number taken out)."""
+    groups: dict[tuple[str, str, tuple], list[str]] = {}
+    for name, t in view.items():
+        if (m := _LAYER_NUMBER.match(name)) is not None:
+            groups.setdefault((m.group(1), m.group(3), tuple(t.shape)), []).append(name)
+    return groups
+
+
+def _other_layers(name: str, view: dict[str, Tensor], roles: dict) -> dict[str, Callable[[], torch.Tensor]]:
     """The reference tensors of the same role and shape in the other layers."""
     m = _LAYER_NUMBER.match(name)
     if m is None:
         return {}
-    shape = view[name].shape
-    return {other: view[other].get for other in view if other != name and view[other].shape == shape
-            and (o := _LAYER_NUMBER.match(other)) is not None and (o.group(1), o.group(3)) == (m.group(1), m.group(3))}
+    return {other: view[other].get for other in roles[(m.group(1), m.group(3), tuple(view[name].shape))] if other != name}
 
 
 def _norms(view: dict[str, Tensor], device: str) -> Callable[[str], float]:
@@ -191,7 +198,7 @@ def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Pat
         ref, cand = _tied(ref, ref_config), _tied(cand, cand_config)
     heads = {"q": ref_config["num_attention_heads"],
              "k": ref_config.get("num_key_value_heads") or ref_config["num_attention_heads"]}
-    norm_of = _norms(ref, device)
+    norm_of, roles = _norms(ref, device), _roles(ref)
     results = []
     for name in tqdm(list(ref), desc="weights", unit="tensor", disable=not progress, leave=False):
         if name not in cand:
@@ -201,7 +208,7 @@ def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Pat
         rotary = _ROTARY.search(name)
         pair = Pair(rotary_heads=heads[rotary.group(1)] if rotary else None, siblings=_siblings(name, ref),
                     adapter_delta=(lambda n=name: adapter.delta(n)) if adapter and name in adapter.weights else None,
-                    adapter_rank=adapter.rank if adapter else None, other_layers=_other_layers(name, ref),
+                    adapter_rank=adapter.rank if adapter else None, other_layers=_other_layers(name, ref, roles),
                     norm_of=norm_of, norm_weight=bool(_NORM.search(name)), vocab_rows=bool(_VOCAB.search(name)),
                     device=device)
         results.append(classify(name, cand[name].get(), ref[name].get(), pair))

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from adapters.diagnose.findings import Finding
 from adapters.diagnose.run import diagnose
@@ -31,8 +31,10 @@ class StructureCheck(BaseModel):
     tensors: int = 0
     seconds: float = 0.0
 
+    @computed_field
     @property
     def departs(self) -> bool:
+        """Something is named (what `--strict` exits 1 on)."""
         return bool(self.findings)
 
 
