@@ -1,8 +1,9 @@
 """Weight forensics on one tensor pair: what the candidate tensor is, given its reference.
 
 Pure (tensors in, a `TensorResult` out) and streaming-friendly: every statistic is
-accumulated over row chunks in fp64, so a pair costs the two tensors (memory-mapped by
-the readers) plus one chunk; only the low-rank test materialises the difference.
+accumulated over row chunks in fp64 (adapters/diagnose/chunked.py), so a pair costs the two
+tensors (memory-mapped by the readers) plus one chunk; only the low-rank test materialises
+the difference.
 
 The ladder, first match wins:
   identical        bitwise equal
@@ -27,14 +28,26 @@ e.g. an fp16 cast of values beyond 65504)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel
 
-MANTISSA = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
-CHUNK_ELEMENTS = 2**20  # 4 MiB of fp32 (8 MiB of fp64) per working chunk
+from adapters.diagnose.chunked import (
+    MANTISSA,
+    Sums,
+    as_rows,
+    coarser,
+    difference,
+    dot,
+    noise,
+    pair_sums,
+    row_chunks,
+    scaled_residual,
+    tolerance,
+)
+
 ROUNDING_OFF_FRACTION = 1e-3  # a single cast may disagree with ours on near-ties this often, no more
 MAX_BLOCKS = 64
 HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -81,93 +94,6 @@ class Pair:
     device: str = "cpu"
 
 
-def coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    return a if MANTISSA.get(a, 99) <= MANTISSA.get(b, 99) else b
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` at each value of fp32 tensor x (already representable in dtype)."""
-    p = MANTISSA[dtype]
-    _, exponent = torch.frexp(x)
-    spacing = torch.ldexp(torch.ones_like(x), exponent - 1 - p)
-    smallest = torch.finfo(dtype).smallest_normal * 2.0**-p
-    return torch.where(x == 0, torch.full_like(x, smallest), spacing.clamp_min(smallest))
-
-
-def row_chunks(rows: int, width: int) -> Iterator[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
-
-
-@dataclass
-class _Sums:
-    cr: float = 0.0
-    rr: float = 0.0
-    cc: float = 0.0
-    dd: float = 0.0
-    d: float = 0.0  # Σ(C − R): a constant offset's sum
-    noise: float = 0.0  # ‖round(R) − R‖²: the coarser dtype's own rounding of the reference
-    off: int = 0
-    near: int = 0  # of those off, by exactly one ulp
-    non_finite: int = 0  # inf or nan in the candidate where the reference is finite
-    max_ulp: float = 0.0
-    max_gap: float = 0.0  # the largest |round(C) − round(R)|
-    max_ref: float = 0.0  # the largest |round(R)|
-    n: int = 0
-
-    @property
-    def rel(self) -> float:
-        return math.sqrt(self.dd / self.rr) if self.rr > 0 else (0.0 if self.dd == 0 else math.inf)
-
-
-def _sums(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype | None, device: str,
-          rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> _Sums:
-    """Accumulate over row chunks; C is read through the index maps (C'[i, j] = C[rows[i], cols[j]]),
-    and with `dtype`, rounding statistics in that dtype."""
-    c2, r2 = _as_rows(c), _as_rows(r)
-    s = _Sums(n=r2.numel())
-    for part in row_chunks(r2.shape[0], r2.shape[1]):
-        rc = r2[part].to(device, torch.float32)
-        cc = (c2[rows[part]] if rows is not None else c2[part]).to(device, torch.float32)
-        if cols is not None:
-            cc = cc.index_select(1, cols.to(device))
-        s.non_finite += int((~torch.isfinite(cc) & torch.isfinite(rc)).sum())
-        r64, c64 = rc.double(), cc.double()
-        s.cr += float(torch.dot(c64.view(-1), r64.view(-1)))
-        s.rr += float(torch.dot(r64.view(-1), r64.view(-1)))
-        s.cc += float(torch.dot(c64.view(-1), c64.view(-1)))
-        s.dd += float((c64 - r64).square().sum())
-        s.d += float((c64 - r64).sum())
-        if dtype is not None:
-            rd = rc.to(dtype).float()
-            cd = cc.to(dtype).float()
-            s.noise += float((rd.double() - r64).square().sum())
-            gap = (cd - rd).abs()
-            s.off += int((gap > 0).sum())
-            s.max_gap = max(s.max_gap, float(gap.max()) if gap.numel() else 0.0)
-            s.max_ref = max(s.max_ref, float(rd.abs().max()) if rd.numel() else 0.0)
-            if s.off:
-                units = gap / ulp(rd, dtype)
-                s.max_ulp = max(s.max_ulp, float(units.max()))
-                s.near += int((units == 1).sum())
-    return s
-
-
-def _tolerance(s: _Sums, dtype: torch.dtype) -> float:
-    """Relative error a pair may have and still 'equal' each other: twice the coarser dtype's
-    own rounding noise on this tensor, plus one unit of its precision for arithmetic."""
-    return 2 * _noise(s) + 2.0 ** -MANTISSA.get(dtype, 23)
-
-
-def _noise(s: _Sums) -> float:
-    return math.sqrt(s.noise / s.rr) if s.rr > 0 else 0.0
-
-
 def head_dim_ratio(c: float) -> tuple[int, int] | None:
     """(a, b) when c ≈ √a/√b for head dims a ≠ b (relative 1e-3), the largest such pair:
     16/14.96 ≈ √256/√224 (= √128/√112)."""
@@ -194,7 +120,7 @@ def _block_index(size: int, order: list[int]) -> torch.Tensor:
 
 def _fingerprints(t: torch.Tensor, dim: int, device: str) -> torch.Tensor:
     """Per index along `dim`: (sum, sum of squares) in fp64."""
-    t2 = _as_rows(t)
+    t2 = as_rows(t)
     out = torch.zeros(t2.shape[dim], 2, dtype=torch.float64)
     for part in row_chunks(t2.shape[0], t2.shape[1]):
         x = t2[part].to(device, torch.float64)
@@ -233,41 +159,26 @@ def _permutation(c, r, device, tol) -> tuple[int, list[int]] | None:
             if order is None:
                 continue
             index = _block_index(size, sorted(range(blocks), key=order.__getitem__))  # C'[block j] = C[block i], order[i] = j
-            s = _sums(c, r, None, device, rows=index if dim == 0 else None, cols=index if dim == 1 else None)
+            s = pair_sums(c, r, None, device, rows=index if dim == 0 else None, cols=index if dim == 1 else None)
             if s.rel <= tol:
                 return dim, order
     return None
 
 
-def _difference(c: torch.Tensor, r: torch.Tensor, device: str) -> torch.Tensor:
-    c2, r2 = _as_rows(c), _as_rows(r)
-    d = torch.empty(r2.shape, dtype=torch.float32, device=device)
-    for part in row_chunks(r2.shape[0], r2.shape[1]):
-        d[part] = c2[part].to(device, torch.float32) - r2[part].to(device, torch.float32)
-    return d
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> in fp64, a chunk at a time."""
-    a2, b2 = _as_rows(a), _as_rows(b)
-    return sum(float(torch.dot(a2[p].double().reshape(-1), b2[p].double().reshape(-1)))
-               for p in row_chunks(a2.shape[0], a2.shape[1]))
-
-
-def _low_rank(c, r, pair: Pair, s: _Sums, dtype: torch.dtype) -> tuple[int, float | None] | None:
+def _low_rank(c, r, pair: Pair, s: Sums, dtype: torch.dtype) -> tuple[int, float | None] | None:
     """(rank, multiple of the adapter's update or None) when C − R is low-rank up to rounding
     and clearly above it."""
-    tol = 2 * _noise(s) + 2.0 ** -min(MANTISSA[dtype] + 4, 23)
+    tol = 2 * noise(s) + 2.0 ** -min(MANTISSA[dtype] + 4, 23)
     if r.dim() != 2 or s.rel <= 2 * tol:
         return None
     norm_r = math.sqrt(s.rr)
-    d = _difference(c, r, pair.device)
-    total = _dot(d, d)  # of the fp32 difference itself, so that what is left after a fit is consistent
+    d = difference(c, r, pair.device)
+    total = dot(d, d)  # of the fp32 difference itself, so that what is left after a fit is consistent
     if pair.adapter_delta is not None:
         delta = pair.adapter_delta().to(pair.device, torch.float32)
-        dd = _dot(delta, delta)
+        dd = dot(delta, delta)
         if dd > 0:
-            along = _dot(d, delta)
+            along = dot(d, delta)
             k = along / dd
             left = max(total - 2 * k * along + k * k * dd, 0.0)
             del delta
@@ -304,7 +215,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
         return TensorResult(name=name, kind="identical" if same else "differing", shape=shape,
                             rel_error=0.0 if same else 1.0, detail="" if same else "integer values differ")
     dtype = coarser(c.dtype, r.dtype)
-    s = _sums(c, r, dtype, pair.device)
+    s = pair_sums(c, r, dtype, pair.device)
     result = dict(name=name, shape=shape, rel_error=s.rel, compared_in=_dtype(dtype), max_ulp=s.max_ulp,
                   off_fraction=s.off / max(s.n, 1))
     if s.non_finite:
@@ -314,7 +225,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
                             f"reference is finite{limit}", **{**result, "rel_error": math.inf})
     if s.dd == 0 and c.dtype == r.dtype:
         return TensorResult(kind="identical", **result)
-    tol = _tolerance(s, dtype)
+    tol = tolerance(s, dtype)
     # A single cast leaves every element on the reference's own rounding, or (near ties, or
     # fp32 arithmetic before it) off by little next to the tensor's largest values; a few elements
     # far off (two rows exchanged) are not rounding however small their share of the total.
@@ -324,7 +235,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
 
     if s.rr > 0 and s.cc > 0 and 1 - s.cr**2 / (s.cc * s.rr) < 1e-4:
         k = s.cr / s.rr
-        residual = _scaled_residual(c, r, k, pair.device)
+        residual = scaled_residual(c, r, k, pair.device)
         if residual <= tol and abs(k - 1) > tol:
             ratio = head_dim_ratio(k)
             note = f" (≈ √{ratio[0]}/√{ratio[1]})" if ratio else ""
@@ -335,7 +246,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
         return TensorResult(kind="offset", offset=offset, detail=offset_detail(offset, pair.norm_weight), **result)
 
     for other, load in (pair.siblings or {}).items():
-        if _sums(c, load(), None, pair.device).rel <= tol:
+        if pair_sums(c, load(), None, pair.device).rel <= tol:
             return TensorResult(kind="swapped", other=other, detail=f"equals reference {other}", **result)
 
     other = _other_layer(c, s, dtype, tol, pair)
@@ -344,10 +255,10 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
 
     if pair.rotary_heads and c.dim() == 2 and c.shape[0] % (2 * pair.rotary_heads) == 0:
         index = rotary_rows(c.shape[0], pair.rotary_heads)
-        if _sums(c, r, None, pair.device, rows=index).rel <= tol:
+        if pair_sums(c, r, None, pair.device, rows=index).rel <= tol:
             return TensorResult(kind="rotary", detail="rows in the interleaved (Meta) rotary layout: the Meta→HF "
                                 "q/k permutation was not applied", **result)
-        if _sums(c, r, None, pair.device, rows=torch.argsort(index)).rel <= tol:
+        if pair_sums(c, r, None, pair.device, rows=torch.argsort(index)).rel <= tol:
             return TensorResult(kind="rotary", detail="rows permuted twice: the Meta→HF q/k permutation was applied "
                                 "to weights already in the HF layout", **result)
 
@@ -380,7 +291,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     return TensorResult(kind="differing", detail=f"relative error {s.rel:.3g}{hint}", **result)
 
 
-def _offset(s: _Sums, dtype: torch.dtype, tol: float) -> float | None:
+def _offset(s: Sums, dtype: torch.dtype, tol: float) -> float | None:
     """c when C = R + c within rounding (the candidate's own rounding is of C's values, which
     an offset can make larger than R's) and clearly beyond it."""
     if s.rr == 0 or s.n < 2:
@@ -402,7 +313,7 @@ def offset_detail(c: float, norm_weight: bool) -> str:
     return text
 
 
-def _other_layer(c, s: _Sums, dtype: torch.dtype, tol: float, pair: Pair) -> str | None:
+def _other_layer(c, s: Sums, dtype: torch.dtype, tol: float, pair: Pair) -> str | None:
     """The reference tensor of the same role in another layer that C equals. A cheap filter
     first: ‖C‖ within tol of ‖R_other‖ (necessary: |‖C‖ − ‖R‖| ≤ ‖C − R‖), then the full
     comparison for the few left."""
@@ -413,8 +324,8 @@ def _other_layer(c, s: _Sums, dtype: torch.dtype, tol: float, pair: Pair) -> str
         size = pair.norm_of(name)
         if size == 0 or abs(norm - size) > 2 * tol * size:
             continue
-        other = _sums(c, load(), dtype, pair.device)
-        if other.rel <= _tolerance(other, dtype):
+        other = pair_sums(c, load(), dtype, pair.device)
+        if other.rel <= tolerance(other, dtype):
             return name
     return None
 
@@ -456,16 +367,6 @@ def describe_moves(moves: list[tuple[int, int]]) -> str:
             parts.append(f"{row} ← {source}")
     shown = ", ".join(parts[:8]) + (f", … ({len(parts) - 8} more)" if len(parts) > 8 else "")
     return f"{len(moves)} row{'s' if len(moves) != 1 else ''} moved: {shown}"
-
-
-def _scaled_residual(c, r, k: float, device: str) -> float:
-    c2, r2 = _as_rows(c), _as_rows(r)
-    left = rr = 0.0
-    for part in row_chunks(r2.shape[0], r2.shape[1]):
-        rc = r2[part].to(device, torch.float64)
-        left += float((c2[part].to(device, torch.float64) - k * rc).square().sum())
-        rr += float(rc.square().sum())
-    return math.sqrt(left / rr) if rr > 0 else math.inf
 
 
 def _dtype(dtype: torch.dtype) -> str:

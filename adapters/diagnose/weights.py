@@ -13,7 +13,6 @@ The reference is seen in the candidate's names:
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adapters.diagnose.forensics import CHUNK_ELEMENTS, Pair, TensorResult, row_chunks, classify
+from adapters.diagnose.chunked import norm, row_chunks
+from adapters.diagnose.forensics import Pair, TensorResult, classify
 from adapters.errors import AdapterError
 from adapters.tensor_io import TensorSource, open_checkpoint
 
@@ -176,9 +176,7 @@ def _norms(view: dict[str, Tensor], device: str) -> Callable[[str], float]:
 
     def norm_of(name: str) -> float:
         if name not in cache:
-            t = view[name].get()
-            cache[name] = math.sqrt(sum(float(t.reshape(-1)[i:i + CHUNK_ELEMENTS].to(device, torch.float64).square().sum())
-                                        for i in range(0, t.numel(), CHUNK_ELEMENTS)))
+            cache[name] = norm(view[name].get(), device)
         return cache[name]
 
     return norm_of

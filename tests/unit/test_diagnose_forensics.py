@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.diagnose import forensics
-from adapters.diagnose.forensics import Pair, classify, head_dim_ratio, rotary_rows, ulp
+from adapters.diagnose import chunked
+from adapters.diagnose.chunked import ulp
+from adapters.diagnose.forensics import Pair, classify, head_dim_ratio, rotary_rows
 
 
 @pytest.fixture
@@ -121,10 +122,10 @@ def test_ulp_matches_numpy_spacing(dtype):
 def test_chunked_statistics_equal_the_whole_tensor(ref, monkeypatch):
     cand = (ref * (1 + 0.004 * torch.randn_like(ref))).to(torch.bfloat16)
     whole = classify("w", cand, ref)
-    monkeypatch.setattr(forensics, "CHUNK_ELEMENTS", 100)  # one or two rows per chunk
-    chunked = classify("w", cand, ref)
-    assert chunked.kind == whole.kind and chunked.off_fraction == whole.off_fraction
-    assert chunked.rel_error == pytest.approx(whole.rel_error, rel=1e-12)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 100)  # one or two rows per chunk
+    in_chunks = classify("w", cand, ref)
+    assert in_chunks.kind == whole.kind and in_chunks.off_fraction == whole.off_fraction
+    assert in_chunks.rel_error == pytest.approx(whole.rel_error, rel=1e-12)
     direct = float((cand.double() - ref.double()).norm() / ref.double().norm())
     assert whole.rel_error == pytest.approx(direct, rel=1e-12)
 
