@@ -346,7 +346,8 @@ def run_verify(settings: VerifySettings) -> None:
         sys.exit(USAGE_EXIT)
     report, structure = result.report, result.structure
     if settings.json_report:  # the verdict endpoint's schema, and what the config and weight passes found
-        print(json.dumps({**report.model_dump(mode="json"), "diagnosis": structure.model_dump(mode="json")}, indent=2))
+        document = {**json.loads(report.model_dump_json()), "diagnosis": json.loads(structure.model_dump_json())}
+        print(json.dumps(document, indent=2))  # (pydantic writes inf and nan as null: still valid JSON)
     else:
         rows = sequence_rows(result.sequences, result.labels, result.decode)
         print(render_text(report, header(settings, report), rows, structure_lines(structure)))
@@ -359,8 +360,11 @@ def run_verify(settings: VerifySettings) -> None:
         sys.exit(VERDICT_EXIT["fail"])
     if settings.strict and structure.departs:
         print(f"shadowserve verify --strict: the config and weight passes name a departure: "
-              f"{structure.findings[0].summary}", file=sys.stderr)
+              f"{structure.strict_findings[0].summary}", file=sys.stderr)
         sys.exit(VERDICT_EXIT["fail"])
+    if settings.strict and not structure.ran:
+        print(f"shadowserve verify --strict: the config and weight passes did not run ({structure.reason}): only the "
+              "drift was judged", file=sys.stderr)
     sys.exit(VERDICT_EXIT[report.verdict.status])
 
 

@@ -49,9 +49,14 @@ class Sums:
     near: int = 0  # of those off, by exactly one ulp
     non_finite: int = 0  # inf or nan in the candidate where the reference is finite
     max_ulp: float = 0.0
-    max_gap: float = 0.0  # the largest |round(C) − round(R)|
-    max_ref: float = 0.0  # the largest |round(R)|
+    max_excess: float = 0.0  # the largest |round(C) − round(R)| beyond one ulp at that element
+    far: int = 0  # elements off by more than two ulps at their value
     n: int = 0
+
+    @property
+    def rms(self) -> float:
+        """‖R‖ / √n: the reference's typical magnitude."""
+        return math.sqrt(self.rr / self.n) if self.n else 0.0
 
     @property
     def rel(self) -> float:
@@ -82,10 +87,11 @@ def pair_sums(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype | None, devic
             s.noise += float((rd.double() - r64).square().sum())
             gap = (cd - rd).abs()
             s.off += int((gap > 0).sum())
-            s.max_gap = max(s.max_gap, float(gap.max()) if gap.numel() else 0.0)
-            s.max_ref = max(s.max_ref, float(rd.abs().max()) if rd.numel() else 0.0)
             if s.off:
-                units = gap / ulp(rd, dtype)
+                spacing = ulp(rd, dtype)
+                units = gap / spacing
+                s.max_excess = max(s.max_excess, float((gap - spacing).max()))
+                s.far += int((units > 2).sum())
                 s.max_ulp = max(s.max_ulp, float(units.max()))
                 s.near += int((units == 1).sum())
     return s

@@ -171,7 +171,7 @@ def _adapter_only(names: list[str], adapter_targets: frozenset[str]) -> bool:
     return bool(adapter_targets) and set(names) <= set(adapter_targets)
 
 
-def _other_layer(members: list[TensorResult], per_layer: int) -> str:
+def _layer_shift(members: list[TensorResult], per_layer: int) -> str:
     """'layer 15 holds layer 14's weights (all 9 of its tensors)' for one layer shift."""
     shift = _layer_of(members[0].other) - _layer_of(members[0].name)
     layers = sorted({_layer_of(m.name) for m in members})
@@ -205,7 +205,7 @@ def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
             summary = _what(kind, members, facts)
         elif kind == "other_layer":
             per_layer = len({_role(r.name) for r in results if _LAYER.search(r.name)})
-            summary = _other_layer(members, per_layer)
+            summary = _layer_shift(members, per_layer)
         else:
             what = _what(kind, members, facts)
             summary = f"{_modules(names, facts.layers)}{' ' if what.startswith('=') else ': '}{what}"

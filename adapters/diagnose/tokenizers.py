@@ -304,4 +304,11 @@ def diff_tokenizers(candidate: TokenizerFacts, reference: TokenizerFacts) -> lis
 
 
 def tokenizer_pass(candidate: Path, reference: Path) -> list[ConfigDifference]:
-    return diff_tokenizers(read_tokenizer_facts(candidate), read_tokenizer_facts(reference))
+    """The differences; a failure of the pass itself (a template engine error past the
+    guarded calls, an unreadable JSON file) is one informational line, never the end of
+    diagnose's other passes."""
+    try:
+        return diff_tokenizers(read_tokenizer_facts(candidate), read_tokenizer_facts(reference))
+    except Exception as exc:  # noqa: BLE001 (reported, not raised: the weights still get compared)
+        return [ConfigDifference(field="tokenizer", candidate="?", reference="?", forward=False, file="tokenizer",
+                                 consequence=f"tokenizer not compared: {type(exc).__name__}: {exc}")]

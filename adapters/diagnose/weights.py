@@ -30,7 +30,7 @@ _LAYER = re.compile(r"^(.*\blayers\.\d+\.)(.+)$")
 _ROTARY = re.compile(r"self_attn\.([qk])_proj\.weight$")
 _LAYER_NUMBER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
 _NORM = re.compile(r"norm\.weight$")
-_VOCAB = re.compile(r"(embed_tokens|lm_head|tok_embeddings|output)\.weight$")
+_VOCAB = re.compile(r"(^|\.)(embed_tokens|lm_head|tok_embeddings)\.weight$|^output\.weight$")
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,17 @@ class StructureCheck(BaseModel):
     tensors: int = 0
     seconds: float = 0.0
 
+    @property
+    def strict_findings(self) -> list[Finding]:
+        """A named departure: everything but `rounding_beyond` (precision, which the drift
+        verdict judges: a cast twice, a merge in bf16)."""
+        return [f for f in self.findings if f.kind != "rounding_beyond"]
+
     @computed_field
     @property
     def departs(self) -> bool:
-        """Something is named (what `--strict` exits 1 on)."""
-        return bool(self.findings)
+        """What `--strict` exits 1 on."""
+        return bool(self.strict_findings)
 
 
 def structure_check(settings: VerifySettings) -> StructureCheck:
@@ -72,9 +78,11 @@ def structure_lines(check: StructureCheck | None) -> list[str]:
         return [f"Config and weights (diagnose): not compared: {check.reason}"]
     counts = ", ".join(f"{kind} {n}" for kind, n in sorted((check.weight_counts or {}).items(), key=lambda kv: -kv[1]))
     what = f"{check.tensors} tensors: {counts}; {check.seconds:.1f} s"
-    if not check.departs:
+    if not check.findings:
         return [f"Config and weights (diagnose): nothing departs beyond dtype rounding ({what})"]
-    lines = [f"Config and weights (diagnose): {len(check.findings)} named departure"
-             f"{'s' if len(check.findings) != 1 else ''}, whatever the drift says ({what}):"]
+    named = len(check.strict_findings)
+    head = (f"{named} named departure{'s' if named != 1 else ''}, whatever the drift says" if named
+            else "rounding beyond the dtype's own only (precision: the drift verdict judges it)")
+    lines = [f"Config and weights (diagnose): {head} ({what}):"]
     lines += [f"  {i}. [{f.source}] {f.summary}" for i, f in enumerate(check.findings, 1)]
     return lines

@@ -63,3 +63,15 @@ def test_findings_are_numbered_under_the_verdict():
         "scaled 1; 2.0 s):",
         "  1. [weights] q_proj in layer 29 = 1.1000 × reference",
         "  2. [tokenizer] chat_template: …"]
+
+
+def test_rounding_beyond_alone_is_listed_but_not_a_named_departure():
+    """A candidate cast twice, or merged in bf16: precision, which the drift verdict judges;
+    `--strict` does not fail on it, and the lines do not call it nothing."""
+    check = StructureCheck(ran=True, tensors=272, weight_counts={"rounding": 61, "rounding_beyond": 211}, seconds=2.0,
+                           findings=[Finding(source="weights", kind="rounding_beyond", summary="q_proj …: rounding beyond")])
+    assert not check.departs and check.strict_findings == []
+    assert check.model_dump(mode="json")["departs"] is False
+    lines = structure_lines(check)
+    assert lines[0].startswith("Config and weights (diagnose): rounding beyond the dtype's own only (precision")
+    assert lines[1] == "  1. [weights] q_proj …: rounding beyond"
