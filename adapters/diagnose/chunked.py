@@ -79,15 +79,17 @@ def pair_sums(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype | None, devic
         s.cr += float(torch.dot(c64.view(-1), r64.view(-1)))
         s.rr += float(torch.dot(r64.view(-1), r64.view(-1)))
         s.cc += float(torch.dot(c64.view(-1), c64.view(-1)))
-        s.dd += float((c64 - r64).square().sum())
-        s.d += float((c64 - r64).sum())
+        diff = (c64 - r64).view(-1)
+        s.dd += float(torch.dot(diff, diff))
+        s.d += float(diff.sum())
         if dtype is not None:
             rd = rc.to(dtype).float()
             cd = cc.to(dtype).float()
             s.noise += float((rd.double() - r64).square().sum())
             gap = (cd - rd).abs()
-            s.off += int((gap > 0).sum())
-            if s.off:
+            off = int((gap > 0).sum())
+            s.off += off
+            if off:
                 spacing = ulp(rd, dtype)
                 units = gap / spacing
                 s.max_excess = max(s.max_excess, float((gap - spacing).max()))

@@ -165,10 +165,15 @@ def _permutation(c, r, device, tol) -> tuple[int, list[int]] | None:
     return None
 
 
+def _low_rank_floor(s: Sums, dtype: torch.dtype) -> float:
+    """What an update must stand clear of (twice) to be told from rounding."""
+    return 2 * noise(s) + 2.0 ** -min(MANTISSA[dtype] + 4, 23)
+
+
 def _low_rank(c, r, pair: Pair, s: Sums, dtype: torch.dtype) -> tuple[int, float | None] | None:
     """(rank, multiple of the adapter's update or None) when C − R is low-rank up to rounding
     and clearly above it."""
-    tol = 2 * noise(s) + 2.0 ** -min(MANTISSA[dtype] + 4, 23)
+    tol = _low_rank_floor(s, dtype)
     if r.dim() != 2 or s.rel <= 2 * tol:
         return None
     norm_r = math.sqrt(s.rr)
@@ -247,6 +252,12 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     if offset is not None:
         return TensorResult(kind="offset", offset=offset, detail=offset_detail(offset, pair.norm_weight), **result)
 
+    # Rounding beyond one cast, too small for an update to be seen: no other tensor, layout or
+    # order can be this close, so the lookups below are skipped (a candidate cast twice costs
+    # one pass per tensor, not the ladder).
+    if _beyond(s, dtype, local) and s.rel <= 2 * _low_rank_floor(s, dtype):
+        return TensorResult(kind="rounding_beyond", detail=_beyond_detail(s, dtype), **result)
+
     for other, load in (pair.siblings or {}).items():
         if pair_sums(c, load(), None, pair.device).rel <= tol:
             return TensorResult(kind="swapped", other=other, detail=f"equals reference {other}", **result)
@@ -284,20 +295,28 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
         return TensorResult(kind="low_rank", rank=rank, adapter_multiple=multiple,
                             detail=f"difference of rank {rank}{what}", **result)
 
-    # Beyond one rounding but small: arithmetic in low precision moves many elements by an ulp
-    # or a few; damage moves few elements (at most 1% off at all), some of them far beyond the
-    # bound above: that is `differing`, not rounding, however small the total.
+    if _beyond(s, dtype, local):
+        return TensorResult(kind="rounding_beyond", detail=_beyond_detail(s, dtype), **result)
     concentrated = not local and s.off <= 0.01 * s.n
-    if s.rel <= 4 * 2.0 ** -MANTISSA[dtype] and not concentrated:
-        return TensorResult(kind="rounding_beyond", detail=(
-            f"{s.off / s.n:.1%} of elements off the single {_dtype(dtype)} rounding of the reference "
-            f"({s.near / max(s.off, 1):.1%} of them by 1 ulp, at most {s.max_ulp:.0f}); a single cast leaves 0"), **result)
     hint = next((f": the size of {name} rounding (arithmetic done in {name}?)" for name, p in (("float16", 10), ("bfloat16", 7))
                  if 2.0 ** -(p + 3) <= s.rel <= 2.0 ** -p and MANTISSA[dtype] > p), "")
     if not hint and concentrated:
         hint = (f"; {s.off} element(s) off the reference's rounding, {s.far} of them by more than 2 ulps, the rest "
                 "equal: local damage (rows or elements overwritten?)")
     return TensorResult(kind="differing", detail=f"relative error {s.rel:.3g}{hint}", **result)
+
+
+def _beyond(s: Sums, dtype: torch.dtype, local: bool) -> bool:
+    """Beyond one rounding but small: arithmetic in low precision moves many elements by an
+    ulp or a few; damage moves few (at most 1% off at all), some far beyond the per-element
+    bound: that is `differing`, not rounding, however small the total."""
+    concentrated = not local and s.off <= 0.01 * s.n
+    return s.rel <= 4 * 2.0 ** -MANTISSA[dtype] and not concentrated
+
+
+def _beyond_detail(s: Sums, dtype: torch.dtype) -> str:
+    return (f"{s.off / s.n:.1%} of elements off the single {_dtype(dtype)} rounding of the reference "
+            f"({s.near / max(s.off, 1):.1%} of them by 1 ulp, at most {s.max_ulp:.0f}); a single cast leaves 0")
 
 
 def _offset(s: Sums, dtype: torch.dtype, tol: float) -> float | None:
