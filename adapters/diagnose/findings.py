@@ -140,14 +140,11 @@ def _what(kind: str, members: list[TensorResult], facts: Facts) -> str:
     if kind == "offset":
         return "= " + sample.detail
     if kind == "rows_moved":
-        vocab = any(_short(_role(n)) in ("embed_tokens", "lm_head", "tok_embeddings", "output") for n in names)
-        what = sample.detail.replace("rows moved:", "token rows moved: ids" if vocab else "rows moved:")
+        what = sample.detail.replace("rows moved:", "token rows moved: ids")  # searched on vocabulary rows only
         if "←" in what:
             what += " (candidate row ← the reference row it holds)"
-        if vocab:
-            what += (": those ids read another token's embedding — rows reordered without the tokenizer, or a "
-                     "tokenizer reordered without its rows")
-        return what
+        return what + (": those ids read another token's embedding — rows reordered without the tokenizer, or a "
+                       "tokenizer reordered without its rows")
     if kind == "low_rank":
         m = sample.adapter_multiple
         if m is None:
@@ -196,6 +193,7 @@ def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
     for r in results:
         if r.kind not in CLEAN:
             groups[(r.kind, _key(r))].append(r)
+    per_layer = len({_role(r.name) for r in results if _LAYER.search(r.name)})  # tensors of one layer
     findings = []
     for (kind, _), members in groups.items():
         names = [m.name for m in members]
@@ -204,7 +202,6 @@ def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
         elif kind == "permuted":
             summary = _what(kind, members, facts)
         elif kind == "other_layer":
-            per_layer = len({_role(r.name) for r in results if _LAYER.search(r.name)})
             summary = _layer_shift(members, per_layer)
         else:
             what = _what(kind, members, facts)
@@ -225,8 +222,8 @@ def tensor_groups(results: list[TensorResult], facts: Facts) -> list[tuple[str, 
     for (role, kind, _), members in groups.items():
         where = _layers([m.name for m in members], facts.layers)
         detail = members[0].detail
-        if kind in ("swapped", "other_layer"):
-            detail = f"equals reference {_role(members[0].other) if kind == 'swapped' else members[0].other}"
+        if kind == "swapped":
+            detail = f"equals reference {_role(members[0].other)}"
         if kind in ("differing", "rounding_beyond") and len(members) > 1:
             detail = (f"relative error {min(m.rel_error for m in members):.3g} to {max(m.rel_error for m in members):.3g}; "
                       f"{min(m.off_fraction for m in members):.1%} to {max(m.off_fraction for m in members):.1%} of "

@@ -236,6 +236,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     # a few elements far off (two rows exchanged, one row zeroed) are damage however small their
     # share of the total: each element may exceed its own ulp by at most 2^-p of the tensor's RMS.
     local = s.max_excess <= 2.0 ** -MANTISSA[dtype] * s.rms
+    concentrated = not local and s.off <= 0.01 * s.n  # few elements off, some far: damage (see _beyond)
     single_cast = s.off <= ROUNDING_OFF_FRACTION * s.n and local
     if s.rel <= tol and (single_cast or MANTISSA[dtype] >= 23):
         return TensorResult(kind="rounding", detail=f"equal up to {_dtype(dtype)} rounding", **result)
@@ -255,7 +256,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     # Rounding beyond one cast, too small for an update to be seen: no other tensor, layout or
     # order can be this close, so the lookups below are skipped (a candidate cast twice costs
     # one pass per tensor, not the ladder).
-    if _beyond(s, dtype, local) and s.rel <= 2 * _low_rank_floor(s, dtype):
+    if _beyond(s, dtype, concentrated) and s.rel <= 2 * _low_rank_floor(s, dtype):
         return TensorResult(kind="rounding_beyond", detail=_beyond_detail(s, dtype), **result)
 
     for other, load in (pair.siblings or {}).items():
@@ -295,9 +296,8 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
         return TensorResult(kind="low_rank", rank=rank, adapter_multiple=multiple,
                             detail=f"difference of rank {rank}{what}", **result)
 
-    if _beyond(s, dtype, local):
+    if _beyond(s, dtype, concentrated):
         return TensorResult(kind="rounding_beyond", detail=_beyond_detail(s, dtype), **result)
-    concentrated = not local and s.off <= 0.01 * s.n
     hint = next((f": the size of {name} rounding (arithmetic done in {name}?)" for name, p in (("float16", 10), ("bfloat16", 7))
                  if 2.0 ** -(p + 3) <= s.rel <= 2.0 ** -p and MANTISSA[dtype] > p), "")
     if not hint and concentrated:
@@ -306,12 +306,16 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     return TensorResult(kind="differing", detail=f"relative error {s.rel:.3g}{hint}", **result)
 
 
-def _beyond(s: Sums, dtype: torch.dtype, local: bool) -> bool:
+def _near(s: Sums, dtype: torch.dtype) -> bool:
+    """Within a few units of the coarser dtype's precision of the reference."""
+    return s.rel <= 4 * 2.0 ** -MANTISSA[dtype]
+
+
+def _beyond(s: Sums, dtype: torch.dtype, concentrated: bool) -> bool:
     """Beyond one rounding but small: arithmetic in low precision moves many elements by an
     ulp or a few; damage moves few (at most 1% off at all), some far beyond the per-element
-    bound: that is `differing`, not rounding, however small the total."""
-    concentrated = not local and s.off <= 0.01 * s.n
-    return s.rel <= 4 * 2.0 ** -MANTISSA[dtype] and not concentrated
+    bound (`concentrated`): that is `differing`, not rounding, however small the total."""
+    return _near(s, dtype) and not concentrated
 
 
 def _beyond_detail(s: Sums, dtype: torch.dtype) -> str:
@@ -345,7 +349,7 @@ def _other_layer(c, s: Sums, dtype: torch.dtype, tol: float, pair: Pair) -> str 
     """The reference tensor of the same role in another layer that C equals. A cheap filter
     first: ‖C‖ within tol of ‖R_other‖ (necessary: |‖C‖ − ‖R‖| ≤ ‖C − R‖), then the full
     comparison for the few left."""
-    if not pair.other_layers or pair.norm_of is None or s.rel <= 4 * 2.0 ** -MANTISSA[dtype]:
+    if not pair.other_layers or pair.norm_of is None or _near(s, dtype):
         return None  # close to its own reference: another layer's cannot be the better explanation
     norm = math.sqrt(s.cc)
     for name, load in pair.other_layers.items():
@@ -374,10 +378,10 @@ def _rows_moved(c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype, device: st
     rows = torch.cat(changed)
     if not 1 <= rows.numel() <= MAX_ROWS_SEARCHED:
         return None
-    project = torch.randn(r.shape[1], 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    keys = torch.cat([r[part].to(device, torch.float64) @ project.to(device) for part in row_chunks(r.shape[0], r.shape[1])])
+    project = torch.randn(r.shape[1], 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    keys = torch.cat([r[part].to(device, torch.float64) @ project for part in row_chunks(r.shape[0], r.shape[1])])
     cand = c[rows].to(device, torch.float64)
-    nearest = torch.cat([torch.cdist(cand[i:i + 128] @ project.to(device), keys).argmin(1)  # any reference row:
+    nearest = torch.cat([torch.cdist(cand[i:i + 128] @ project, keys).argmin(1)  # any reference row:
                          for i in range(0, rows.numel(), 128)]).cpu()  # a row copied from an unmoved one too
     held = r[nearest].to(device, torch.float64)
     if bool(((cand - held).square().sum(1) > bound**2 * held.square().sum(1)).any()):

@@ -12,6 +12,7 @@ The reference is seen in the candidate's names:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -170,18 +171,6 @@ def _other_layers(name: str, view: dict[str, Tensor], roles: dict) -> dict[str, 
     return {other: view[other].get for other in roles[(m.group(1), m.group(3), tuple(view[name].shape))] if other != name}
 
 
-def _norms(view: dict[str, Tensor], device: str) -> Callable[[str], float]:
-    """‖reference tensor‖ by name, each computed once (the cross-layer lookup's index)."""
-    cache: dict[str, float] = {}
-
-    def norm_of(name: str) -> float:
-        if name not in cache:
-            cache[name] = norm(view[name].get(), device)
-        return cache[name]
-
-    return norm_of
-
-
 def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Path | None = None,
                 device: str = "cpu", progress: bool = True) -> list[TensorResult]:
     cand_config, ref_config = read_config(candidate), read_config(reference)
@@ -196,7 +185,8 @@ def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Pat
         ref, cand = _tied(ref, ref_config), _tied(cand, cand_config)
     heads = {"q": ref_config["num_attention_heads"],
              "k": ref_config.get("num_key_value_heads") or ref_config["num_attention_heads"]}
-    norm_of, roles = _norms(ref, device), _roles(ref)
+    norm_of = functools.cache(lambda name: norm(ref[name].get(), device))  # the cross-layer lookup's index
+    roles = _roles(ref)
     results = []
     for name in tqdm(list(ref), desc="weights", unit="tensor", disable=not progress, leave=False):
         if name not in cand:

@@ -6,14 +6,13 @@ model; the weight pass streams one tensor pair at a time, as `diagnose` does."""
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 
 from pydantic import BaseModel, computed_field
 
 from adapters.diagnose.findings import Finding
 from adapters.diagnose.run import diagnose
+from adapters.diagnose.weights import read_config
 from adapters.errors import AdapterError
 from server.verify.settings import VerifySettings
 
@@ -49,13 +48,12 @@ def structure_check(settings: VerifySettings) -> StructureCheck:
     --candidate-adapter: the candidate's base against the reference's)."""
     if not settings.check_weights:
         return StructureCheck(ran=False, reason="--check-weights false")
-    config = json.loads((settings.candidate / "config.json").read_text())
+    config = read_config(settings.candidate)
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         return StructureCheck(ran=False, reason=f"the candidate is {method}-quantized: its tensors do not pair with "
                                                 "the reference's one to one")
     adapter = settings.adapter if settings.candidate_adapter is None else None
-    start = time.perf_counter()
     try:
         report = diagnose(settings.candidate, settings.reference, adapter=adapter, only=PASSES, device="cpu",
                           progress=False)
@@ -67,7 +65,7 @@ def structure_check(settings: VerifySettings) -> StructureCheck:
         return StructureCheck(ran=False, reason=f"no tensor names in common (mapping {report.mapping}): the "
                                                 "checkpoints' tensors cannot be paired")
     return StructureCheck(ran=True, findings=report.findings, weight_counts=report.weight_counts,
-                          tensors=sum(1 for r in weights if r.kind != "extra"), seconds=time.perf_counter() - start)
+                          tensors=sum(1 for r in weights if r.kind != "extra"), seconds=sum(report.seconds.values()))
 
 
 def structure_lines(check: StructureCheck | None) -> list[str]:
