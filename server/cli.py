@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand
+from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSettingsSource, CliSubCommand
 
+from server.cli_help import HelpFormatter, HelpLayout
 from server.reference_app import ReferenceSettings
 from server.settings import ServeSettings
 from server.verify.settings import VerifySettings
@@ -72,7 +73,8 @@ class InternLM2ToLlama(BaseModel):
 class Convert(BaseModel):
     """Checkpoint conversions."""
 
-    internlm2_to_llama: CliSubCommand[InternLM2ToLlama]
+    internlm2_to_llama: CliSubCommand[InternLM2ToLlama] = Field(
+        description="convert an InternLM2 checkpoint (packed wqkv, remote code) to Llama for vLLM")
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
@@ -221,16 +223,24 @@ def run_tool(name: str, work):
 class Shadowserve(BaseSettings, cli_prog_name="shadowserve", cli_kebab_case=True):
     """OpenAI-compatible vLLM server with an fp32 shadow path for converted models."""
 
-    serve: CliSubCommand[Serve]
-    verify: CliSubCommand[Verify]
-    reference: CliSubCommand[Reference]
-    demo_model: CliSubCommand[DemoModel]
-    convert: CliSubCommand[Convert]
-    merge_tp: CliSubCommand[MergeTp]
-    merge_lora: CliSubCommand[MergeLora]
-    inspect: CliSubCommand[Inspect]
-    plan: CliSubCommand[Plan]
-    diagnose: CliSubCommand[Diagnose]
+    serve: CliSubCommand[Serve] = Field(
+        description="serve a candidate model (OpenAI API on vLLM), the fp32 shadow comparing live traffic")
+    verify: CliSubCommand[Verify] = Field(
+        description="judge a candidate against its reference offline: report and verdict (exit 0/1/3)")
+    diagnose: CliSubCommand[Diagnose] = Field(
+        description="where and why a candidate departs: config, tokenizer, weight and activation passes")
+    reference: CliSubCommand[Reference] = Field(
+        description="serve the fp32 reference for remote shadow scoring (--shadow-reference-url)")
+    demo_model: CliSubCommand[DemoModel] = Field(
+        description="build the SmolLM2-135M-Instruct demo model once and print its directory")
+    convert: CliSubCommand[Convert] = Field(description="convert a checkpoint (InternLM2 -> Llama)")
+    merge_tp: CliSubCommand[MergeTp] = Field(
+        description="merge tensor/pipeline-parallel shards (InternEvo) into one Hugging Face checkpoint")
+    merge_lora: CliSubCommand[MergeLora] = Field(
+        description="merge a LoRA adapter in fp32, save once in the serving dtype, measure the drift")
+    inspect: CliSubCommand[Inspect] = Field(description="parameters, weight bytes and KV-cache size of a model")
+    plan: CliSubCommand[Plan] = Field(
+        description="capacity plan on a device type: memory per device, KV tokens, reference placement, speed")
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
@@ -393,9 +403,15 @@ def run_diagnose(args: Diagnose) -> None:
     sys.exit(1 if report.departs else 0)
 
 
+def cli_source() -> CliSettingsSource:
+    """The parsers, with each laid-out command's help in groups (server/cli_help.py)."""
+    layout = HelpLayout({"serve": Serve, "verify": Verify, "reference": Reference})
+    return CliSettingsSource(Shadowserve, add_argument_method=layout.add_argument, formatter_class=HelpFormatter)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        CliApp.run(Shadowserve, cli_args=sys.argv[1:] if argv is None else argv)
+        CliApp.run(Shadowserve, cli_args=sys.argv[1:] if argv is None else argv, cli_settings_source=cli_source())
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"shadowserve: invalid settings: {problems}", file=sys.stderr)
