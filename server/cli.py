@@ -403,10 +403,11 @@ def run_diagnose(args: Diagnose) -> None:
     sys.exit(1 if report.departs else 0)
 
 
-def cli_source() -> CliSettingsSource:
+def cli_source(**options) -> CliSettingsSource:
     """The parsers, with each laid-out command's help in groups (server/cli_help.py)."""
     layout = HelpLayout({"serve": Serve, "verify": Verify, "reference": Reference})
-    return CliSettingsSource(Shadowserve, add_argument_method=layout.add_argument, formatter_class=HelpFormatter)
+    return CliSettingsSource(Shadowserve, add_argument_method=layout.add_argument, formatter_class=HelpFormatter,
+                             **options)
 
 
 def main(argv: list[str] | None = None) -> None:
