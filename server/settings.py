@@ -10,10 +10,15 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.serving.limits import RequestLimits
 from shadow.settings import ShadowSettings
 
-_LIMITS = RequestLimits()
+# Per-request limits' defaults, the flags' below and server.serving.limits.RequestLimits' own
+# (README.md, "Limits and security", says why each is what it is). Kept here, not in the
+# limits module, so that the settings import no serving code.
+MAX_MESSAGE_CHARS = 1_000_000
+MAX_PROMPTS = 64
+MAX_STOP_CHARS = 256
+MAX_REQUEST_TOKENS = 262_144
 
 EngineName = Literal["vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -222,12 +227,12 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
     max_n: int = Field(default=16, ge=1, description="largest `n` (choices per request)")
     max_request_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest request body (413 above)")
     max_message_chars: int = Field(
-        default=_LIMITS.max_message_chars, ge=1, description="largest chat message or completions prompt, in characters"
+        default=MAX_MESSAGE_CHARS, ge=1, description="largest chat message or completions prompt, in characters"
     )
-    max_prompts: int = Field(default=_LIMITS.max_prompts, ge=1, description="largest batch of prompts in one completions request")
-    max_stop_chars: int = Field(default=_LIMITS.max_stop_chars, ge=1, description="longest stop sequence, in characters")
+    max_prompts: int = Field(default=MAX_PROMPTS, ge=1, description="largest batch of prompts in one completions request")
+    max_stop_chars: int = Field(default=MAX_STOP_CHARS, ge=1, description="longest stop sequence, in characters")
     max_request_tokens: int = Field(
-        default=_LIMITS.max_request_tokens, ge=1,
+        default=MAX_REQUEST_TOKENS, ge=1,
         description="most tokens one request may ask to generate: prompts x n x max_tokens (or the context's room)",
     )
     shutdown_grace_s: float = Field(
@@ -260,10 +265,6 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
     def reference_lora_paths(self) -> dict[str, Path]:
         """--shadow-reference-lora-modules: adapter name -> the reference's copy."""
         return dict(parse_lora_module(item) for item in self.shadow_reference_lora_modules)
-
-    @property
-    def request_limits(self) -> RequestLimits:
-        return RequestLimits(self.max_message_chars, self.max_prompts, self.max_stop_chars, self.max_request_tokens)
 
     @model_validator(mode="after")
     def _shadow_fits(self) -> ServeSettings:

@@ -74,7 +74,7 @@ class ServingContext:
             model_name=settings.model_name,
             max_n=settings.max_n,
             max_logprobs=settings.max_logprobs,
-            limits=settings.request_limits,
+            limits=RequestLimits.from_settings(settings),
             shadow=shadow,
             adapters=adapters,
         )

@@ -15,19 +15,25 @@ from pydantic import BaseModel
 
 from server.errors import InvalidRequestError
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.settings import MAX_MESSAGE_CHARS, MAX_PROMPTS, MAX_REQUEST_TOKENS, MAX_STOP_CHARS, ServeSettings
 
-if TYPE_CHECKING:  # settings import this module; generation imports the engines, which import settings
+if TYPE_CHECKING:  # for annotations only: generation would load the engines with this module
     from server.serving.generation import Job
 
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Defaults: README.md, "Limits and security", says why each is what it is."""
+    """Defaults: the settings' (README.md, "Limits and security", says why each is what it is)."""
 
-    max_message_chars: int = 1_000_000
-    max_prompts: int = 64
-    max_stop_chars: int = 256
-    max_request_tokens: int = 262_144
+    max_message_chars: int = MAX_MESSAGE_CHARS
+    max_prompts: int = MAX_PROMPTS
+    max_stop_chars: int = MAX_STOP_CHARS
+    max_request_tokens: int = MAX_REQUEST_TOKENS
+
+    @classmethod
+    def from_settings(cls, settings: ServeSettings) -> RequestLimits:
+        return cls(settings.max_message_chars, settings.max_prompts, settings.max_stop_chars,
+                   settings.max_request_tokens)
 
     def check(self, request: ChatCompletionRequest | CompletionRequest) -> None:
         """Cheap checks on the parsed request, before it costs anything."""
