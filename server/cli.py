@@ -286,6 +286,7 @@ def run_reference(settings: ReferenceSettings) -> None:
 
     from server.reference_app import create_reference_app
     from shadow.local_scorer import LocalScorer
+    from shadow.remote_code import RemoteCodeError
     from shadow.scoring import ShadowReferenceError
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -298,7 +299,7 @@ def run_reference(settings: ReferenceSettings) -> None:
         )
         if settings.noise_dtype != "none":
             scorer.enable_noise_floor(settings.noise_dtype)
-    except ShadowReferenceError as exc:
+    except (ShadowReferenceError, RemoteCodeError) as exc:
         sys.exit(f"shadowserve reference: {exc}")
     app = create_reference_app(
         scorer, settings.tokens, CollectorRegistry(), docs=settings.docs, max_item_tokens=settings.max_item_tokens,

@@ -23,7 +23,8 @@ def load_reference(
     defer_unreachable: bool = False,
 ) -> Scorer:
     """Blocking (loads or connects to the reference). Raises ShadowReferenceError when it
-    cannot be used, e.g. when it does not share the candidate's vocabulary.
+    cannot be used, e.g. when it does not share the candidate's vocabulary, and
+    RemoteCodeError when its own code is refused or fails to load.
 
     `defer_unreachable` (the server): a remote reference that cannot be reached is not an
     error; the scorer starts pending, and `build_shadow_path` has it retried in the

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shadow.scoring import ShadowReferenceError
 
-
-class RemoteCodeError(ShadowReferenceError):
+class RemoteCodeError(RuntimeError):
     """The model needs its own Python code and `--trust-remote-code` was not given, or its
-    code lives outside the model directory. Raised for the candidate's loaders too."""
+    code lives outside the model directory. Raised for the candidate's loaders as much as
+    the reference's, so not a ShadowReferenceError: a handler that turns the reference's
+    load errors into its message and exit code names this one beside it."""
 
 
 class RemoteCodeFailedError(RemoteCodeError):

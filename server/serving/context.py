@@ -20,6 +20,7 @@ from server.settings import ServeSettings
 from shadow.calibration import load_calibration
 from shadow.factory import build_shadow_path, load_reference
 from shadow.path import ShadowPath
+from shadow.remote_code import RemoteCodeError
 from shadow.scoring import ReferenceLoadError, ShadowReferenceError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class ServingContext:
             try:
                 scorer = load_reference(settings, settings.model, renderer.tokenizer,
                                         trust_remote_code=settings.trust_remote_code, defer_unreachable=True)
-            except ShadowReferenceError as exc:
+            except (ShadowReferenceError, RemoteCodeError) as exc:  # the reference's own code, refused or failed
                 raise ReferenceLoadError(str(exc)) from exc
         engine = load_engine(settings)
         shadow = None

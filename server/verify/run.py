@@ -79,7 +79,7 @@ def shadow_settings(settings: VerifySettings, samples: int) -> ShadowSettings:
 
 
 async def verify(settings: VerifySettings) -> VerifyResult:
-    """Blocking loads run in threads; raises ShadowReferenceError, InputError, VerifyError."""
+    """Blocking loads run in threads; raises ShadowReferenceError, RemoteCodeError, InputError, VerifyError."""
     renderer = await asyncio.to_thread(PromptRenderer.load, settings.candidate, settings.trust_remote_code)
     if settings.corpus is None:
         work = load_prompts(settings.prompts, settings.samples)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shadow.local_scorer import LocalScorer
-from shadow.remote_code import local_code_only
+from shadow.remote_code import RemoteCodeError, local_code_only
 from shadow.scoring import (
     ScoreItem,
     ShadowReferenceError,
@@ -64,12 +64,12 @@ def test_trust_remote_code_only_for_local_code(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert local_code_only(tmp_path) is False
     (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
-    with pytest.raises(ShadowReferenceError, match="not in the directory"):
+    with pytest.raises(RemoteCodeError, match="not in the directory"):
         local_code_only(tmp_path)
     (tmp_path / "modeling_x.py").write_text("")
     assert local_code_only(tmp_path) is True
     (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "someone/repo--modeling_x.X"}}))
-    with pytest.raises(ShadowReferenceError, match="outside the directory"):
+    with pytest.raises(RemoteCodeError, match="outside the directory"):
         local_code_only(tmp_path)
 
 

@@ -17,7 +17,6 @@ from server.settings import EngineSettings, ServeSettings
 from shadow.factory import load_reference
 from shadow.local_scorer import LocalScorer
 from shadow.remote_code import RemoteCodeError, remote_code_allowed
-from shadow.scoring import ShadowReferenceError
 
 MODELING = '''
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,7 +60,7 @@ def test_flag_is_off_by_default():
 
 
 def test_reference_with_local_code_is_refused_without_the_flag(custom_code_dir):
-    with pytest.raises(ShadowReferenceError, match="--trust-remote-code"):
+    with pytest.raises(RemoteCodeError, match="--trust-remote-code"):
         LocalScorer.load(custom_code_dir, device="cpu")
     scorer = LocalScorer.load(custom_code_dir, device="cpu", trust_remote_code=True)
     assert type(scorer._model).__name__ == "TinyForCausalLM"
