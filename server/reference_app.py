@@ -23,7 +23,15 @@ from server.errors import (
 )
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from shadow.placement import MaxMemory
-from shadow.scoring import ReferenceBusyError, ReferenceInfo, ScoreItem, ScoreRequestBody, ScoreResponseBody, to_body
+from shadow.scoring import (
+    SCORE_PATH,
+    ReferenceBusyError,
+    ReferenceInfo,
+    ScoreItem,
+    ScoreRequestBody,
+    ScoreResponseBody,
+    to_body,
+)
 
 
 if TYPE_CHECKING:  # torch stays out of the CLI's import path
@@ -34,7 +42,6 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})
 MAX_ITEM_TOKENS = 8192
 MAX_REQUEST_TOKENS = 32768
 MAX_BODY_BYTES = 16 * 1024 * 1024
-SCORE_PATH = "/v1/shadow/score"
 
 
 class ReferenceSettings(BaseSettings):
@@ -121,7 +128,7 @@ def create_reference_app(
     async def shadow_info() -> ReferenceInfo:
         return info
 
-    @app.post("/v1/shadow/score")
+    @app.post(SCORE_PATH)
     async def score(body: ScoreRequestBody) -> Response:
         items = [ScoreItem(i.prompt_ids, i.output_ids, i.candidate_ids) for i in body.items]
         sizes = [len(item.prompt_ids) + len(item.output_ids) for item in items]

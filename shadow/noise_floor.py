@@ -34,10 +34,6 @@ _PRODUCTS = {
 }
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def serving_dtype_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     """A copy of `model` with its parameters in `dtype` (buffers untouched), built one
     parameter at a time: peak memory is the low-precision copy, not a second fp32 one.

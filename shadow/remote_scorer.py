@@ -20,6 +20,7 @@ import httpx
 from pydantic import ValidationError
 
 from shadow.scoring import (
+    SCORE_PATH,
     ReferenceInfo,
     ScoredSequence,
     ScoreItem,
@@ -185,7 +186,7 @@ class RemoteScorer:
             top_m=top_m,
             noise_top_k=noise_top_k,
         )
-        reply = await self._client.post("/v1/shadow/score", content=body.model_dump_json(), headers={"Content-Type": "application/json"})
+        reply = await self._client.post(SCORE_PATH, content=body.model_dump_json(), headers={"Content-Type": "application/json"})
         if reply.status_code != 200:
             raise ShadowReferenceError(f"remote reference answered {reply.status_code}: {reply.text[:200]}")
         parsed = ScoreResponseBody.model_validate_json(reply.content)

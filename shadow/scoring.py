@@ -105,6 +105,8 @@ class Scorer(Protocol):
 
 # --- wire format of POST /v1/shadow/score ----------------------------------------------
 
+SCORE_PATH = "/v1/shadow/score"  # served by server/reference_app.py, posted to by shadow/remote_scorer.py
+
 
 class ScoreItemBody(BaseModel):
     prompt_ids: list[int] = Field(min_length=1)
