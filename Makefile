@@ -9,7 +9,7 @@ PORT   ?= 8000
 SHADOW_RATE ?= 1.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo-model serve test bench clean system-packages
+.PHONY: install demo-model serve test lint docs bench clean system-packages
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,12 +35,19 @@ serve: install
 		--dtype bfloat16 --kv-cache-gib 2 --host $(HOST) --port $(PORT) \
 		--shadow-rate $(SHADOW_RATE) --shadow-capture-path .cache/divergences.jsonl
 
-# The test suite (unit + integration with real vLLM servers). pytest's exit code 5
+# The test suite: lint, the docs site, then unit + integration tests with real vLLM servers. pytest's exit code 5
 # ("no tests collected") is reported and treated as success, any other failure fails.
-test: install system-packages
+test: install system-packages docs
 	$(BIN)/shadowserve demo-model >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The linter (ruff, configured in pyproject.toml) and the docs site (mkdocs.yml), warnings as errors.
+lint: install
+	$(BIN)/ruff check .
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 # Debian packages the tests use: `prometheus` and `promtool` (monitoring tests) and
 # `chromium` (the HTML report, opened in a real headless browser).

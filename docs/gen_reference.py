@@ -106,14 +106,16 @@ def cli_reference() -> str:
              "`shadowserve --help` lists the commands; `shadowserve <command> --help` shows the same flags as below, "
              "grouped the same way: positional arguments and the options needed first, then the shadow path, the "
              "verdict's tuning, engine and memory, limits, mounted LoRA adapters and vLLM pass-through.", ""]
+    leaves = [c for c in subcommand_models(Shadowserve) if not subparsers(parsers[c])]  # convert: its members
     descriptions = {n.replace("_", "-"): f.description for n, f in Shadowserve.model_fields.items()}
     lines += ["| command | what it does |", "|---|---|"]
-    lines += [f"| [`{c}`](#shadowserve-{c}) | {cell(d)} |" for c, d in descriptions.items()]
+    for command, description in descriptions.items():
+        anchor = next(c for c in leaves if c == command or c.startswith(f"{command} ")).replace(" ", "-")
+        lines.append(f"| [`{command}`](#shadowserve-{anchor}) | {cell(description)} |")
     lines.append("")
     for command, model in subcommand_models(Shadowserve).items():
-        if subparsers(parsers[command]):  # a group of commands (convert): its members follow
-            continue
-        lines += command_section(command, model, parsers[command])
+        if command in leaves:
+            lines += command_section(command, model, parsers[command])
     return "\n".join(lines).rstrip() + "\n"
 
 
