@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shadow.settings import ShadowSettings
 
 # Per-request limits' defaults, the flags' below and server.serving.limits.RequestLimits' own
-# (README.md, "Limits and security", says why each is what it is). Kept here, not in the
+# (docs/limits-and-security.md, "Request limits", says why each is what it is). Kept here, not in the
 # limits module, so that the settings import no serving code.
 MAX_MESSAGE_CHARS = 1_000_000
 MAX_PROMPTS = 64
@@ -252,7 +252,7 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
     )
     verdict_calibrate_samples: int = Field(
         default=32, ge=8, le=32, description="built-in prompts --verdict-calibrate measures on (64 greedy tokens each)")
-    docs: bool = Field(default=False, description="serve /docs and /openapi.json (off: the API surface stays unlisted)")
+    docs: bool = Field(default=False, description="serve /docs, /redoc and /openapi.json (off: the API surface stays unlisted)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
 
     @field_validator("api_keys", mode="before")

@@ -1,4 +1,4 @@
-"""Engine calibration (DESIGN.md, "Verdict v2"): how noisy the serving engine really is,
+"""Engine calibration (docs/design.md, "Verdict v2"): how noisy the serving engine really is,
 relative to the noise floor the shadow path computes.
 
 The noise floor is the reference in the serving dtype *run by transformers*: a model of

@@ -1,4 +1,4 @@
-"""Comparison maths (DESIGN.md, "Comparison semantics"): pure, arrays in, numbers out.
+"""Comparison maths (docs/design.md, "Comparison semantics"): pure, arrays in, numbers out.
 
 Per completion position i, with the candidate's top-k set K_i (its log-probs include
 the emitted token as well):

@@ -1,4 +1,4 @@
-"""Shadow metrics (DESIGN.md, "Metrics") on an injected CollectorRegistry.
+"""Shadow metrics (docs/design.md, "Metrics"; docs/reference/metrics.md lists every series) on an injected CollectorRegistry.
 
 Every series carries `model`, `reference`, the operator's constant labels (e.g.
 `variant="canary"`) and `adapter`: the mounted LoRA adapter the requests named, `""` for

@@ -1,5 +1,5 @@
 """The reference in the candidate's serving dtype: the model whose drift from the fp32
-reference is the noise floor (DESIGN.md, "Noise floor and verdict").
+reference is the noise floor (docs/design.md, "Noise floor and verdict").
 
 It is a real low-precision copy of the reference: parameters cast to the serving dtype
 (bf16/fp16), activations, residual stream and norms running in that dtype, exactly as

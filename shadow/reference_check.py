@@ -4,7 +4,7 @@ not be far worse than its candidate.
 
 Why this rule: a candidate and its reference are meant to be the same function (a
 conversion, a merge, a dtype). Precision moves the probe's mean log-loss by about a
-thousandth of a nat per token (bf16 on SmolLM2: README, "Reference trust"); a conversion
+thousandth of a nat per token (bf16 on SmolLM2: docs/shadow.md, "Reference trust"); a conversion
 bug makes the *candidate* worse. So a reference whose log-loss exceeds its candidate's by
 more than `max_excess_nats` per token is the broken side — remote code under the wrong
 transformers, rotary tables never materialised, a wrong config — and judging the

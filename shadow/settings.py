@@ -18,7 +18,7 @@ _DEFAULT = VerdictPolicy()
 
 
 class VerdictSettings(BaseModel):
-    """The verdict's limits (shared by `serve` and `verify`); README.md, "The verdict",
+    """The verdict's limits (shared by `serve` and `verify`); docs/verdict.md, "The tolerance",
     says why each default is what it is."""
 
     verdict_kl_ratio_max: float = Field(

@@ -1,4 +1,4 @@
-"""The verdict (DESIGN.md, "Noise floor and verdict", "Verdict v2"): pure maths, paired
+"""The verdict (docs/design.md, "Noise floor and verdict", "Verdict v2"): pure maths, paired
 per-sequence statistics in, `pass` / `fail` / `inconclusive` out, always with its
 reasons, and a second answer beside it: is the candidate *detectably different* from the
 noise floor at all?
@@ -62,7 +62,7 @@ GUARDS = ("excess_top1", "excess_hard")  # can fail a candidate, never pass one
 
 @dataclass(frozen=True)
 class VerdictPolicy:
-    """Limits and confidence; the defaults are justified in README.md ("The verdict")."""
+    """Limits and confidence; the defaults are justified in docs/verdict.md ("The tolerance")."""
 
     kl_ratio_max: float = 2.0
     excess_top1_max: float = 0.01

@@ -9,7 +9,7 @@ Bugs (the verdict must fail them):
 - tp_rank_order: tensor-parallel shards merged in the wrong rank order (real `merge-tp`)
 - rotary_layout: q/k left in the interleaved rotary layout (the HF permutation not applied)
 - lora_bf16_merge_fp16: a LoRA merged into a bf16 base, saved in bf16 and served in fp16
-  (the report in DESIGN.md: wrong answers in fp16 inference)
+  (the report cited in docs/design.md: wrong answers in fp16 inference)
 
 Also for `diagnose` (its tests): norm_eps (config), a LoRA merged twice or at the wrong
 scale (lora_merged), and the weights cast to bf16/fp16 on disk (cast_weights).

@@ -27,7 +27,7 @@ from adapters.errors import AdapterError
 SITES = ("attention", "mlp_input", "mlp", "residual")
 SITE_NAMES = {"embedding": "embedding output", "attention": "self-attention output", "mlp_input": "MLP input",
               "mlp": "MLP output", "residual": "residual stream (layer output)"}
-DEPARTURE = 4.0  # × the envelope: dtype controls peak at 2.0 (fp16), the attention-scale bug at 10 (README)
+DEPARTURE = 4.0  # × the envelope: dtype controls peak at 2.0 (fp16), the attention-scale bug at 10 (docs/diagnose.md)
 FLOOR = 1e-6  # relative errors below this are fp32 arithmetic, whatever the envelope
 PROMPTS = (
     "The capital of France is Paris. The capital of Italy is",

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # for annotations only: generation would load the engines wit
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Defaults: the settings' (README.md, "Limits and security", says why each is what it is)."""
+    """Defaults: the settings' (docs/limits-and-security.md, "Request limits", says why each is what it is)."""
 
     max_message_chars: int = MAX_MESSAGE_CHARS
     max_prompts: int = MAX_PROMPTS

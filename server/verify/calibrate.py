@@ -1,5 +1,5 @@
 """`shadowserve verify --calibrate` and `serve --verdict-calibrate`: the serving engine's
-own noise (DESIGN.md, "Verdict v2"; Diffy's secondary). The reference's weights are
+own noise (docs/design.md, "Verdict v2"; Diffy's secondary). The reference's weights are
 served by the candidate's engine, dtype and compile mode, over the same prompts, and
 judged by the ordinary pipeline against the fp32 reference and the transformers noise
 floor: the KL ratio it reads is the engine's noise relative to that floor, stored for

@@ -1,5 +1,5 @@
 """The container images, checked statically (no container engine runs on this machine, see
-README "Container images"): pinned to the versions pyproject.toml pins, non-root, no model
+docs/kubernetes.md, "Container images"): pinned to the versions pyproject.toml pins, non-root, no model
 inside, `shadowserve serve` by default, and named by the chart's default image."""
 
 from __future__ import annotations
