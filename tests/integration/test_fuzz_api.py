@@ -4,7 +4,10 @@ Every route, positive and negative generation, all of schemathesis' default chec
 (server errors, status codes, content types, response schemas and headers, acceptance
 of valid data, rejection of invalid data, ...), and on top: every error body in OpenAI's
 shape. Failures are collected rather than raised at the first one, so a run lists every
-distinct finding; the last test asserts there were none and that enough requests ran.
+distinct finding; each operation's test then asserts it got answers, no 5xx and no new
+finding, and the totals test that all operations together sent enough requests. Each
+operation is fuzzed once per module run (by whichever test asks first), so any of the
+tests can run alone (`-k`) and still judge what it asserts.
 
 The server runs the transformers engine with a 256-token context, and generated
 `max_tokens` are capped at a few tokens before each call, so generation stays short.
@@ -75,10 +78,6 @@ KNOWN_FINDINGS = (
     # (--shadow-allow-header); elsewhere any value is ignored, so the document cannot enum them.
     "X-Shadow must be one of",
 )
-
-REQUESTS: Counter = Counter()  # (method path, status)
-FINDINGS: dict[str, str] = {}  # distinct finding -> one example
-
 
 def _docs_flag() -> list[str]:
     help_text = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"],
@@ -154,8 +153,9 @@ def _finding(case, response, failure) -> str:
     return f"{case.operation.label} -> {response.status_code}: {type(failure).__name__}: {failure.title}{detail}"
 
 
-def _call_and_check(case, url: str, headers: dict | None = None, requests: Counter = REQUESTS,
-                    findings: dict = FINDINGS) -> None:
+def _call_and_check(case, url: str, headers: dict | None, requests: Counter, findings: dict) -> None:
+    """One case: its (method path, status) counted in `requests`, each distinct finding
+    (distinct finding -> one example) recorded in `findings`."""
     if case.body is not NOT_SET:
         case.body = _cap(case.body)
     try:
@@ -182,21 +182,40 @@ def _call_and_check(case, url: str, headers: dict | None = None, requests: Count
                                 f"{errors[0]}", example)
 
 
+@pytest.fixture(scope="module")
+def fuzzed(api_schema, fuzz_server):
+    """`fuzzed(method, path)`: that operation's (requests, findings), fuzzing it on the
+    first ask only: the per-operation tests and the totals share one run, in any order."""
+    runs: dict[tuple[str, str], tuple[Counter, dict]] = {}
+
+    def run(method: str, path: str) -> tuple[Counter, dict]:
+        if (method, path) not in runs:
+            operation = api_schema[path][method]
+            strategies = [operation.as_strategy(mode) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
+            if "{model}" in path:  # the served model too, not only names that 404
+                strategies.append(operation.as_strategy(path_parameters={"model": MODEL_NAME}))
+            cases = st.one_of(strategies)
+            requests, findings = Counter(), {}
+
+            @given(case=cases)
+            @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+            def fuzz(case):
+                _call_and_check(case, fuzz_server.url, None, requests, findings)
+
+            fuzz()
+            runs[(method, path)] = requests, findings
+        return runs[(method, path)]
+
+    return run
+
+
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
-def test_fuzz(api_schema, fuzz_server, method, path):
-    operation = api_schema[path][method]
-    strategies = [operation.as_strategy(mode) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
-    if "{model}" in path:  # the served model too, not only names that 404
-        strategies.append(operation.as_strategy(path_parameters={"model": MODEL_NAME}))
-    cases = st.one_of(strategies)
-
-    @given(case=cases)
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck), phases=[Phase.generate])
-    def fuzz(case):
-        _call_and_check(case, fuzz_server.url)
-
-    fuzz()
+def test_fuzz(fuzzed, method, path):
+    """This operation's cases: at least one answered, none with a 5xx or no answer, no
+    finding beyond the known ones."""
+    requests, findings = fuzzed(method, path)
+    _verdict(requests, findings, 1)
 
 
 def _verdict(requests: Counter, findings: dict, minimum: int) -> None:
@@ -234,6 +253,13 @@ def test_fuzz_vllm(api_schema, vllm_server):
     _verdict(requests, findings, 100)
 
 
-def test_fuzz_totals():
-    """Runs after test_fuzz (file order): enough requests, no 5xx, no findings."""
-    _verdict(REQUESTS, FINDINGS, MIN_REQUESTS)
+def test_fuzz_totals(fuzzed):
+    """Every operation (fuzzed here if its own test did not run): enough requests in all,
+    no 5xx, no new findings."""
+    requests, findings = Counter(), {}
+    for method, path in OPERATIONS:
+        op_requests, op_findings = fuzzed(method, path)
+        requests.update(op_requests)
+        for finding, example in op_findings.items():
+            findings.setdefault(finding, example)
+    _verdict(requests, findings, MIN_REQUESTS)
