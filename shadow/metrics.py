@@ -40,6 +40,39 @@ OVERSIZE = ("truncated", "skipped")  # a sequence past --shadow-max-tokens: cut 
 CANDIDATE, NOISE_FLOOR = "candidate", "noise_floor"
 
 
+class _SequenceSeries:
+    """The children `ShadowMetrics.sequence` updates for one label set (adapter,
+    comparison), bound once: `.labels()` checks and looks up the label values under the
+    collector's lock at every call, a dozen times per sequence. The children every
+    sequence touches are bound at once; those only some touch (its result's, the first
+    divergence's) on first use, so series are created when `.labels()` created them."""
+
+    def __init__(self, metrics: ShadowMetrics, labels: dict[str, str]):
+        self._metrics, self._labels = metrics, labels
+        self._results: dict[str, Counter] = {}
+        self._first_divergence: Histogram | None = None
+        self.compared_len = metrics._compared_len.labels(**labels)
+        self.same = metrics._tokens.labels(**labels, top1="same")
+        self.different = metrics._tokens.labels(**labels, top1="different")
+        self.kl = metrics._kl.labels(**labels)
+        self.delta_p = metrics._delta_p.labels(**labels)
+        self.drift = metrics._drift.labels(**labels)
+        self.delta_p_gain = metrics._delta_p_gain.labels(**labels)
+        self.delta_p_loss = metrics._delta_p_loss.labels(**labels)
+        self.delta_p_squares = metrics._delta_p_squares.labels(**labels)
+
+    def result(self, result: str) -> Counter:
+        child = self._results.get(result)
+        if child is None:
+            child = self._results[result] = self._metrics._sequences.labels(**self._labels, result=result)
+        return child
+
+    def first_divergence(self) -> Histogram:
+        if self._first_divergence is None:
+            self._first_divergence = self._metrics._first_divergence.labels(**self._labels)
+        return self._first_divergence
+
+
 class ShadowMetrics:
     def __init__(
         self,
@@ -121,6 +154,9 @@ class ShadowMetrics:
         self._common = common
         self._comparisons = comparisons
         self._registry = registry
+        # (label values of adapter + comparison) -> its bound per-sequence children; one
+        # dict shared by every adapter's view (copy.copy keeps it), as the collectors are.
+        self._sequence_series: dict[tuple[str, ...], _SequenceSeries] = {}
         self._bind(adapter)
 
     def for_adapter(self, adapter: str) -> ShadowMetrics:
@@ -176,6 +212,11 @@ class ShadowMetrics:
         that never served), or only its gauges (just unloaded: its verdict and queue say
         nothing any more, so alerts and canary gates must not read them; its counters
         stay readable)."""
+        # Children removed from their collector are detached: the next sequence binds anew
+        # (as `.labels()` recreated them).
+        prefix = tuple(self._base.values())
+        for key in [key for key in self._sequence_series if key[:-1] == prefix]:
+            del self._sequence_series[key]
         for metric, labels in list(self._children()):  # labels in declaration order (dicts keep it)
             if gauges_only and not isinstance(metric, Gauge):
                 continue
@@ -227,20 +268,28 @@ class ShadowMetrics:
     def reference_latency(self, seconds: float) -> None:
         self._reference_seconds.labels(**self._base).observe(seconds)
 
-    def sequence(self, cmp: SequenceComparison, comparison: str = CANDIDATE) -> None:
+    def _series_of(self, comparison: str) -> _SequenceSeries:
+        """This adapter's `comparison` children, bound on its first sequence."""
         labels = {**self._base, "comparison": comparison}
-        self._sequences.labels(**labels, result=cmp.result).inc()
-        self._compared_len.labels(**labels).observe(cmp.compared_tokens)
+        key = tuple(labels.values())
+        series = self._sequence_series.get(key)
+        if series is None:
+            series = self._sequence_series[key] = _SequenceSeries(self, labels)
+        return series
+
+    def sequence(self, cmp: SequenceComparison, comparison: str = CANDIDATE) -> None:
+        series = self._series_of(comparison)
+        series.result(cmp.result).inc()
+        series.compared_len.observe(cmp.compared_tokens)
         if cmp.first_divergence is not None:
-            self._first_divergence.labels(**labels).observe(cmp.first_divergence)
+            series.first_divergence().observe(cmp.first_divergence)
         same = int(np.count_nonzero(cmp.tokens.top1_same))
-        self._tokens.labels(**labels, top1="same").inc(same)
-        self._tokens.labels(**labels, top1="different").inc(cmp.compared_tokens - same)
-        for histogram, values in ((self._kl, cmp.tokens.kl), (self._delta_p, cmp.tokens.delta_p), (self._drift, cmp.tokens.drift)):
-            child = histogram.labels(**labels)
+        series.same.inc(same)
+        series.different.inc(cmp.compared_tokens - same)
+        for child, values in ((series.kl, cmp.tokens.kl), (series.delta_p, cmp.tokens.delta_p), (series.drift, cmp.tokens.drift)):
             for value in values.tolist():
                 child.observe(value)
         dp = cmp.tokens.delta_p
-        self._delta_p_gain.labels(**labels).inc(float(np.clip(dp, 0, None).sum()))
-        self._delta_p_loss.labels(**labels).inc(float(np.clip(-dp, 0, None).sum()))
-        self._delta_p_squares.labels(**labels).inc(float(np.square(dp).sum()))
+        series.delta_p_gain.inc(float(np.clip(dp, 0, None).sum()))
+        series.delta_p_loss.inc(float(np.clip(-dp, 0, None).sum()))
+        series.delta_p_squares.inc(float(np.square(dp).sum()))

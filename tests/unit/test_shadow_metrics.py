@@ -64,3 +64,29 @@ def test_kl_buckets_cover_one_in_a_million_to_ten_nats(registry):
     # at least two edges per decade in between, so histogram_quantile is readable
     for decade in range(-6, 1):
         assert sum(10.0**decade <= e < 10.0 ** (decade + 1) for e in finite) >= 2
+
+
+def test_a_sequence_after_its_series_were_removed_counts_on_live_series(registry):
+    """The per-sequence children are bound once per (adapter, comparison); removing an
+    adapter's series drops its bound children, so a later sequence recreates the series
+    (as `.labels()` did) rather than counting on detached children no scrape sees."""
+    metrics = ShadowMetrics(registry, "cand", "ref", comparisons=("candidate", "noise_floor"))
+    lora = metrics.for_adapter("lora")
+    same = {1: math.log(0.7), 2: math.log(0.3)}
+    agree = PositionStats(same, [1, 2], [math.log(0.7), math.log(0.3)])
+    cmp = compare_sequence([1, 1], [same] * 2, [agree, agree], near_tie_margin=0.25)
+    lora_cmp = {"model": "cand", "reference": "ref", "adapter": "lora", "comparison": "candidate"}
+    metrics.sequence(cmp)
+    lora.sequence(cmp)
+    lora.sequence(cmp, "noise_floor")
+    lora.remove()
+    assert value(registry, "shadow_sequences_total", **lora_cmp, result="identical") is None
+    lora.sequence(cmp)
+    assert value(registry, "shadow_sequences_total", **lora_cmp, result="identical") == 1
+    assert value(registry, "shadow_tokens_total", **lora_cmp, top1="same") == 2
+    assert value(registry, "shadow_first_divergence_position_tokens_count", **lora_cmp) is None  # none diverged
+    # the base model's series were not touched
+    base_cmp = {**lora_cmp, "adapter": ""}
+    assert value(registry, "shadow_sequences_total", **base_cmp, result="identical") == 1
+    metrics.sequence(cmp)
+    assert value(registry, "shadow_sequences_total", **base_cmp, result="identical") == 2
