@@ -118,7 +118,7 @@ async def check_reference_first(shadow: ShadowPath) -> None:
     the start-up log and its probe is not mixed with client traffic. A check that cannot
     run yet (a remote reference not reachable, a failed call, too slow) is left to the
     shadow's worker, which retries it before scoring anything."""
-    if not getattr(shadow.scorer, "ready", True):
+    if not shadow.scorer.ready:
         return
     try:
         await asyncio.wait_for(shadow.run_reference_check(retry=False), REFERENCE_CHECK_AT_START_S)

@@ -80,7 +80,7 @@ def build_shadow_path(
     if settings.shadow_noise_floor:
         scorer.enable_noise_floor(serving_dtype)
         comparisons = (CANDIDATE, NOISE_FLOOR)
-    if getattr(scorer, "state", None) == "unreachable":  # a pending remote reference: checked once it answers
+    if scorer.state == "unreachable":  # a pending remote reference: checked once it answers
         candidate_vocab = vocab_fingerprint(candidate_tokenizer)
         scorer.retry_in_background(lambda vocab, name: check_same_vocab(candidate_vocab, vocab, name))
     reference = settings.shadow_reference_name or scorer.name

@@ -23,6 +23,9 @@ from shadow.scoring import ReferenceBusyError, ScoredSequence, ScoreItem, Shadow
 
 class LocalScorer:
     cancellable = False  # a forward in progress cannot be abandoned (see Scorer.cancellable)
+    ready = True  # in process: there from load to close (see Scorer.ready)
+    token_caps: tuple[int | None, int | None] = (None, None)  # none of its own: the settings' budgets bound it
+    state: str | None = None  # no connection to track (see Scorer.state)
 
     def __init__(self, model, tokenizer, name: str, device: torch.device):
         self._model = model

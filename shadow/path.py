@@ -215,7 +215,7 @@ class ShadowPath:
         if self._closed:
             metrics.sample("dropped")
             return
-        if not getattr(self.scorer, "ready", True):  # a remote reference not reachable (yet), or disabled
+        if not self.scorer.ready:  # a remote reference not reachable (yet), or disabled
             metrics.sample("error")
             return
         if not self._queue.put(dataclasses.replace(sample, sequences=sequences), lane):
@@ -237,7 +237,7 @@ class ShadowPath:
     def _budgets(self) -> tuple[int, int]:
         """(longest sequence, padded batch) a reference forward takes: the settings, within
         a remote reference's own caps (it would refuse more with 413)."""
-        item_cap, batch_cap = getattr(self.scorer, "token_caps", (None, None))
+        item_cap, batch_cap = self.scorer.token_caps
         sequence = min(self.settings.shadow_sequence_tokens, item_cap or self.settings.shadow_sequence_tokens)
         batch = min(self.settings.shadow_batch_tokens, batch_cap or self.settings.shadow_batch_tokens)
         return min(sequence, batch), batch
@@ -286,7 +286,7 @@ class ShadowPath:
         delay = 1.0
         while self._self_check is not None and self.reference_check is None:
             try:
-                if not getattr(self.scorer, "ready", True):  # a remote reference not reachable yet
+                if not self.scorer.ready:  # a remote reference not reachable yet
                     raise ShadowReferenceError("the reference is not reachable yet")
                 self._settle(await self._self_check())
             except Exception as exc:

@@ -74,7 +74,7 @@ class RemoteScorer:
         self.name = info.name if info is not None else name or urlsplit(url).netloc or url
         self.vocab = VocabInfo(info.vocab_size, info.vocab_sha256) if info is not None else None
         self.noise_dtype: str | None = None
-        self.state = UP if info is not None else UNREACHABLE
+        self.state: str = UP if info is not None else UNREACHABLE  # see Scorer.state
         self.problem: str | None = None  # why it is disabled
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -90,6 +90,28 @@ class Scorer(Protocol):
     # Parameters or buffers found unmaterialised or non-finite at load: the self-check refuses such a reference.
     integrity_problems: list[str]
 
+    @property
+    def ready(self) -> bool:
+        """Whether samples can be scored now. False while a remote reference is not
+        reachable yet, or disabled: the shadow path counts sampled requests as errors and
+        leaves its self-check for later. An in-process reference is always ready."""
+        ...
+
+    @property
+    def token_caps(self) -> tuple[int | None, int | None]:
+        """The reference's own (per sequence, per padded batch) token caps, which the
+        shadow path fits its forwards within besides its settings' budgets (a remote
+        service answers 413 past them). None where it has none of its own or does not say:
+        (None, None) for an in-process reference."""
+        ...
+
+    @property
+    def state(self) -> str | None:
+        """A remote reference's connection: "unreachable" (not answering yet; retried in the
+        background once the shadow path is built), "up" or "disabled" (it answered but
+        failed the checks). None for a reference with no connection (in-process)."""
+        ...
+
     def enable_noise_floor(self, dtype: str) -> None:
         """Blocking: prepare the reference in the serving dtype, or raise ShadowReferenceError."""
         ...

@@ -21,6 +21,9 @@ class EchoScorer:
     integrity_problems: list[str] = []
     vocab = VocabInfo(3, "x")
     cancellable = True  # an abandoned call frees it, as a remote reference's does
+    ready = True
+    token_caps: tuple[int | None, int | None] = (None, None)
+    state: str | None = None
 
     def __init__(self, flip_at: int | None = None, delay: float = 0.0):
         self.batches: list[int] = []

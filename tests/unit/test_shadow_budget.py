@@ -40,6 +40,8 @@ class Recording:
     def __init__(self, inner):
         self.inner, self.name, self.vocab, self.noise_dtype = inner, inner.name, inner.vocab, None
         self.cancellable = inner.cancellable
+        self.ready, self.state = True, None
+        self.token_caps: tuple[int | None, int | None] = (None, None)  # a test sets a remote service's
         self.batches: list[list[ScoreItem]] = []
 
     async def score(self, items, top_m, noise_top_k=None, adapter=None):
