@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     import torch
-
     from tqdm import tqdm
 
     from adapters.diagnose.run import PASSES, diagnose

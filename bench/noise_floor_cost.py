@@ -23,8 +23,8 @@ from tqdm import tqdm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import shadow.local_scorer as local_scorer  # noqa: E402
-from server.verify.inputs import BUILTIN_PROMPTS  # noqa: E402
 from bench.timing import median_seconds  # noqa: E402
+from server.verify.inputs import BUILTIN_PROMPTS  # noqa: E402
 from shadow.local_scorer import LocalScorer  # noqa: E402
 from shadow.scoring import ScoreItem  # noqa: E402
 
@@ -58,7 +58,7 @@ def main() -> None:
         on = LocalScorer(model, tokenizer, "ref", torch.device("cpu"))
         on.enable_noise_floor(dtype)
         on.score_sync(items, top_m=5, noise_top_k=20)
-        rows.append((f"fp32 + noise floor in {dtype}", median_seconds(args.repeats, lambda: on.score_sync(items, 5, 20))))
+        rows.append((f"fp32 + noise floor in {dtype}", median_seconds(args.repeats, lambda on=on: on.score_sync(items, 5, 20))))
     native = LocalScorer(model, tokenizer, "ref", torch.device("cpu"))
     native.enable_noise_floor("bfloat16")
     original = local_scorer.fp32_accumulation

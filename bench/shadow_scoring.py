@@ -62,7 +62,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for size in (int(b) for b in args.batches.split(",")):
         batch = [item] * size
-        seconds = median_seconds(args.repeats, lambda: scorer.score_sync(batch, top_m=5))
+        seconds = median_seconds(args.repeats, lambda batch=batch: scorer.score_sync(batch, top_m=5))
         total = size * (len(prompt) + n)
         print(f"| {size} | {total} | {seconds:.3f} | {total / seconds:.0f} | {size * n / seconds:.0f} |")
 

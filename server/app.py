@@ -50,9 +50,9 @@ from server.serving.completion import CompletionHandler
 from server.serving.context import ServingContext
 from server.serving.tokenize import TokenizeHandler
 from server.settings import ServeSettings
+from shadow.calibration import CalibrationError
 from shadow.path import ShadowPath
 from shadow.report import ShadowReport
-from shadow.calibration import CalibrationError
 from shadow.scoring import ReferenceLoadError
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,6 @@ from shadow.scoring import (
     to_body,
 )
 
-
 if TYPE_CHECKING:  # torch stays out of the CLI's import path
     from shadow.local_scorer import LocalScorer
 
@@ -70,7 +69,8 @@ class ReferenceSettings(BaseSettings):
         default=MAX_ITEM_TOKENS, ge=1, description="most prompt + output ids in one item of a score request (else 413)"
     )
     max_request_tokens: int = Field(
-        default=MAX_REQUEST_TOKENS, ge=1, description="most tokens in a score request, its items padded to the longest (what a forward costs; else 413)"
+        default=MAX_REQUEST_TOKENS, ge=1,
+        description="most tokens in a score request, its items padded to the longest (what a forward costs; else 413)"
     )
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1, description="largest score request body, in bytes (else 413)")
     docs: CliImplicitFlag[bool] = Field(default=False, description="serve /docs, /redoc and /openapi.json")

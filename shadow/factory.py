@@ -43,7 +43,6 @@ def load_reference(
             return RemoteScorer.pending(url, token, settings.shadow_timeout_s, settings.shadow_reference_name)
     else:
         from shadow.local_scorer import LocalScorer
-
         from shadow.placement import parse_max_memory
 
         memory = settings.shadow_reference_max_memory

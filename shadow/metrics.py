@@ -93,7 +93,8 @@ class ShadowMetrics:
             return Histogram(name, doc, [*names, *extra], buckets=buckets, registry=registry)
 
         cmp = ("comparison",)
-        self._samples = counter("shadow_samples", "Shadow samples by outcome: compared, dropped (queue full), skipped, error.", ("outcome",))
+        self._samples = counter(
+            "shadow_samples", "Shadow samples by outcome: compared, dropped (queue full), skipped, error.", ("outcome",))
         self._sampled = counter(
             "shadow_sampled", "Requests admitted to the shadow path; each ends as exactly one shadow_samples_total outcome.")
         self._sequences = counter("shadow_sequences", "Compared sequences by result: identical, near_tie, hard.", (*cmp, "result"))
@@ -103,7 +104,8 @@ class ShadowMetrics:
             "shadow_compared_sequence_tokens", "Compared length of every sequence.", _POSITIONS, cmp)
         self._tokens = counter("shadow_tokens", "Compared positions by top-1 agreement (same/different).", (*cmp, "top1"))
         self._kl = histogram(
-            "shadow_token_kl_divergence", "Per token KL(ref||cand) over the candidate's top-k + rest (a lower bound of the full KL), nats.", _NATS, cmp)
+            "shadow_token_kl_divergence",
+            "Per token KL(ref||cand) over the candidate's top-k + rest (a lower bound of the full KL), nats.", _NATS, cmp)
         self._delta_p = histogram(
             "shadow_token_delta_p", "Per token p_cand - p_ref of the emitted token.", _DELTA_P, cmp)
         # prometheus_client omits _sum for a histogram with negative buckets, so the mean

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from shadow.scoring import Scorer, ScoreItem, ShadowReferenceError
+from shadow.scoring import ScoreItem, Scorer, ShadowReferenceError
 
 # Plain, varied English prose: what any language model has seen plenty of.
 PROBE = (

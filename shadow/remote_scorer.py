@@ -32,7 +32,6 @@ from shadow.scoring import (
     from_body,
 )
 
-
 UNREACHABLE_STATUSES = (502, 503, 504)  # a proxy in front of a reference that is not up (yet)
 UNREACHABLE, UP, DISABLED = "unreachable", "up", "disabled"
 

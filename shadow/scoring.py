@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shadow.compare import PositionStats
 
-
 MAX_BATCH_SEQUENCES = 256  # per reference batch, local or remote
 
 

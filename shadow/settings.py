@@ -133,7 +133,9 @@ class ShadowSettings(VerdictSettings):
     shadow_reference_nice: int = Field(
         default=10, ge=0, le=19, description="the in-process reference's thread runs this much lower in priority (Linux nice)"
     )
-    shadow_timeout_s: float = Field(default=60.0, gt=0, description="a remote reference batch slower than this is an error outcome (a local forward cannot be abandoned: a slow one makes the queue drop instead)")
+    shadow_timeout_s: float = Field(
+        default=60.0, gt=0, description="a remote reference batch slower than this is an error outcome (a local forward "
+        "cannot be abandoned: a slow one makes the queue drop instead)")
     shadow_drain_s: float = Field(default=10.0, ge=0, description="on shutdown, time to finish queued samples; the rest count as dropped")
     shadow_labels: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="constant labels on every shadow series, e.g. variant=canary,zone=a"

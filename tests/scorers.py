@@ -40,7 +40,7 @@ class EchoScorer:
         out = []
         for item in items:
             positions, noise = [], []
-            for i, ids in enumerate(item.candidate_ids):
+            for i in range(len(item.candidate_ids)):
                 dist = {1: 0.1, 2: 0.9} if i == self.flip_at else {1: 0.6, 2: 0.4}
                 top = sorted(dist, key=dist.get, reverse=True)
                 positions.append(PositionStats({t: math.log(dist[t]) for t in dist}, top, [math.log(dist[t]) for t in top]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from adapters.diagnose.activations import DEPARTURE, SITES, SITE_NAMES
+from adapters.diagnose.activations import DEPARTURE, SITE_NAMES, SITES
 from adapters.diagnose.findings import tensor_groups
 from adapters.diagnose.run import DiagnoseReport
 from adapters.html_page import BASE_CSS, svg_figure

@@ -4,8 +4,8 @@ sample. Unsampled requests get no tap and pay nothing."""
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 from server.engines import EngineChunk, LoraAdapter
 from server.errors import InvalidRequestError

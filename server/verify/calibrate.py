@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from server.settings import ServeSettings, VllmOptions
@@ -65,7 +65,7 @@ async def calibrate(settings: VerifySettings) -> Calibration:
         facts=result.facts, kl_ratio=kl.estimate, kl_ratio_low=kl.low, kl_ratio_high=kl.high,
         top1_ratio=flips["engine"] / flips["floor"] if flips["floor"] > 0 else 1.0,
         sequences=report.candidate.sequences, tokens=report.candidate.tokens,
-        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     calibration.save(settings.verdict_calibration)
     log.warning("engine calibration written to %s: %s", settings.verdict_calibration, calibration.describe())

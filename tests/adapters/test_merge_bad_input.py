@@ -35,7 +35,10 @@ def tiny_weights() -> dict[str, torch.Tensor]:
     return weights
 
 
-def shards(tmp: Path, spec: Spec = Spec(tp=3, stages=(2, 2))) -> Path:
+DEFAULT_SPEC = Spec(tp=3, stages=(2, 2))
+
+
+def shards(tmp: Path, spec: Spec = DEFAULT_SPEC) -> Path:
     return write_shards(internevo_state(tiny_weights(), TINY, spec), TINY, spec, tmp / "src")
 
 

@@ -8,8 +8,8 @@ import re
 import pytest
 from kubernetes.client import ApiClient
 
-from tests.helm.chart import CANARY_VALUES, CHART, by_kind, dashboard, render
 from shadow.calibration import load_calibration
+from tests.helm.chart import CANARY_VALUES, CHART, by_kind, dashboard, render
 from tests.helm.crd_models import RelabelConfig, ScaledObject
 
 CORE = {"Deployment": "V1Deployment", "Service": "V1Service", "Secret": "V1Secret", "ConfigMap": "V1ConfigMap",

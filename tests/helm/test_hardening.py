@@ -65,9 +65,8 @@ def probe_chart(tmp_path_factory):
 
 
 def render_probe(chart, values: dict) -> dict:
-    from helm_python import Chart
-
     import yaml
+    from helm_python import Chart
 
     loaded = Chart.load(str(chart))
     try:

@@ -126,7 +126,7 @@ def test_lone_surrogates_are_a_400_a_person_understands(server, raw, param):
 
 
 def test_a_paired_surrogate_is_ordinary_text(server):
-    raw = '{"model": "%s", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 2}' % MODEL_NAME
+    raw = '{"model": "' + MODEL_NAME + '", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 2}'
     assert httpx.post(server.url + CHAT, content=raw, headers={"Content-Type": "application/json"}, timeout=60).status_code == 200
 
 

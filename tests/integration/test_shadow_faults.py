@@ -21,8 +21,8 @@ from shadow.path import ShadowPath
 from shadow.remote_scorer import RemoteScorer
 from shadow.scoring import ReferenceInfo
 from tests.conftest import MODEL_NAME
-from tests.servers import free_port
 from tests.scorers import HangingScorer, RaisingScorer
+from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -106,8 +106,10 @@ def full_kl(p: np.ndarray, q: np.ndarray) -> float:
 )
 def test_bucketed_kl_never_exceeds_the_full_kl(seed, vocab, spread, k):
     rng = np.random.default_rng(seed)
-    p = np.exp(rng.normal(0, spread, vocab)); p /= p.sum()
-    q = np.exp(rng.normal(0, spread, vocab)); q /= q.sum()
+    p = np.exp(rng.normal(0, spread, vocab))
+    p /= p.sum()
+    q = np.exp(rng.normal(0, spread, vocab))
+    q /= q.sum()
     ids = np.argsort(-q)[: min(k, vocab)]  # the candidate's top-k
     bucketed = bucketed_kl(np.log(p[ids]), np.log(q[ids]))
     # Relative slack: a rest bucket of ~5e-9 is 1 - sum(q), whose float64 cancellation
@@ -118,4 +120,5 @@ def test_bucketed_kl_never_exceeds_the_full_kl(seed, vocab, spread, k):
 def test_extreme_candidate_logprobs_give_a_finite_kl():
     # A broken conversion can put the candidate's tail at -1000 nats: exp() underflows to 0.
     kl = bucketed_kl(np.log([0.5, 0.3]), np.array([-0.01, -1000.0]))
-    assert np.isfinite(kl) and kl == pytest.approx(0.5 * (LN(0.5) + 0.01) + 0.3 * (LN(0.3) + 1000) + 0.2 * (LN(0.2) - LN(1 - math.exp(-0.01))))
+    expected = 0.5 * (LN(0.5) + 0.01) + 0.3 * (LN(0.3) + 1000) + 0.2 * (LN(0.2) - LN(1 - math.exp(-0.01)))
+    assert np.isfinite(kl) and kl == pytest.approx(expected)

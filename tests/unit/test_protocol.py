@@ -103,6 +103,7 @@ def test_vllm_sampling_extensions_are_honoured_fields():
                    return_tokens_as_token_ids=True)
     assert (request.min_tokens, request.top_k, request.min_p, request.repetition_penalty) == (3, 40, 0.05, 1.1)
     assert chat(top_k=-1).top_k == -1 and chat(top_k=2.0).top_k == 2  # -1: vLLM's old "all"
-    for bad in ({"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0}, {"repetition_penalty": 5e-324}, {"min_tokens": -1}, {"min_tokens": 1.5}):
+    for bad in ({"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0}, {"repetition_penalty": 5e-324},
+                {"min_tokens": -1}, {"min_tokens": 1.5}):
         with pytest.raises(ValidationError):
             chat(**bad)

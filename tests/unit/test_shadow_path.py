@@ -17,7 +17,6 @@ from shadow.settings import ShadowSettings
 from tests.scorers import LP, EchoScorer, HangingScorer, NanScorer, RaisingScorer
 
 
-
 def sample(n_tokens: int = 4, request_id: str = "r") -> ShadowSample:
     return ShadowSample(request_id, "cand", [ShadowSequence([5, 6, 7], [1] * n_tokens, [dict(LP)] * n_tokens)])
 
