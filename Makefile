@@ -42,9 +42,11 @@ test: install system-packages docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-# The linter (ruff, configured in pyproject.toml) and the docs site (mkdocs.yml), warnings as errors.
+# The linter (ruff) and the type checker on the pure maths modules (mypy), both configured in
+# pyproject.toml; the docs site (mkdocs.yml), warnings as errors.
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site

@@ -127,5 +127,6 @@ def compare_sequence(
     if first is None:
         result: SequenceResult = "identical"
     else:
+        assert margin is not None  # set with `first`
         result = "near_tie" if margin <= near_tie_margin else "hard"
     return SequenceComparison(n, first, result, margin, TokenDrift(kl, delta_p, drift, emitted_drift, top1_same), diverged)

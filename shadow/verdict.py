@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -144,12 +144,12 @@ def judge(paired: PairedSequences, policy: VerdictPolicy = VerdictPolicy()) -> V
     floor = {"kl_ratio": 1.0, "excess_top1": 0.0, "excess_hard": 0.0}
     different_t = np.logical_or.accumulate(
         np.any([ready & (bounds[name][1] > floor[name]) for name in CHECKS], axis=0))
-    trajectory = [str(s) for s in status_t]
+    trajectory = [cast(Status, str(s)) for s in status_t]
     if not ready[-1]:
         return Verdict("inconclusive", [_too_few(n, tokens, policy)], trajectory=trajectory)
 
     intervals = {name: Interval(*(float(v[-1]) for v in bounds[name])) for name in CHECKS}
-    checks: dict[str, Status] = {name: str(checks_t[name][-1]) for name in CHECKS}
+    checks: dict[str, Status] = {name: cast(Status, str(checks_t[name][-1])) for name in CHECKS}
     status: Status = trajectory[-1]
     changes = np.flatnonzero(status_t != status_t[-1])
     decided_at = None if status == "inconclusive" else int(changes[-1] + 2 if changes.size else 1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -170,7 +171,7 @@ def _low_rank_floor(s: Sums, dtype: torch.dtype) -> float:
     return 2 * noise(s) + 2.0 ** -min(MANTISSA[dtype] + 4, 23)
 
 
-def _low_rank(c, r, pair: Pair, s: Sums, dtype: torch.dtype) -> tuple[int, float | None] | None:
+def _low_rank(c, r, pair: Pair, s: Sums, dtype: torch.dtype) -> tuple[int | None, float | None] | None:
     """(rank, multiple of the adapter's update or None) when C − R is low-rank up to rounding
     and clearly above it."""
     tol = _low_rank_floor(s, dtype)
@@ -221,11 +222,11 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
                             rel_error=0.0 if same else 1.0, detail="" if same else "integer values differ")
     dtype = coarser(c.dtype, r.dtype)
     s = pair_sums(c, r, dtype, pair.device)
-    result = dict(name=name, shape=shape, rel_error=s.rel, compared_in=_dtype(dtype), max_ulp=s.max_ulp,
+    result: dict[str, Any] = dict(name=name, shape=shape, rel_error=s.rel, compared_in=_dtype(dtype), max_ulp=s.max_ulp,
                   off_fraction=s.off / max(s.n, 1))
     if s.non_finite:
-        low = c.dtype in (torch.float16, torch.bfloat16)
-        limit = f" (|x| > {torch.finfo(c.dtype).max:g} overflows {_dtype(c.dtype)})" if low else ""
+        narrow = c.dtype in (torch.float16, torch.bfloat16)
+        limit = f" (|x| > {torch.finfo(c.dtype).max:g} overflows {_dtype(c.dtype)})" if narrow else ""
         return TensorResult(kind="non_finite", detail=f"{s.non_finite} element(s) inf or nan in the candidate where the "
                             f"reference is finite{limit}", **{**result, "rel_error": math.inf})
     if s.dd == 0 and c.dtype == r.dtype:
@@ -263,9 +264,9 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
         if pair_sums(c, load(), None, pair.device).rel <= tol:
             return TensorResult(kind="swapped", other=other, detail=f"equals reference {other}", **result)
 
-    other = _other_layer(c, s, dtype, tol, pair)
-    if other is not None:
-        return TensorResult(kind="other_layer", other=other, detail=f"equals reference {other}", **result)
+    layer = _other_layer(c, s, dtype, tol, pair)
+    if layer is not None:
+        return TensorResult(kind="other_layer", other=layer, detail=f"equals reference {layer}", **result)
 
     if pair.rotary_heads and c.dim() == 2 and c.shape[0] % (2 * pair.rotary_heads) == 0:
         index = rotary_rows(c.shape[0], pair.rotary_heads)
