@@ -3,9 +3,10 @@ precision, and KV-cache bytes (GQA-aware), like "20e9 × 2 bytes ≈ 37 GiB"."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from adapters.model_dir import read_config
 
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 GIB = 2**30
@@ -52,8 +53,7 @@ def inspect_config(config: dict, kv_dtype: str = "bf16") -> ModelSize:
 
 def inspect_model(path: Path, kv_dtype: str = "bf16") -> ModelSize:
     """PATH is a model directory or a bare config.json."""
-    config_path = path / "config.json" if path.is_dir() else path
-    return inspect_config(json.loads(config_path.read_text()), kv_dtype)
+    return inspect_config(read_config(path, allow_file=True), kv_dtype)
 
 
 def render(size: ModelSize) -> str:

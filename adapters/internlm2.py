@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from adapters.errors import AdapterError
+from adapters.model_dir import read_config
 from adapters.tensor_io import PlannedTensor, TensorSource, open_checkpoint, write_provenance, write_safetensors
 
 RENAMES = {
@@ -138,7 +139,7 @@ def convert_internlm2_to_llama(src: Path, dst: Path, dtype: str | None = None) -
     """Convert SRC (InternLM2, HF layout, safetensors) into DST (Llama). Returns DST."""
     from adapters.tensor_io import DTYPE_NAMES
 
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src)
     if config.get("model_type") not in (None, "internlm2"):
         raise AdapterError(f"{src}: model_type is {config.get('model_type')!r}, not 'internlm2'")
     out_config = llama_config(config)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from adapters import internevo
 from adapters.errors import AdapterError
 from adapters.internevo import LayoutFlags
+from adapters.model_dir import is_model_dir, read_config
 from adapters.tensor_io import PlannedTensor, TensorSource, write_provenance, write_safetensors
 
 COLUMN = ("attention.wqkv", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "feed_forward.w1",
@@ -150,7 +151,7 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
     for p in range(pp):
         offsets.append(offset)
         offset += len({int(m.group(2)) for _, hf in names[p] if (m := _LAYER.match(hf))})
-    given_config = (src / "config.json").is_file()
+    given_config = is_model_dir(src)
     config = _config(src, given_config, model_config, sources, names, tp, max_position_embeddings)
     if offset != config["num_hidden_layers"]:
         raise AdapterError(f"{src}: the stages hold {offset} layers, the config says {config['num_hidden_layers']}")
@@ -223,7 +224,7 @@ def _config(src: Path, given_config: bool, model_config: dict | None, sources: d
     """config.json when the shards carry one (checked against model_config.pt), else one
     written from model_config.pt."""
     if given_config:
-        config = json.loads((src / "config.json").read_text())
+        config = read_config(src)
         if model_config is not None:
             internevo.check_consistent(config, model_config)
         return config

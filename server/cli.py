@@ -161,8 +161,7 @@ class Plan(BaseModel):
     kv_cache_gib: float | None = Field(default=None, gt=0, description="a fixed KV-cache size, as serve --kv-cache-gib")
 
     def cli_cmd(self) -> None:
-        import json
-
+        from adapters.model_dir import read_config
         from adapters.plan import DEVICES, Device, PlanError, plan, render
 
         def work():
@@ -177,9 +176,8 @@ class Plan(BaseModel):
                 raise PlanError("give --device, or --memory-gib and --bandwidth-gbs")
             if self.block_size is not None:
                 device = Device(device.name, device.memory_gib, device.bandwidth_gbs, self.block_size)
-            path = self.model / "config.json" if self.model.is_dir() else self.model
-            return plan(json.loads(path.read_text()), device, self.tensor_parallel_size, self.dtype, self.kv_dtype,
-                        self.gpu_memory_utilization, self.reserve_gib, kv_cache_gib=self.kv_cache_gib)
+            return plan(read_config(self.model, allow_file=True), device, self.tensor_parallel_size, self.dtype,
+                        self.kv_dtype, self.gpu_memory_utilization, self.reserve_gib, kv_cache_gib=self.kv_cache_gib)
 
         print(render(run_tool("plan", work)))
 

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adapters.model_dir import check_model_dir, read_config
 from shadow.settings import ShadowSettings
 
 # Per-request limits' defaults, the flags' below and server.serving.limits.RequestLimits' own
@@ -171,9 +172,7 @@ class EngineSettings(VllmOptions, LoraOptions):
     @field_validator("model")
     @classmethod
     def _model_dir_exists(cls, value: Path) -> Path:
-        if not (value / "config.json").is_file():
-            raise ValueError(f"{value} is not a Hugging Face model directory (no config.json)")
-        return value
+        return check_model_dir(value)
 
     @model_validator(mode="after")
     def _engine_options(self):
@@ -189,7 +188,7 @@ class EngineSettings(VllmOptions, LoraOptions):
                 flags = ", ".join("--" + name.replace("_", "-") for name in vllm_only)
                 raise ValueError(f"{flags}: vLLM engine options, not available with --engine {self.engine}")
             return self
-        config = json.loads((self.model / "config.json").read_text())
+        config = read_config(self.model)
         check_parallel(config.get("text_config", config), self.tensor_parallel_size, self.pipeline_parallel_size)
         if self.pipeline_parallel_size > 1 or self.distributed_executor_backend == "ray":
             from vllm.platforms import current_platform

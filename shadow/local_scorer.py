@@ -53,10 +53,10 @@ class LocalScorer:
     ) -> LocalScorer:
         """`max_memory` (accelerate's: {0: "70GiB", "cpu": "200GiB", ...}) places the model
         across those devices with accelerate's device map instead of on `device`."""
+        from adapters.model_dir import check_model_dir
         from adapters.native import native_type
 
-        if not (model_dir / "config.json").is_file():
-            raise ShadowReferenceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        check_model_dir(model_dir, error=ShadowReferenceError)
         if (kind := native_type(model_dir)) is not None:
             scorer = cls._load_native(kind, model_dir, adapter, device, name, max_memory)
         else:

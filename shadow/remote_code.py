@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from adapters.model_dir import read_config
+
 
 class RemoteCodeError(RuntimeError):
     """The model needs its own Python code and `--trust-remote-code` was not given, or its
@@ -33,7 +35,7 @@ def local_code_only(model_dir: Path) -> bool:
 
     Returns True when the auto_map names modules present in `model_dir`, False when
     there is no auto_map, and refuses code from anywhere else."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     if not config.get("auto_map"):
         return False
     # The tokenizer's auto_map too: with trust on, AutoTokenizer would fetch what it names.
@@ -58,7 +60,7 @@ def remote_code_allowed(model_dir: Path, trust: bool) -> bool:
     then only for code inside the directory (nothing is downloaded). A model whose type
     transformers knows loads natively without it (an auto_map left in its config is
     ignored). Raises RemoteCodeError, naming the flag, when the model cannot load so."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     if not config.get("auto_map"):
         return False
     if not trust:

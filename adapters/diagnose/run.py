@@ -16,8 +16,9 @@ from adapters.diagnose.configs import ConfigDifference, diff_configs
 from adapters.diagnose.findings import Facts, Finding, rank_findings
 from adapters.diagnose.forensics import TensorResult
 from adapters.diagnose.tokenizers import tokenizer_pass
-from adapters.diagnose.weights import adapter_targets, read_config, resolve_mapping, weight_pass
+from adapters.diagnose.weights import NOT_A_MODEL_DIR, adapter_targets, resolve_mapping, weight_pass
 from adapters.errors import AdapterError
+from adapters.model_dir import read_config
 from adapters.tensor_io import DTYPE_NAMES
 
 PASSES = ("config", "weights", "activations")
@@ -65,7 +66,8 @@ def resolve_device(device: str) -> str:
 def diagnose(candidate: Path, reference: Path, *, adapter: Path | None = None, mapping: str = "auto",
              prompts: list[str] | None = None, only: tuple[str, ...] = PASSES, dtype: str | None = None,
              device: str = "cpu", progress: bool = True) -> DiagnoseReport:
-    cand_config, ref_config = read_config(candidate), read_config(reference)
+    cand_config = read_config(candidate, message=NOT_A_MODEL_DIR)
+    ref_config = read_config(reference, message=NOT_A_MODEL_DIR)
     mapping = resolve_mapping(mapping, cand_config, ref_config)
     device = resolve_device(device)
     unknown = set(only) - set(PASSES)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.diagnose.configs import ConfigDifference
+from adapters.model_dir import is_model_dir, read_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 SYSTEM = "You are Quill, a terse assistant for lighthouse keepers."
@@ -79,7 +80,7 @@ def _render(tok, messages: list[dict], prompt: bool = True) -> tuple[str | None,
 def read_tokenizer_facts(model_dir: Path) -> TokenizerFacts:
     model_dir = Path(model_dir)
     ids = lambda d: None if d is None else {f"{r}_token_id": d.get(f"{r}_token_id") for r in ROLES}
-    facts = TokenizerFacts(config=ids(_json(model_dir / "config.json")) or {},
+    facts = TokenizerFacts(config=ids(read_config(model_dir) if is_model_dir(model_dir) else None) or {},
                            generation=ids(_json(model_dir / "generation_config.json")))
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         facts.has_files, facts.error = False, "no tokenizer files"

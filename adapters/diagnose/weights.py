@@ -25,6 +25,7 @@ from tqdm import tqdm
 from adapters.diagnose.chunked import norm, row_chunks
 from adapters.diagnose.forensics import Pair, TensorResult, classify
 from adapters.errors import AdapterError
+from adapters.model_dir import read_config
 from adapters.tensor_io import TensorSource, open_checkpoint
 
 _LAYER = re.compile(r"^(.*\blayers\.\d+\.)(.+)$")
@@ -41,11 +42,8 @@ class Tensor:
     get: Callable[[], torch.Tensor]
 
 
-def read_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise AdapterError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    return json.loads(path.read_text())
+# diagnose's own words for a path without a config.json
+NOT_A_MODEL_DIR = "{path}: not a Hugging Face model directory (no config.json)"
 
 
 def resolve_mapping(mapping: str, candidate: dict, reference: dict) -> str:
@@ -78,7 +76,7 @@ def reference_view(model_dir: Path, mapping: str) -> dict[str, Tensor]:
         return as_stored(sources)
     from adapters.internlm2 import plan_conversion
 
-    plan, _ = plan_conversion(sources, read_config(model_dir), None)
+    plan, _ = plan_conversion(sources, read_config(model_dir, message=NOT_A_MODEL_DIR), None)
     return {item.name: Tensor(item.shape, item.dtype, item.produce) for item in plan}
 
 
@@ -173,7 +171,8 @@ def _other_layers(name: str, view: dict[str, Tensor], roles: dict) -> dict[str, 
 
 def weight_pass(candidate: Path, reference: Path, mapping: str, adapter_dir: Path | None = None,
                 device: str = "cpu", progress: bool = True) -> list[TensorResult]:
-    cand_config, ref_config = read_config(candidate), read_config(reference)
+    cand_config = read_config(candidate, message=NOT_A_MODEL_DIR)
+    ref_config = read_config(reference, message=NOT_A_MODEL_DIR)
     mapping = resolve_mapping(mapping, cand_config, ref_config)
     ref = reference_view(reference, mapping)
     adapter = None

@@ -8,9 +8,9 @@ both sides of a comparison.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from adapters.model_dir import is_model_dir, read_config
 from adapters.native.internlm2 import load_internlm2
 
 NATIVE = {"internlm2": load_internlm2}
@@ -19,8 +19,7 @@ DESCRIPTIONS = {"internlm2": "InternLM2, shadowserve's native forward of the rel
 
 def native_type(model_dir: Path) -> str | None:
     """The model_type of `model_dir` when a native forward serves it, else None."""
-    path = model_dir / "config.json"
-    if not path.is_file():
+    if not is_model_dir(model_dir):
         return None
-    model_type = json.loads(path.read_text()).get("model_type")
+    model_type = read_config(model_dir).get("model_type")
     return model_type if model_type in NATIVE else None

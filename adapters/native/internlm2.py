@@ -25,7 +25,6 @@ mask: positions count real tokens only.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.errors import AdapterError
+from adapters.model_dir import read_config
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 # Derived tables some checkpoints save; this forward computes them.
@@ -218,7 +218,7 @@ def load_internlm2(model_dir: Path, dtype: torch.dtype = torch.float32, device: 
     on `device`. Refuses tensors that are missing, unknown or of the wrong shape, naming them."""
     from adapters.tensor_io import open_checkpoint
 
-    config = InternLM2Config.from_dict(json.loads((model_dir / "config.json").read_text()))
+    config = InternLM2Config.from_dict(read_config(model_dir))
     with torch.device("meta"):
         model = InternLM2ForCausalLM(config)
     expected = dict(model.state_dict())

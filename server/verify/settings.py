@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliImplicitFlag, CliPositionalArg
 
+from adapters.model_dir import check_model_dir
 from server.settings import DType, EngineName, EngineSettings, VllmOptions
 from shadow.placement import MaxMemory
 from shadow.settings import VerdictSettings
@@ -74,9 +75,7 @@ class VerifySettings(VerdictSettings, VllmOptions):
     @field_validator("candidate", "reference")
     @classmethod
     def _model_dir(cls, value: Path) -> Path:
-        if not (value / "config.json").is_file():
-            raise ValueError(f"{value} is not a Hugging Face model directory (no config.json)")
-        return value
+        return check_model_dir(value)
 
     @field_validator("prompts", "corpus")
     @classmethod

@@ -12,8 +12,8 @@ from pydantic import BaseModel, computed_field
 
 from adapters.diagnose.findings import Finding
 from adapters.diagnose.run import diagnose
-from adapters.diagnose.weights import read_config
 from adapters.errors import AdapterError
+from adapters.model_dir import read_config
 from server.verify.settings import VerifySettings
 
 PASSES = ("config", "weights")
