@@ -37,7 +37,7 @@ serve: install
 
 # The test suite: lint, the docs site, then unit + integration tests with real vLLM servers. pytest's exit code 5
 # ("no tests collected") is reported and treated as success, any other failure fails.
-test: install system-packages docs
+test: install system-packages lint docs
 	$(BIN)/shadowserve demo-model >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc

@@ -36,7 +36,8 @@ LAYER_RENAMES = {
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Derived buffers some checkpoints carry; Llama recomputes them.
 _SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
-_NOT_WEIGHTS = re.compile(r"^(config\.json|modeling_.*\.py|configuration_.*\.py|.*\.(safetensors|bin|pt|pth)|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json|provenance\.json)$")
+_NOT_WEIGHTS = re.compile(r"^(config\.json|modeling_.*\.py|configuration_.*\.py|.*\.(safetensors|bin|pt|pth)"
+                          r"|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json|provenance\.json)$")
 
 
 def llama_config(config: dict) -> dict:

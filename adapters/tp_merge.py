@@ -179,7 +179,7 @@ def merge_tp(src: Path, dst: Path, flags: LayoutFlags = LayoutFlags(),
             merged = list(parts[0].shape(raw))
             if dim is not None:
                 merged[dim] = sum(part.shape(raw)[dim] for part in parts)
-            global_name = _LAYER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offsets[p]}{m.group(3)}", hf)
+            global_name = _LAYER.sub(lambda m, p=p: f"{m.group(1)}{int(m.group(2)) + offsets[p]}{m.group(3)}", hf)
             want = shapes.get(_role(hf))
             if want is not None and hf.endswith(".weight") and tuple(merged) != want:
                 raise AdapterError(explain_misfit(global_name, tuple(merged), want, rule, dim, tp))

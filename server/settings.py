@@ -133,11 +133,11 @@ def check_lora_mounts(settings: LoraOptions, model: Path, served_name: str) -> l
     if len(mounts) > settings.lora_capacity:
         raise ValueError(f"--lora-modules: {len(mounts)} adapters, but --max-cpu-loras is {settings.lora_capacity}")
     ranks = []
-    for name, path in mounts:
+    for _name, path in mounts:
         info = check_lora_adapter(path, model)  # LoraAdapterError is a ValueError: an invalid setting
         ranks.append(info.rank)
     limit = settings.lora_rank_limit(ranks)
-    for (name, path), rank in zip(mounts, ranks):
+    for (name, _path), rank in zip(mounts, ranks):
         if rank > limit:
             raise ValueError(f"--lora-modules {name}: rank {rank} is above --max-lora-rank {limit}")
     if settings.max_loras is not None and settings.max_cpu_loras is not None and settings.max_cpu_loras < settings.max_loras:
