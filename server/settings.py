@@ -179,7 +179,7 @@ class EngineSettings(VllmOptions, LoraOptions):
         """vLLM-only options on the transformers engine are refused; for vLLM the parallel
         layout is checked against the model's head and layer counts, and --engine-arg by
         vLLM's parser, so a mistake stops the start before any weight is read."""
-        from server.engines.vllm_args import check_parallel, check_platform, parse_engine_args
+        from server.vllm_args import check_parallel, check_platform, parse_engine_args
 
         vllm_only = [name for name, field in {**VllmOptions.model_fields, **LoraOptions.model_fields}.items()
                      if getattr(self, name) != field.get_default(call_default_factory=True)]

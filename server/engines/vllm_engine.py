@@ -25,7 +25,7 @@ class VllmEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from server.engines.vllm_args import parse_engine_args
+        from server.vllm_args import parse_engine_args
         from shadow.remote_code import remote_code_allowed
 
         trust = remote_code_allowed(settings.model, settings.trust_remote_code)

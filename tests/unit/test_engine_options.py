@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from server.engines.vllm_args import EngineArgError, check_parallel, check_platform, parse_engine_args
 from server.settings import ServeSettings
+from server.vllm_args import EngineArgError, check_parallel, check_platform, parse_engine_args
 
 # SmolLM2-135M: 9 query heads, 3 KV heads, 30 layers. InternLM2-20B: 48 / 8 / 48.
 SMOLLM2 = {"num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30}
