@@ -48,10 +48,9 @@ LIFECYCLE = frozenset({"shutdown_grace_s", "start_timeout_s", "docs", "log_level
 
 
 def group_of(command: str, model: type[BaseModel], name: str) -> str:
-    """The help group of `model`'s field `name` under `command`."""
+    """The help group of `model`'s field `name` (a field name, not an alias) under `command`."""
     if name in FIRST.get(command, ()):
         return MAIN
-    name = field_name(model, name)
     owner = next(c.__name__ for c in model.__mro__ if name in vars(c).get("__annotations__", {}))
     if owner in BY_CLASS:
         return BY_CLASS[owner]
