@@ -63,7 +63,7 @@ def read_lora_adapter(path: Path) -> LoraAdapterInfo:
             not isinstance(alpha, int | float) or isinstance(alpha, bool):
         raise LoraAdapterError(f"{path / CONFIG}: r and rank_pattern must be positive integers and lora_alpha a "
                                f"number (r={config.get('r')!r}, lora_alpha={alpha!r})")
-    weights = _weights(path)
+    weights = adapter_weights(path)
     if not any(".lora_A." in n or ".lora_B." in n for n in weights.keys()):
         raise LoraAdapterError(f"{weights.path}: no lora_A / lora_B tensors")
     return LoraAdapterInfo(path, max(ranks), float(alpha),
@@ -74,7 +74,7 @@ def check_lora_adapter(path: Path, base_dir: Path) -> LoraAdapterInfo:
     """The adapter's every lora_A [r, in] and lora_B [out, r] against the base weight
     [out, in] it updates; refuses a module the base does not have or a shape it does not take."""
     info = read_lora_adapter(path)
-    weights = _weights(path)
+    weights = adapter_weights(path)
     try:
         base = open_checkpoint(base_dir)
     except Exception as exc:  # no weights, or a file its reader refuses
@@ -101,7 +101,7 @@ def check_lora_adapter(path: Path, base_dir: Path) -> LoraAdapterInfo:
     return info
 
 
-def _weights(path: Path) -> TensorSource:
+def adapter_weights(path: Path) -> TensorSource:
     for name in WEIGHTS:
         if (path / name).is_file():
             try:

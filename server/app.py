@@ -47,7 +47,7 @@ from server.protocol import (
 )
 from server.serving.chat import ChatHandler
 from server.serving.completion import CompletionHandler
-from server.serving.context import ServingContext
+from server.serving.context import ReferenceRefusedError, ServingContext
 from server.serving.tokenize import TokenizeHandler
 from server.settings import ServeSettings
 from shadow.calibration import CalibrationError
@@ -125,6 +125,25 @@ async def check_reference_first(shadow: ShadowPath) -> None:
     except Exception as exc:  # noqa: BLE001 (the worker retries; serving goes on)
         log.warning("shadow: the reference self-check did not finish at start (%s); retried in the background",
                     str(exc) or type(exc).__name__)
+
+
+def start_failure(exc: BaseException) -> tuple[str, int]:
+    """What a failed start prints and exits with: the reference's side (exit 2, named as
+    the reference's) or the engine's (exit 1). "engine failed to load" is only the engine's."""
+    if isinstance(exc, CalibrationError):  # asked for, and not valid for this engine: never judge by a wrong floor
+        log.error("%s", exc)
+        return str(exc), REFERENCE_EXIT
+    if isinstance(exc, ReferenceRefusedError):  # it loaded, but does not fit this server
+        log.error("the reference was refused: %s", exc)
+        return f"the reference was refused: {exc}", REFERENCE_EXIT
+    if isinstance(exc, ReferenceLoadError):  # the engine was not even started: the reference is at fault
+        log.error("the reference failed to load: %s", exc)
+        return f"the reference failed to load: {exc}", REFERENCE_EXIT
+    if isinstance(exc, APIError):  # a --lora-modules adapter the engine or the reference refused
+        log.error("--lora-modules: %s", exc.message)
+        return f"--lora-modules: {exc.message}", REFERENCE_EXIT
+    log.exception("engine failed to load", exc_info=exc)
+    return (f"engine failed to load: {exc!r}" if isinstance(exc, SystemExit) else f"engine failed to load: {exc}"), 1
 
 
 class ServerState:
@@ -208,6 +227,7 @@ def create_app(
 
         async def load() -> None:
             limit = settings.start_timeout_s or None
+            ctx = None
             try:
                 state.loading = True
                 ctx = await asyncio.wait_for(in_daemon_thread(load_in_thread), limit)
@@ -221,20 +241,11 @@ def create_app(
             except TimeoutError:  # the thread is left behind; the caller ends the process
                 state.error = f"engine did not start within {limit:.0f}s (--start-timeout-s)"
                 log.error("%s", state.error)
-            except CalibrationError as exc:  # asked for, and not valid for this engine: never judge by a wrong floor
-                log.error("%s", exc)
-                state.error, state.exit_code = str(exc), REFERENCE_EXIT
-            except APIError as exc:  # a --lora-modules adapter the engine or the reference refused
-                log.error("--lora-modules: %s", exc.message)
-                state.error, state.exit_code = f"--lora-modules: {exc.message}", REFERENCE_EXIT
-            except ReferenceLoadError as exc:  # the engine was not even started: the reference is at fault
-                log.error("the reference failed to load: %s", exc)
-                state.error, state.exit_code = f"the reference failed to load: {exc}", REFERENCE_EXIT
             except (Exception, SystemExit) as exc:  # a library's SystemExit in the load thread too
-                log.exception("engine failed to load")
-                state.error = f"engine failed to load: {exc!r}" if isinstance(exc, SystemExit) else \
-                    f"engine failed to load: {exc}"
+                state.error, state.exit_code = start_failure(exc)
             if state.error:
+                if ctx is not None:  # refused after the engine started (an adapter): nothing is left behind
+                    await ctx.engine.shutdown()
                 if on_fatal:
                     on_fatal()
                 return

@@ -279,9 +279,13 @@ def run_server(settings: ServeSettings) -> None:
 
 
 def run_reference(settings: ReferenceSettings) -> None:
+    """Exit 2 when the reference cannot be served as configured (its model, its code, an
+    adapter that does not mount), naming what."""
     import uvicorn
     from prometheus_client import CollectorRegistry
 
+    from adapters.errors import AdapterError
+    from server.reference_adapters import ReferenceAdapters
     from server.reference_app import create_reference_app
     from shadow.local_scorer import LocalScorer
     from shadow.remote_code import RemoteCodeError
@@ -297,11 +301,16 @@ def run_reference(settings: ReferenceSettings) -> None:
         )
         if settings.noise_dtype != "none":
             scorer.enable_noise_floor(settings.noise_dtype)
-    except (ShadowReferenceError, RemoteCodeError) as exc:
-        sys.exit(f"shadowserve reference: {exc}")
+        adapters = ReferenceAdapters(scorer, settings.model, runtime_updating=settings.allow_runtime_lora_updating,
+                                     capacity=settings.max_adapters)
+        adapters.mount_at_start(settings.lora_mounts())
+    except (ShadowReferenceError, RemoteCodeError, AdapterError) as exc:
+        print(f"shadowserve reference: {exc}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
     app = create_reference_app(
-        scorer, settings.tokens, CollectorRegistry(), docs=settings.docs, max_item_tokens=settings.max_item_tokens,
-        max_request_tokens=settings.max_request_tokens, max_body_bytes=settings.max_body_bytes,
+        scorer, settings.tokens, CollectorRegistry(), adapters=adapters, docs=settings.docs,
+        max_item_tokens=settings.max_item_tokens, max_request_tokens=settings.max_request_tokens,
+        max_body_bytes=settings.max_body_bytes,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 

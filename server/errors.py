@@ -124,3 +124,11 @@ class PayloadTooLargeError(APIError):
     status_code = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class ConflictError(APIError):
+    """409: the request names something the server holds in another form (an adapter's
+    name bound to other weights)."""
+
+    status_code = 409
+    type = "invalid_request_error"

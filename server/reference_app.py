@@ -17,6 +17,7 @@ from server.auth import require_bearer
 from server.body_limit import BodySizeLimit
 from server.errors import (
     InvalidRequestError,
+    NotFoundError,
     PayloadTooLargeError,
     ServiceUnavailableError,
     install_error_handlers,
@@ -24,16 +25,23 @@ from server.errors import (
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
 from shadow.placement import MaxMemory
 from shadow.scoring import (
+    ADAPTER_NOT_LOADED,
+    LOAD_ADAPTER_PATH,
     SCORE_PATH,
+    UNLOAD_ADAPTER_PATH,
+    AdapterInfo,
+    LoadAdapterBody,
     ReferenceBusyError,
     ReferenceInfo,
     ScoreItem,
     ScoreRequestBody,
     ScoreResponseBody,
+    UnloadAdapterBody,
     to_body,
 )
 
 if TYPE_CHECKING:  # torch stays out of the CLI's import path
+    from server.reference_adapters import ReferenceAdapters
     from shadow.local_scorer import LocalScorer
 
 
@@ -49,7 +57,15 @@ class ReferenceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHADOWSERVE_REFERENCE_", cli_kebab_case=True, extra="ignore", frozen=True)
 
     model: Path = Field(description="local Hugging Face directory of the reference (loaded in fp32)")
-    adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on top of the reference")
+    adapter: Path | None = Field(default=None, description="unmerged PEFT adapter on top of the reference (the "
+                                 "reference of a merged-LoRA candidate)")
+    lora_modules: list[str] = Field(
+        default_factory=list, description="LoRA adapters the candidates mount, NAME=DIR or JSON (vLLM's syntax; repeat "
+        "the flag): one fp32 base shared by all, each applied unmerged to the score requests that name it")
+    allow_runtime_lora_updating: bool = Field(
+        default=False, description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --tokens), and "
+        "loads of an adapter a score request names with its path: what a candidate loads at run time")
+    max_adapters: int = Field(default=16, ge=1, description="most LoRA adapters held at once; a load past it is refused")
     name: str | None = Field(default=None, description="reference name reported to servers (default: directory[+adapter])")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     max_memory: MaxMemory = Field(
@@ -82,6 +98,29 @@ class ReferenceSettings(BaseSettings):
         return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _adapters_fit(self) -> ReferenceSettings:
+        """Every --lora-modules adapter parsed, named once and fitting the base, before any weight loads."""
+        from adapters.lora_adapter import check_lora_adapter
+
+        mounts = self.lora_mounts()
+        if mounts and self.adapter is not None:
+            raise ValueError("--adapter makes the reference base + one adapter (a merged-LoRA candidate's reference); "
+                             "--lora-modules mounts adapters on the bare base: give one or the other")
+        names = [name for name, _ in mounts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--lora-modules: the name {next(n for n in names if names.count(n) > 1)!r} is given twice")
+        if len(mounts) > self.max_adapters:
+            raise ValueError(f"--lora-modules: {len(mounts)} adapters, but --max-adapters is {self.max_adapters}")
+        for _, path in mounts:
+            check_lora_adapter(path, self.model)  # LoraAdapterError is a ValueError: an invalid setting
+        return self
+
+    def lora_mounts(self) -> list[tuple[str, Path]]:
+        from server.settings import parse_lora_module
+
+        return [parse_lora_module(item) for item in self.lora_modules]
+
+    @model_validator(mode="after")
     def _no_open_service_off_loopback(self) -> ReferenceSettings:
         if self.host not in LOOPBACK_HOSTS and not self.tokens:
             raise ValueError(
@@ -96,12 +135,15 @@ def create_reference_app(
     tokens: list[str],
     registry: CollectorRegistry,
     *,
+    adapters: ReferenceAdapters | None = None,
     docs: bool = False,
     max_item_tokens: int = MAX_ITEM_TOKENS,
     max_request_tokens: int = MAX_REQUEST_TOKENS,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """`docs`: serve /docs, /redoc and /openapi.json (off: the service describes itself to nobody)."""
+    """`adapters`: the LoRA adapters it holds (server/reference_adapters.py; None: none,
+    and none can be loaded). `docs`: serve /docs, /redoc and /openapi.json (off: the
+    service describes itself to nobody)."""
     if docs:
         app = FastAPI(title="shadowserve reference")
     else:
@@ -110,11 +152,16 @@ def create_reference_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, setting="--max-body-bytes")  # innermost: after the bearer check
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
     require_bearer(app, tokens)
-    info = ReferenceInfo(
-        name=scorer.name, vocab_size=scorer.vocab.size, vocab_sha256=scorer.vocab.sha256, dtype="float32",
-        noise_dtype=scorer.noise_dtype, max_item_tokens=max_item_tokens, max_request_tokens=max_request_tokens,
-        loaded_as=scorer.loaded_as, integrity_problems=scorer.integrity_problems,
-    )
+    vocab_size = scorer.vocab.size
+
+    def info() -> ReferenceInfo:
+        return ReferenceInfo(
+            name=scorer.name, vocab_size=vocab_size, vocab_sha256=scorer.vocab.sha256, dtype="float32",
+            noise_dtype=scorer.noise_dtype, max_item_tokens=max_item_tokens, max_request_tokens=max_request_tokens,
+            loaded_as=scorer.loaded_as, integrity_problems=scorer.integrity_problems,
+            adapters=adapters.infos() if adapters else [], max_adapters=adapters.capacity if adapters else 0,
+            runtime_lora_updating=bool(adapters and adapters.runtime_updating),
+        )
 
     @app.get("/health")
     async def health() -> dict:
@@ -126,39 +173,65 @@ def create_reference_app(
 
     @app.get("/v1/shadow/info")
     async def shadow_info() -> ReferenceInfo:
-        return info
+        return info()
 
     @app.post(SCORE_PATH)
     async def score(body: ScoreRequestBody) -> Response:
         items = [ScoreItem(i.prompt_ids, i.output_ids, i.candidate_ids) for i in body.items]
-        sizes = [len(item.prompt_ids) + len(item.output_ids) for item in items]
-        for n, size in enumerate(sizes):
-            if size > max_item_tokens:
-                raise PayloadTooLargeError(
-                    f"items.{n}: {size} prompt + output tokens is over --max-item-tokens {max_item_tokens}",
-                    param=f"items.{n}",
-                )
-        # The batch is padded to its longest item: that, not the sum, is what a forward costs.
-        padded = len(sizes) * max(sizes, default=0)
-        if padded > max_request_tokens:
-            raise PayloadTooLargeError(
-                f"{len(items)} items padded to the longest ({max(sizes)} tokens) make {padded} tokens, over "
-                f"--max-request-tokens {max_request_tokens}",
-                param="items",
-            )
-        for n, item in enumerate(items):
-            ids = [*item.prompt_ids, *item.output_ids, *(t for pos in item.candidate_ids for t in pos)]
-            if any(not 0 <= t < info.vocab_size for t in ids):
-                raise InvalidRequestError(f"items.{n}: token id outside the vocabulary", param=f"items.{n}")
+        check_within_caps(items, vocab_size, max_item_tokens, max_request_tokens)
         if body.noise_top_k is not None and scorer.noise_dtype is None:
             raise InvalidRequestError("this reference computes no noise floor (started with --noise-dtype none)",
                                       param="noise_top_k")
-        noise_top_k = None if body.noise_top_k is None else min(body.noise_top_k, info.vocab_size)
+        noise_top_k = None if body.noise_top_k is None else min(body.noise_top_k, vocab_size)
+        top_m = min(body.top_m, vocab_size)
         try:
-            scored = await scorer.score(items, min(body.top_m, info.vocab_size), noise_top_k)
+            if body.adapter is None:
+                scored = await scorer.score(items, top_m, noise_top_k)
+            elif adapters is None:
+                raise NotFoundError(f"the adapter {body.adapter.name} is not on this reference: it mounts none",
+                                    param="adapter.name", code=ADAPTER_NOT_LOADED)
+            else:
+                async with adapters.applied(body.adapter):
+                    scored = await scorer.score(items, top_m, noise_top_k, body.adapter.name)
         except ReferenceBusyError as exc:
             raise ServiceUnavailableError(str(exc)) from exc
         reply = ScoreResponseBody(reference=scorer.name, items=[to_body(i, s) for i, s in zip(items, scored)])
         return Response(reply.model_dump_json(), media_type="application/json")
 
+    if adapters is not None and adapters.runtime_updating:
+        @app.post(LOAD_ADAPTER_PATH)
+        async def load_lora_adapter(body: LoadAdapterBody) -> AdapterInfo:
+            """Mount a LoRA adapter (a no-op when this content is held under this name already)."""
+            return await adapters.load(body.lora_name, Path(body.lora_path))
+
+        @app.post(UNLOAD_ADAPTER_PATH)
+        async def unload_lora_adapter(body: UnloadAdapterBody) -> dict:
+            """Unmount an adapter loaded at run time."""
+            await adapters.unload(body.lora_name)
+            return {"unloaded": body.lora_name}
+
     return app
+
+
+def check_within_caps(items: list[ScoreItem], vocab_size: int, max_item_tokens: int, max_request_tokens: int) -> None:
+    """413 past the caps (one item's tokens, the batch padded to its longest), 400 for an id
+    outside the vocabulary."""
+    sizes = [len(item.prompt_ids) + len(item.output_ids) for item in items]
+    for n, size in enumerate(sizes):
+        if size > max_item_tokens:
+            raise PayloadTooLargeError(
+                f"items.{n}: {size} prompt + output tokens is over --max-item-tokens {max_item_tokens}",
+                param=f"items.{n}",
+            )
+    # The batch is padded to its longest item: that, not the sum, is what a forward costs.
+    padded = len(sizes) * max(sizes, default=0)
+    if padded > max_request_tokens:
+        raise PayloadTooLargeError(
+            f"{len(items)} items padded to the longest ({max(sizes)} tokens) make {padded} tokens, over "
+            f"--max-request-tokens {max_request_tokens}",
+            param="items",
+        )
+    for n, item in enumerate(items):
+        ids = [*item.prompt_ids, *item.output_ids, *(t for pos in item.candidate_ids for t in pos)]
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise InvalidRequestError(f"items.{n}: token id outside the vocabulary", param=f"items.{n}")

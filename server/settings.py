@@ -269,11 +269,10 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
     def _shadow_fits(self) -> ServeSettings:
         if self.shadow_enabled and self.shadow_top_k > self.max_logprobs:
             raise ValueError(f"shadow-top-k ({self.shadow_top_k}) cannot exceed max-logprobs ({self.max_logprobs})")
+        if not self.shadow_enabled and (given := self.reference_flags_given()):
+            raise ValueError(f"{', '.join(given)} configure the shadow's reference, but the shadow is off (--shadow-rate "
+                             "0 and no --shadow-allow-header): give --shadow-rate, or drop them")
         if self.shadow_enabled and self.lora_enabled:
-            if self.shadow_reference_url is not None:
-                raise ValueError("mounted LoRA adapters are shadowed against a local reference (the base in fp32 with "
-                                 "each adapter unmerged); the remote reference (--shadow-reference-url) serves one model: "
-                                 "drop it, or turn the shadow off")
             if self.shadow_reference_adapter is not None:
                 raise ValueError("--shadow-reference-adapter is the reference of a merged candidate; with mounted "
                                  "adapters each request's own adapter is applied to the reference: give one or the other")
@@ -286,8 +285,8 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
                     raise ValueError(f"--shadow-reference-lora-modules {name}: no --lora-modules adapter has that name")
             base = self.shadow_reference_model or self.model
             for name, path in mounted.items():  # what the reference mounts must fit the reference's base
-                if copies.get(name, path) != path or base != self.model:
-                    check_lora_adapter(copies.get(name, path), base)
+                if self.shadow_reference_url is None and (copies.get(name, path) != path or base != self.model):
+                    check_lora_adapter(copies.get(name, path), base)  # (a remote reference checks its own)
         elif self.shadow_reference_lora_modules:
             raise ValueError("--shadow-reference-lora-modules names the reference's adapters: it needs the shadow on "
                              "and --lora-modules")

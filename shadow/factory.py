@@ -27,7 +27,7 @@ def load_reference(
     RemoteCodeError when its own code is refused or fails to load.
 
     `defer_unreachable` (the server): a remote reference that cannot be reached is not an
-    error; the scorer starts pending, and `build_shadow_path` has it retried in the
+    error; the scorer starts pending, and `build_shadow_path` has it watched in the
     background, with the same checks once it answers."""
     candidate_vocab = vocab_fingerprint(candidate_tokenizer)
     if settings.shadow_reference_url:
@@ -79,9 +79,9 @@ def build_shadow_path(
     if settings.shadow_noise_floor:
         scorer.enable_noise_floor(serving_dtype)
         comparisons = (CANDIDATE, NOISE_FLOOR)
-    if scorer.state == "unreachable":  # a pending remote reference: checked once it answers
+    if scorer.state is not None:  # a remote reference: watched, and checked whenever it answers anew
         candidate_vocab = vocab_fingerprint(candidate_tokenizer)
-        scorer.retry_in_background(lambda vocab, name: check_same_vocab(candidate_vocab, vocab, name))
+        scorer.monitor(lambda vocab, name: check_same_vocab(candidate_vocab, vocab, name))
     reference = settings.shadow_reference_name or scorer.name
     metrics = ShadowMetrics(registry, model_name, reference, settings.shadow_labels, comparisons)
     capture = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from shadow.history import History
@@ -37,9 +37,13 @@ class Lane:
     adapter_id: int = 0  # the mount's id (the engine's, for its requests); 0 for the base
     waiting: deque[float] = field(default_factory=deque)  # finished_at of its queued samples, oldest first
     tokens: int = 0  # prompt + output tokens of its queued samples
+    up: Callable[[], float] = lambda: 1.0  # whether the reference answers (the shadow_reference_up gauge)
+    # Why the reference cannot score this adapter (served unshadowed: nothing sampled); None: shadowed.
+    unshadowed: str | None = None
 
     def __post_init__(self):
         self.metrics.oldest_age_from(self.oldest_age)
+        self.metrics.reference_up_from(self.up)
 
     def oldest_age(self) -> float:
         """Seconds its oldest waiting sample has waited (read at each scrape)."""
@@ -65,11 +69,14 @@ class Lane:
 
 
 class Lanes:
-    def __init__(self, metrics: ShadowMetrics, max_sequences: int, retired_max: int = 16):
+    def __init__(self, metrics: ShadowMetrics, max_sequences: int, retired_max: int = 16,
+                 up: Callable[[], float] = lambda: 1.0):
+        """`up`: whether the reference answers now, read by every lane's gauge."""
         self._metrics = metrics
         self._max_sequences = max_sequences
         self._retired_max = retired_max
-        self._live: dict[str, Lane] = {BASE: Lane(BASE, metrics, History(max_sequences))}
+        self._up = up
+        self._live: dict[str, Lane] = {BASE: Lane(BASE, metrics, History(max_sequences), up=up)}
         self._retired: OrderedDict[str, Lane] = OrderedDict()
 
     @property
@@ -101,7 +108,7 @@ class Lanes:
             metrics.recreate()  # its gauges at their start values: nothing is decided on the new mount
         else:
             metrics = self._metrics.for_adapter(adapter)
-        lane = Lane(adapter, metrics, History(self._max_sequences), adapter_id)
+        lane = Lane(adapter, metrics, History(self._max_sequences), adapter_id, up=self._up)
         self._live[adapter] = lane
         return lane
 

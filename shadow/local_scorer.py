@@ -26,6 +26,7 @@ class LocalScorer:
     ready = True  # in process: there from load to close (see Scorer.ready)
     token_caps: tuple[int | None, int | None] = (None, None)  # none of its own: the settings' budgets bound it
     state: str | None = None  # no connection to track (see Scorer.state)
+    reachable = True  # in process: always answers (see Scorer.reachable)
 
     def __init__(self, model, tokenizer, name: str, device: torch.device):
         self._model = model

@@ -130,6 +130,14 @@ class ShadowMetrics:
         self._oldest_age = Gauge(
             "shadow_queue_oldest_age_seconds", "Age of the oldest sample waiting for the reference (0: none waits).",
             names, registry=registry)
+        self._reference_up = Gauge(
+            "shadow_reference_up",
+            "1 while the reference answers, 0 while it does not (a remote one unreachable, timed out or answering 502-504): "
+            "sampled requests then wait in the queue and are retried.", names, registry=registry)
+        self._retries = counter(
+            "shadow_reference_retries",
+            "Reference calls tried again because the reference could not answer (unreachable, timed out, 429, 502-504, "
+            "busy); their samples stay queued until --shadow-max-sample-age-s.")
         self._throttled = Gauge(
             "shadow_reference_throttled",
             "1 while the engine holds requests and the reference is held back (its duty cap; a local one's confined "
@@ -188,6 +196,7 @@ class ShadowMetrics:
         """Every (collector, labels) child of this adapter's series."""
         base = self._base
         yield self._sampled, base
+        yield self._retries, base
         for outcome in OUTCOMES:
             yield self._samples, {**base, "outcome": outcome}
         for comparison in self._comparisons:
@@ -202,7 +211,7 @@ class ShadowMetrics:
         for action in OVERSIZE:
             yield self._oversize, {**base, "action": action}
         for metric in (self._queue_depth, self._queue_tokens, self._reference_seconds, self._sample_age,
-                       self._oldest_age, self._throttled, self._verdict_state, self._verdict_different,
+                       self._oldest_age, self._reference_up, self._throttled, self._verdict_state, self._verdict_different,
                        self._verdict_sequences, self._verdict_floor_scale):
             yield metric, base
         for statistic in CHECKS:
@@ -245,6 +254,13 @@ class ShadowMetrics:
     def oldest_age_from(self, age: Callable[[], float]) -> None:
         """The oldest queued sample's age, read at each scrape (it grows between events)."""
         self._oldest_age.labels(**self._base).set_function(age)
+
+    def reference_up_from(self, up: Callable[[], float]) -> None:
+        """Whether the reference answers, read at each scrape."""
+        self._reference_up.labels(**self._base).set_function(up)
+
+    def retried(self) -> None:
+        self._retries.labels(**self._base).inc()
 
     def sample_age(self, seconds: float) -> None:
         self._sample_age.labels(**self._base).observe(seconds)

@@ -11,7 +11,12 @@ ends as soon as the engine empties. Without an `engine_load` it is always held b
 
 Requests on mounted LoRA adapters are shadowed per adapter (shadow/lanes.py): scored
 against the reference with that adapter applied unmerged, in batches of one adapter;
-`add_adapter` / `remove_adapter` mount and unmount one on the reference at run time.
+`add_adapter` / `remove_adapter` mount and unmount one on the reference at run time. An
+adapter the reference cannot apply is served unshadowed, and its verdict says why.
+
+An outage loses no sample (shadow/retry.py): a batch the reference could not score for a
+reason outside the request stays queued and is retried with backoff; samples older than
+`shadow_max_sample_age_s` are then counted `error`, and a full queue still drops.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ from shadow.metrics import NOISE_FLOOR, ShadowMetrics
 from shadow.queue import SampleQueue, ShadowSample, ShadowSequence
 from shadow.reference_check import ReferenceCheck
 from shadow.report import ShadowReport, build_report
+from shadow.retry import Backoff
 from shadow.scoring import (
     MAX_BATCH_SEQUENCES,
+    AdapterUnavailableError,
+    ReferenceUnavailableError,
     ScoredSequence,
     ScoreItem,
     Scorer,
@@ -80,7 +88,8 @@ class ShadowPath:
         self.capture = capture
         self.model_name = model_name
         self.reference_name = reference_name or scorer.name
-        self._lanes = Lanes(metrics, settings.shadow_verdict_max_sequences)
+        self._lanes = Lanes(metrics, settings.shadow_verdict_max_sequences,
+                            up=lambda: float(getattr(scorer, "reachable", True)))
         self.history: History = self._lanes.base.history  # the base model's (verify, tests)
         self._rng = rng or random.Random()
         self._queue = SampleQueue(settings.shadow_queue_size, settings.shadow_queue_tokens)
@@ -90,6 +99,8 @@ class ShadowPath:
         self._busy_s = 0.0  # reference time of the last forward, not yet paid back by idling
         self._clock = time.perf_counter
         self._sleep = self._pause  # replaceable in tests
+        self._backoff_sleep = asyncio.sleep  # waits between tries of an unreachable reference (cancellable)
+        self._backoff = Backoff(rng=random.Random())
         self._wake = asyncio.Event()  # set on stop: a pause ends at once, the queue drains
         self._scoring = asyncio.Lock()  # a batch being scored, or an adapter being (un)mounted on the reference
         self._closed = False
@@ -131,7 +142,7 @@ class ShadowPath:
             lane.history.snapshot(window_s), model=self.model_name, reference=self.reference_name,
             noise_dtype=self.noise_dtype, policy=self.settings.verdict_policy, window_s=window_s,
             evicted=lane.history.evicted, with_trajectory=with_trajectory, reference_check=self.reference_check,
-            calibration=self.calibration,
+            calibration=self.calibration, unshadowed=lane.unshadowed,
         )
         report.adapter = adapter
         return report
@@ -148,21 +159,51 @@ class ShadowPath:
 
     # --- mounted adapters ----------------------------------------------------------
 
-    async def add_adapter(self, adapter: str, path, adapter_id: int = 0) -> None:
+    async def add_adapter(self, adapter: str, path, adapter_id: int = 0, *, allow_unshadowed: bool = False) -> str | None:
         """Mount a LoRA adapter on the reference (blocking load in a thread, between
         batches) and open its lane: its requests (of this mount, `adapter_id`) are sampled
-        from now on. Mount and lane happen together even if the caller is cancelled."""
+        from now on. Mount and lane happen together even if the caller is cancelled.
+
+        A reference that cannot take it (AdapterUnavailableError: a remote one that does
+        not hold it and may not load it) raises, or with `allow_unshadowed` opens the lane
+        unshadowed and returns why (its verdict says so). None: shadowed."""
         mount = getattr(self.scorer, "add_adapter", None)
         if mount is None:
             raise ShadowReferenceError(f"the reference {self.reference_name} cannot mount LoRA adapters")
+        unshadowed: str | None = None
 
         async def both() -> None:
+            nonlocal unshadowed
             async with self._scoring:
-                await asyncio.to_thread(mount, adapter, path)
-                self._lanes.add(adapter, adapter_id).metrics.throttled(bool(self._held_back))
+                try:
+                    await asyncio.to_thread(mount, adapter, path)
+                except AdapterUnavailableError as exc:
+                    if not allow_unshadowed:
+                        raise
+                    unshadowed = str(exc)
+                lane = self._lanes.add(adapter, adapter_id)
+                lane.metrics.throttled(bool(self._held_back))
+                if unshadowed is not None:
+                    self._unshadow(lane, unshadowed)
 
         await asyncio.shield(both())
-        log.info("shadow: adapter %s mounted on the reference (%s)", adapter, path)
+        if unshadowed is None:
+            log.info("shadow: adapter %s mounted on the reference (%s)", adapter, path)
+        return unshadowed
+
+    def _unshadow(self, lane: Lane, reason: str) -> None:
+        """A lane the reference cannot score: nothing more is sampled on it, what waits is
+        an error, and its verdict says why."""
+        if lane.unshadowed is None:
+            log.error("shadow: the adapter %s is served UNSHADOWED: %s", lane.adapter, reason)
+        lane.unshadowed = reason
+        removed = self._queue.purge(lambda sample: sample.adapter == lane.adapter)
+        lane.cleared()
+        lane.metrics.sample("error", removed)
+        try:
+            self.publish_verdict(lane.adapter)
+        except Exception:
+            log.exception("shadow: the verdict could not be published")
 
     async def remove_adapter(self, adapter: str, served: bool = True) -> None:
         """Unmount an adapter: its lane closes, its queued samples are counted as skipped,
@@ -187,7 +228,7 @@ class ShadowPath:
         must end in exactly one outcome: submit() or skip(). A request on an adapter the
         reference does not hold (or holds another load of) is not sampled."""
         lane = self._lanes.live(adapter, adapter_id)
-        sampled = not self.refused and self._decide(header) and lane is not None
+        sampled = not self.refused and self._decide(header) and lane is not None and lane.unshadowed is None
         if sampled:
             lane.metrics.admitted()
         return sampled
@@ -215,7 +256,7 @@ class ShadowPath:
         if self._closed:
             metrics.sample("dropped")
             return
-        if not self.scorer.ready:  # a remote reference not reachable (yet), or disabled
+        if self.scorer.state == "disabled":  # a remote reference that failed its checks (one not reachable: queued)
             metrics.sample("error")
             return
         if not self._queue.put(dataclasses.replace(sample, sequences=sequences), lane):
@@ -295,6 +336,7 @@ class ShadowPath:
                 log.warning("shadow: the reference self-check could not run (%s); retrying in %.0fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 60.0)
+                self._expire([])  # samples wait for the check, within their age
         return self.reference_check
 
     def _settle(self, check: ReferenceCheck) -> None:
@@ -312,31 +354,73 @@ class ShadowPath:
             return
         while True:
             batch = await self._queue.next_batch(self._lanes, self._budgets()[1])
-            metrics = self._lane_metrics(batch[0].adapter)
             try:
-                async with self._scoring:
-                    if self._lanes.live(batch[0].adapter, batch[0].adapter_id) is None:
-                        metrics.sample("skipped", len(batch))  # unmounted after it was taken: nothing to apply
-                        continue
-                    recorded = await self._process(batch)
-            except asyncio.CancelledError:  # shutdown ran out of drain time before scoring ended
-                metrics.sample("dropped", len(batch))
-                raise
-            except Exception:  # never let one bad batch stop the worker
-                log.exception("shadow: batch failed")
-                metrics.sample("error", len(batch))
-            else:
-                if recorded is not None:  # scored: finish the bookkeeping even if shutdown cancels us
-                    try:
-                        await asyncio.shield(recorded)
-                    except asyncio.CancelledError:
-                        await recorded
-                        raise
-                    except Exception:  # _record counts per sample; this is a bug past that: keep going
-                        log.exception("shadow: recording a batch failed")
+                await self._work(batch)
             finally:
                 self._queue.done(batch)
             await self._idle()
+
+    async def _work(self, batch: list[ShadowSample]) -> None:
+        """Score a batch and record it, retrying (with backoff) while the reference cannot
+        answer; every sample ends in exactly one outcome."""
+        while batch:
+            metrics = self._lane_metrics(batch[0].adapter)
+            try:
+                async with self._scoring:
+                    lane = self._lanes.live(batch[0].adapter, batch[0].adapter_id)
+                    if lane is None or lane.unshadowed is not None:  # unmounted (or unshadowed) after it was taken
+                        metrics.sample("skipped" if lane is None else "error", len(batch))
+                        return
+                    stats = await self._process(batch)
+            except asyncio.CancelledError:  # shutdown ran out of drain time before scoring ended
+                metrics.sample("dropped", len(batch))
+                raise
+            except (ReferenceUnavailableError, TimeoutError) as exc:  # outside the request: keep the samples
+                metrics.retried()
+                wait = self._backoff.delay(getattr(exc, "retry_after", None))
+                log.warning("shadow: the reference could not score %d samples (%s); retrying in %.1fs", len(batch),
+                            str(exc) or type(exc).__name__, wait)
+                await self._backoff_sleep(wait)
+                batch = self._expire(batch)
+                continue
+            except AdapterUnavailableError as exc:
+                metrics.sample("error", len(batch))
+                self._unshadow(self._lanes.live(batch[0].adapter), str(exc))
+                return
+            except Exception as exc:  # never let one bad batch stop the worker
+                log.warning("shadow: reference failed on %d samples: %s", len(batch), str(exc) or type(exc).__name__)
+                metrics.sample("error", len(batch))
+                return
+            self._backoff.reset()
+            # Comparison, metrics and capture off the event loop: the server's requests share
+            # it. Finished even if shutdown cancels us: the batch was scored.
+            recorded = asyncio.ensure_future(asyncio.to_thread(self._record, batch, stats))
+            try:
+                await asyncio.shield(recorded)
+            except asyncio.CancelledError:
+                await recorded
+                raise
+            except Exception:  # _record counts per sample; this is a bug past that: keep going
+                log.exception("shadow: recording a batch failed")
+            return
+
+    def _expire(self, batch: list[ShadowSample]) -> list[ShadowSample]:
+        """While the reference cannot answer: the samples older than
+        --shadow-max-sample-age-s, in `batch` and in the queue, are counted `error`; the
+        rest of `batch` is returned, to be tried again."""
+        oldest = time.monotonic() - self.settings.shadow_max_sample_age_s
+
+        def expired(sample: ShadowSample) -> bool:
+            return sample.finished_at < oldest
+
+        for sample in self._queue.take(expired, self._lanes):
+            self._lane_metrics(sample.adapter).sample("error")
+        kept = [sample for sample in batch if not expired(sample)]
+        if len(kept) < len(batch):
+            self._lane_metrics(batch[0].adapter).sample("error", len(batch) - len(kept))
+            log.warning("shadow: %d samples waited longer than --shadow-max-sample-age-s %gs for the reference: errors",
+                        len(batch) - len(kept), self.settings.shadow_max_sample_age_s)
+        return kept
 
     async def _idle(self) -> None:
         """Pay back the last forward's reference time so the reference computes at most a
@@ -379,9 +463,9 @@ class ShadowPath:
         except TimeoutError:
             pass
 
-    async def _process(self, batch: list[ShadowSample]) -> asyncio.Future | None:
-        """Score the batch; return the (shielded) recording of its results, or None when
-        the reference failed and the batch was counted as errors."""
+    async def _process(self, batch: list[ShadowSample]) -> list[ScoredSequence]:
+        """The reference's statistics for every sequence of the batch; raises what the
+        reference raised (the caller decides what it means for the samples)."""
         items = [
             ScoreItem(seq.prompt_ids, seq.output_ids, seq.logprobs.candidate_ids())
             for sample in batch
@@ -402,15 +486,10 @@ class ShadowPath:
                     self.scorer.score(chunk, self.settings.shadow_reference_top_m, noise_top_k, adapter or None),
                     self.settings.shadow_timeout_s if self.scorer.cancellable else None,
                 )
-            except Exception as exc:
-                log.warning("shadow: reference failed on %d samples: %s", len(batch), str(exc) or type(exc).__name__)
-                metrics.sample("error", len(batch))
-                return None
             finally:
                 self._busy_s = self._clock() - started
             metrics.reference_latency(self._busy_s)
-        # Comparison, metrics and capture off the event loop: the server's requests share it.
-        return asyncio.ensure_future(asyncio.to_thread(self._record, batch, stats))
+        return stats
 
     def _record(self, batch: list[ShadowSample], stats: list[ScoredSequence]) -> None:
         margin = self.settings.shadow_near_tie_margin

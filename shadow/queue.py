@@ -111,6 +111,17 @@ class SampleQueue:
     def purge(self, drop: Callable[[ShadowSample], bool]) -> int:
         """Take the waiting samples (the carry too) that `drop` selects out, the rest kept
         in order; returns how many were taken out (their lanes' bookkeeping is the caller's)."""
+        return len(self._remove(drop))
+
+    def take(self, drop: Callable[[ShadowSample], bool], lanes: Lanes) -> list[ShadowSample]:
+        """The waiting samples `drop` selects, out of the queue and off their lanes' books."""
+        removed = self._remove(drop)
+        for sample in removed:
+            if (lane := lanes.find(sample.adapter)) is not None and lane.waiting:
+                lane.taken(sample.tokens)
+        return removed
+
+    def _remove(self, drop: Callable[[ShadowSample], bool]) -> list[ShadowSample]:
         waiting = []
         if self._carry is not None:  # taken by get() and not yet finished: released here
             waiting.append(self._carry)
@@ -119,10 +130,10 @@ class SampleQueue:
         while not self._queue.empty():
             waiting.append(self._queue.get_nowait())
             self._queue.task_done()
-        removed = 0
+        removed = []
         for sample in waiting:
             if drop(sample):
-                removed += 1
+                removed.append(sample)
                 self.tokens -= sample.tokens
             else:
                 self._queue.put_nowait(sample)

@@ -116,11 +116,21 @@ def build_report(
     with_trajectory: bool = False,
     reference_check: ReferenceCheck | None = None,
     calibration: Calibration | None = None,
+    unshadowed: str | None = None,
 ) -> ShadowReport:
+    """`unshadowed`: why the reference cannot score this candidate (a mounted adapter it
+    does not hold): nothing is judged."""
     candidate = [r.candidate for r in records]
     noise = [r.noise for r in records if r.noise is not None]
     trajectory = None
-    if reference_check is not None and not reference_check.trusted:
+    if unshadowed is not None:
+        verdict = VerdictBody(
+            status="inconclusive",
+            reasons=[f"not shadowed: the reference cannot score this adapter, so its requests are not sampled: "
+                     f"{unshadowed}"],
+            policy=asdict(policy),
+        )
+    elif reference_check is not None and not reference_check.trusted:
         verdict = VerdictBody(
             status="inconclusive",
             reasons=["refused to judge: the reference failed its self-check, so a difference could be the "

@@ -37,6 +37,18 @@ class ReferenceBusyError(ShadowReferenceError):
     """The reference is still computing an earlier batch; this one is refused, not queued."""
 
 
+class ReferenceUnavailableError(ShadowReferenceError):
+    """The reference cannot answer now (unreachable, timed out, 429, 502-504, busy): a
+    transient condition, so the shadow path keeps the samples and retries."""
+
+    retry_after: float | None = None  # seconds the reference asked for (Retry-After), if it did
+
+
+class AdapterUnavailableError(ShadowReferenceError):
+    """The reference cannot apply a mounted adapter: it does not hold it (and may not load
+    it), or holds other weights under its name. That adapter is served unshadowed."""
+
+
 @dataclass(frozen=True)
 class ScoreItem:
     prompt_ids: list[int]
@@ -88,6 +100,8 @@ class Scorer(Protocol):
     loaded_as: str  # how the reference model was loaded (a transformers class, the native forward, ...)
     # Parameters or buffers found unmaterialised or non-finite at load: the self-check refuses such a reference.
     integrity_problems: list[str]
+    # Whether the reference answered its last call (the shadow_reference_up gauge); always for one in process.
+    reachable: bool
 
     @property
     def ready(self) -> bool:
@@ -127,6 +141,8 @@ class Scorer(Protocol):
 # --- wire format of POST /v1/shadow/score ----------------------------------------------
 
 SCORE_PATH = "/v1/shadow/score"  # served by server/reference_app.py, posted to by shadow/remote_scorer.py
+LOAD_ADAPTER_PATH, UNLOAD_ADAPTER_PATH = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+ADAPTER_NOT_LOADED, ADAPTER_CONFLICT = "adapter_not_loaded", "adapter_conflict"  # the reference's error codes
 
 
 class ScoreItemBody(BaseModel):
@@ -141,10 +157,42 @@ class ScoreItemBody(BaseModel):
         return self
 
 
+class AdapterRef(BaseModel):
+    """A mounted LoRA adapter as a score request names it: by name and content hash
+    (adapters/lora_identity.py), so a reference holding other weights under that name
+    refuses (409) instead of scoring them. `path`: where a reference that does not hold
+    it may load it from, if it allows run-time loads (a restarted or new replica)."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^\S+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    path: str | None = Field(default=None, max_length=4096)
+
+
+class AdapterInfo(BaseModel):
+    """An adapter a reference service holds."""
+
+    name: str
+    sha256: str
+    path: str
+    pinned: bool = False  # mounted at start (--lora-modules): never unloaded at run time
+
+
 class ScoreRequestBody(BaseModel):
     items: list[ScoreItemBody] = Field(min_length=1, max_length=MAX_BATCH_SEQUENCES)
     top_m: int = Field(default=5, ge=1, le=100)
     noise_top_k: int | None = Field(default=None, ge=1, le=100, description="also score the noise floor")
+    adapter: AdapterRef | None = Field(default=None, description="score with this mounted LoRA adapter applied, unmerged")
+
+
+class LoadAdapterBody(BaseModel):
+    """POST /v1/load_lora_adapter on the reference (vLLM's field names)."""
+
+    lora_name: str = Field(min_length=1, max_length=256, pattern=r"^\S+$")
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadAdapterBody(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=256)
 
 
 class PositionBody(BaseModel):
@@ -180,6 +228,11 @@ class ReferenceInfo(BaseModel):
     max_request_tokens: int | None = None
     loaded_as: str | None = None  # how the service loaded its model
     integrity_problems: list[str] = []  # what its load-time integrity check found
+    # Mounted LoRA adapters, each with its content hash; whether POST /v1/load_lora_adapter
+    # (and loads named by a score request) are allowed, and how many adapters it holds at most.
+    adapters: list[AdapterInfo] = []
+    runtime_lora_updating: bool = False
+    max_adapters: int = 0
 
 
 def to_body(item: ScoreItem, scored: ScoredSequence) -> list[PositionBody]:

@@ -134,8 +134,12 @@ class ShadowSettings(VerdictSettings):
         default=10, ge=0, le=19, description="the in-process reference's thread runs this much lower in priority (Linux nice)"
     )
     shadow_timeout_s: float = Field(
-        default=60.0, gt=0, description="a remote reference batch slower than this is an error outcome (a local forward "
-        "cannot be abandoned: a slow one makes the queue drop instead)")
+        default=60.0, gt=0, description="a remote reference batch slower than this is abandoned and tried again later "
+        "(a local forward cannot be abandoned: a slow one makes the queue drop instead)")
+    shadow_max_sample_age_s: float = Field(
+        default=600.0, gt=0, description="a sample the reference could not score (unreachable, timed out, 429, "
+        "502-504, busy) stays queued and is retried until it is this old, then counts as an error (default: a restart "
+        "of a large reference, loading included)")
     shadow_drain_s: float = Field(default=10.0, ge=0, description="on shutdown, time to finish queued samples; the rest count as dropped")
     shadow_labels: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="constant labels on every shadow series, e.g. variant=canary,zone=a"
@@ -197,3 +201,9 @@ class ShadowSettings(VerdictSettings):
     @property
     def shadow_enabled(self) -> bool:
         return self.shadow_rate > 0 or self.shadow_allow_header
+
+    def reference_flags_given(self) -> list[str]:
+        """The --shadow-reference-* flags set away from their defaults (they configure a
+        shadow that only runs when it is on)."""
+        return ["--" + name.replace("_", "-") for name, field in ShadowSettings.model_fields.items()
+                if name.startswith("shadow_reference_") and getattr(self, name) != field.get_default(call_default_factory=True)]

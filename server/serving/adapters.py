@@ -19,7 +19,7 @@ from pathlib import Path
 from server.engines import Engine, EngineInputError, LoraAdapter
 from server.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from shadow.path import ShadowPath
-from shadow.scoring import ShadowReferenceError
+from shadow.scoring import AdapterUnavailableError, ShadowReferenceError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,15 @@ class AdapterRegistry:
             raise ModelNotFoundError(f"The model '{model}' does not exist; this server serves {served}", param="model")
         return adapter
 
-    async def load(self, name: str, path: Path, reference_path: Path | None = None) -> LoraAdapter:
+    async def load(self, name: str, path: Path, reference_path: Path | None = None, *,
+                   at_start: bool = False) -> LoraAdapter:
         """Check the adapter against the base, then mount it on the reference (its own
         copy at `reference_path`, default the same directory) and the engine. Errors are
-        the client's (400, 404 for a missing directory)."""
+        the client's (400, 404 for a missing directory).
+
+        A remote reference that cannot take it (it does not hold the adapter and may not
+        load it): at run time the adapter is served unshadowed (its verdict says why);
+        `at_start` the AdapterUnavailableError is raised (the start is refused)."""
         from adapters.lora_adapter import (
             AdapterNotFoundError,
             LoraAdapterError,
@@ -80,7 +85,8 @@ class AdapterRegistry:
                     f"{self.capacity}): unload one first", param="lora_name")
             try:
                 info = await asyncio.to_thread(check_lora_adapter, path, self.base_dir)
-                if self.shadow is not None:  # the reference's copy must fit the reference's base
+                if self.shadow is not None and self.shadow.scorer.state is None:
+                    # In process, the reference's copy must fit its base (a remote reference checks its own).
                     await asyncio.to_thread(check_lora_adapter, reference_path or path, self.reference_dir)
             except AdapterNotFoundError as exc:
                 raise NotFoundError(str(exc), param="lora_path") from exc
@@ -91,9 +97,13 @@ class AdapterRegistry:
                     f"the adapter's rank {info.rank} is above this server's --max-lora-rank {self.rank_limit}",
                     param="lora_path")
             adapter = LoraAdapter(name, path, next(self._ids))
+            unshadowed = None
             if self.shadow is not None:
                 try:
-                    await self.shadow.add_adapter(name, reference_path or path, adapter.id)
+                    unshadowed = await self.shadow.add_adapter(name, reference_path or path, adapter.id,
+                                                               allow_unshadowed=not at_start)
+                except AdapterUnavailableError:
+                    raise
                 except ShadowReferenceError as exc:
                     raise InvalidRequestError(f"the shadow's reference cannot mount it: {exc}", param="lora_path") from exc
             try:
@@ -105,8 +115,9 @@ class AdapterRegistry:
                     raise InvalidRequestError(str(exc), param="lora_path") from exc
                 raise
             self._mounted[name] = adapter
-        log.info("LoRA adapter %s mounted from %s (rank %d, alpha %g)%s", name, path, info.rank, info.alpha,
-                 f"; the reference's copy: {reference_path}" if reference_path else "")
+        log.info("LoRA adapter %s mounted from %s (rank %d, alpha %g)%s%s", name, path, info.rank, info.alpha,
+                 f"; the reference's copy: {reference_path}" if reference_path else "",
+                 "; served UNSHADOWED" if unshadowed else "")
         return adapter
 
     async def unload(self, name: str) -> None:

@@ -141,7 +141,7 @@ def test_mountable_adapters_pass_with_their_rank(models):
     ("twice", "given twice"),
     ("base name", "base model's served name"),
     ("transformers", "not available with --engine transformers"),
-    ("remote", "local reference"),
+    ("reference flags, shadow off", "configure the shadow's reference, but the shadow is off"),
     ("reference name", "no --lora-modules adapter has that name"),
 ])
 def test_what_cannot_be_mounted_is_refused_before_loading(models, case, match):
@@ -153,7 +153,7 @@ def test_what_cannot_be_mounted_is_refused_before_loading(models, case, match):
         "twice": ([a, a], {}),
         "base name": ([f"base={models['a']}"], {}),
         "transformers": ([a], {"engine": "transformers"}),
-        "remote": ([a], {"shadow_rate": 0.5, "shadow_reference_url": "http://reference:9000"}),
+        "reference flags, shadow off": ([a], {"shadow_reference_url": "http://reference:9000"}),
         "reference name": ([a], {"shadow_rate": 0.5, "shadow_reference_lora_modules": [f"z={models['a']}"]}),
     }[case]
     with pytest.raises(ValidationError, match=match):

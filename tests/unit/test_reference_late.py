@@ -1,7 +1,8 @@
-"""A remote reference unreachable at start: the server's shadow path counts sampled
-requests as errors while the scorer retries in the background; once the reference
+"""A remote reference unreachable at start: the server's shadow path keeps sampled
+requests queued while the scorer's watch retries in the background; once the reference
 answers it is checked as at start (vocabulary, noise-floor dtype): up, or disabled
-loudly on a mismatch, never a crash."""
+loudly on a mismatch (then samples are errors), never a crash. Back after an outage it
+is checked again, and must be the same reference."""
 
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ def sample() -> ShadowSample:
 
 def build(service: FakeService, monkeypatch, **overrides):
     monkeypatch.setattr(remote, "fetch_info", service)
-    real = remote.RemoteScorer.retry_in_background
-    monkeypatch.setattr(remote.RemoteScorer, "retry_in_background",
-                        lambda self, check, **_: real(self, check, first_delay=0.02, max_delay=0.08))
+    real = remote.RemoteScorer.monitor
+    monkeypatch.setattr(remote.RemoteScorer, "monitor",
+                        lambda self, check, **_: real(self, check, first_delay=0.02, max_delay=0.08, probe_s=0.02))
     config = settings(**overrides)
     scorer = load_reference(config, None, Tokenizer(), defer_unreachable=True)
     path = build_shadow_path(config, scorer, model_name="cand", serving_dtype="float32", candidate_tokenizer=Tokenizer(),
@@ -95,22 +96,42 @@ def test_unreachable_at_start_is_an_error_outside_the_server(monkeypatch):
         load_reference(settings(), None, Tokenizer())
 
 
-def test_samples_are_errors_until_the_reference_comes_up_then_checked_and_used(monkeypatch, caplog):
+def test_samples_wait_until_the_reference_comes_up_then_it_is_checked_and_used(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="shadow.remote_scorer")
     service = FakeService(info())
     scorer, path = build(service, monkeypatch, shadow_reference_name="late-ref")
-    assert scorer.state == "unreachable" and not scorer.ready and path.reference_name == "late-ref"
+    assert scorer.state == "unreachable" and not scorer.ready and not scorer.reachable
+    assert path.reference_name == "late-ref"
     path.submit(sample())
     path.submit(sample())
-    assert outcome(path, "error") == 2 and path._queue.qsize() == 0  # nothing queued for a reference that is not there
+    assert outcome(path, "error") == 0 and path._queue.qsize() == 2  # evidence kept for a reference not there yet
     wait_for(lambda: len(service.calls) >= 6)  # the start-up attempt, then the background thread's
     gaps = [b - a for a, b in zip(service.calls[1:], service.calls[2:])]
     assert all(gap >= 0.95 * delay for gap, delay in zip(gaps, [0.02, 0.04, 0.08, 0.08]))  # doubling, capped
     service.up = True
     wait_for(lambda: scorer.ready)
-    assert scorer.vocab == VOCAB and scorer.noise_dtype == "float32"
+    assert scorer.vocab == VOCAB and scorer.noise_dtype == "float32" and scorer.reachable
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(unreachable) == 1 and sum("is up" in r.getMessage() for r in caplog.records) == 1  # once per state change
+    # Down again (a restart), then back: not reachable meanwhile, up again once it answers as the same reference.
+    service.up = False
+    wait_for(lambda: not scorer.reachable)
+    service.up = True
+    wait_for(lambda: scorer.reachable)
+    assert scorer.state == "up" and sum("is up" in r.getMessage() for r in caplog.records) == 2
+    asyncio.run(asyncio.wait_for(path.scorer.close(), 5))
+
+
+def test_a_reference_back_as_another_model_disables_the_path(monkeypatch, caplog):
+    service = FakeService(info())
+    scorer, path = build(service, monkeypatch)
+    service.up = True
+    wait_for(lambda: scorer.ready)
+    service.answer = info(name="another-model")
+    wait_for(lambda: scorer.state == "disabled")
+    assert "is another model now (another-model, was ref)" in scorer.problem
+    path.submit(sample())
+    assert outcome(path, "error") == 1
     asyncio.run(asyncio.wait_for(path.scorer.close(), 5))
 
 
@@ -130,6 +151,7 @@ def test_a_mismatch_found_late_disables_the_path_loudly(monkeypatch, caplog, ans
     assert outcome(path, "error") == 1 and outcome(path, "compared") == 0 and path._queue.qsize() == 0
     with pytest.raises(ShadowReferenceError, match=problem):  # nor would a queued batch compare garbage
         asyncio.run(scorer.score([], 5))
+    asyncio.run(asyncio.wait_for(path.scorer.close(), 5))
 
 
 def test_a_reachable_reference_behaves_as_before(monkeypatch):

@@ -76,10 +76,11 @@ def test_reference_failures_are_error_outcomes(scorer):
     assert outcome(path, "error") == 2 and outcome(path, "compared") == 0
 
 
-def test_a_hanging_reference_times_out():
-    path = make(HangingScorer(), shadow_timeout_s=0.2)
+def test_a_hanging_reference_times_out_and_is_retried_until_the_sample_is_too_old():
+    path = make(HangingScorer(), shadow_timeout_s=0.2, shadow_max_sample_age_s=0.3)
     asyncio.run(run(path, [sample()]))
     assert outcome(path, "error") == 1
+    assert path.metrics._retries.labels(**path.metrics._base)._value.get() >= 1
 
 
 def test_a_slow_local_reference_is_waited_for_and_the_queue_drops_instead():
