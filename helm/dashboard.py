@@ -29,6 +29,9 @@ GROUP = "variant, adapter"  # what a shadow panel splits by (besides comparison)
 BY = f"{GROUP}, comparison"
 VERDICT_BY = f"model, {GROUP}"  # one verdict per (model, variant, adapter): never pooled
 V = "{{variant}} {{adapter}}"  # their legend ({{adapter}} is empty for the base model)
+# Whether a candidate replica reaches its reference is one fact for all its adapters (each
+# adapter's shadow_reference_up carries the same value): that panel does not split by adapter.
+REFERENCE_BY = "model, variant"
 COMPARED = 'outcome="compared"'
 
 
@@ -198,7 +201,8 @@ PANELS = [
     dict(
         title="Shadow samples by outcome",
         description=("compared; dropped (queue full or shutdown); skipped (aborted, failed or empty generation); error "
-                     "(reference failed, a remote reference timed out, or NaN)."),
+                     "(the reference refused or failed the batch, NaN, or a sample that waited past "
+                     "--shadow-max-sample-age-s while the reference could not answer)."),
         unit="reqps",
         targets=[target(f"sum by (outcome) ({rate('shadow_samples_total')})", "{{outcome}}")],
     ),
@@ -232,6 +236,24 @@ PANELS = [
         unit="s", w=6,
         targets=[target(f"histogram_quantile({q}, sum by (le) ({rate('shadow_reference_seconds_bucket')}))", f"p{p}")
                  for q, p in ((0.5, "50"), (0.99, "99"))],
+    ),
+    dict(
+        title="Reference up (min over replicas)",
+        description=("1 while the candidates reach their reference, 0 while a replica does not (unreachable, timed out "
+                     "or 502-504: a reference pod restarting or loading its model); the lowest of a variant's replicas. "
+                     "One line per variant, not per adapter: the reference answers for all of them. While it is 0, "
+                     "sampled requests wait in the queue and are retried (the queue and lag panels grow); they count "
+                     "as errors only past --shadow-max-sample-age-s. ShadowReferenceDown fires when it stays 0."),
+        unit="short", w=6,
+        targets=[target(f"min by ({REFERENCE_BY}) (shadow_reference_up{s()})", "{{model}} {{variant}}")],
+    ),
+    dict(
+        title="Reference retries",
+        description=("Reference calls tried again, per second, because the reference could not answer (unreachable, "
+                     "timed out, 429, 502-504, busy): their samples stay queued until --shadow-max-sample-age-s. 0 "
+                     "while the reference keeps up."),
+        unit="ops", w=6,
+        targets=[target(f"sum by ({GROUP}) ({rate('shadow_reference_retries_total')})", f"{V} retries")],
     ),
     dict(
         title="Serving throughput (vLLM)",

@@ -376,6 +376,10 @@ class ShadowPath:
                 metrics.sample("dropped", len(batch))
                 raise
             except (ReferenceUnavailableError, TimeoutError) as exc:  # outside the request: keep the samples
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    # asyncio.wait_for (3.11) can swallow a cancel that meets a failing call: shutdown wins
+                    metrics.sample("dropped", len(batch))
+                    raise asyncio.CancelledError from exc
                 metrics.retried()
                 wait = self._backoff.delay(getattr(exc, "retry_after", None))
                 log.warning("shadow: the reference could not score %d samples (%s); retrying in %.1fs", len(batch),

@@ -75,6 +75,45 @@ def test_candidate_deployment(stable):
                                                "SHADOWSERVE_SHUTDOWN_GRACE_S"}
 
 
+REFERENCE_TOKEN = "SHADOWSERVE_SHADOW_REFERENCE_TOKEN"
+
+
+def candidate_container(docs: list[dict]) -> dict:
+    return next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-candidate"))[
+        "spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("shadow, on", [
+    ({"rate": 0}, False),
+    ({"rate": 0.0, "allowHeader": False}, False),
+    ({"rate": 0.05}, True),
+    ({"rate": 0, "allowHeader": True}, True),  # the X-Shadow header alone turns it on
+], ids=["rate-0", "rate-0.0", "rate-0.05", "header-only"])
+def test_reference_flags_only_while_the_shadow_is_on(shadow, on):
+    """`serve` refuses to start (exit 2) on any --shadow-reference-* flag, or the reference
+    token, while the shadow is off: the chart gives them only while it is on. Checked with
+    the server's own settings: the flags the chart renders, parsed by the real command line."""
+    from server.cli import cli_source
+    from shadow.settings import ShadowSettings
+
+    values = {"candidate": {"shadow": shadow}, "verdict": {"calibration": "{}"},  # calibration: --shadow-reference-name
+              "adapters": {"modules": [{"name": "t", "path": "/adapters/t", "referencePath": "/adapters/t-trained"}]}}
+    container = candidate_container(render(values))
+    args, env = container["args"], {e["name"] for e in container["env"]}
+    given = [a for a in args if a.startswith("--shadow-reference-")]
+    assert bool(given) == on and (REFERENCE_TOKEN in env) == on, (given, env)
+    if on:
+        assert {a.split("=", 1)[0] for a in given} == {"--shadow-reference-url", "--shadow-reference-name",
+                                                      "--shadow-reference-lora-modules"}
+    parsed = {key.removeprefix("serve."): value
+              for key, value in vars(cli_source(cli_exit_on_error=False).root_parser.parse_args(args)).items()}
+    what_decides = ("shadow_rate", "shadow_allow_header", *[k for k in parsed if k.startswith("shadow_reference_")])
+    settings = ShadowSettings(**{key: parsed[key] for key in what_decides if parsed.get(key) is not None},
+                              **({"shadow_reference_token": "from-the-secret"} if REFERENCE_TOKEN in env else {}))
+    assert settings.shadow_enabled == on
+    assert bool(settings.reference_flags_given()) == on  # off: nothing for `serve` to refuse
+
+
 def test_reference_runs_in_its_own_deployment_scaled_by_keda_on_shadow_load(stable):
     reference = as_k8s(next(d for d in by_kind(stable, "Deployment") if d["metadata"]["name"].endswith("-reference")))
     assert reference.spec.template.spec.containers[0].args[0] == "reference"
@@ -131,7 +170,7 @@ def test_monitoring_objects(stable):
     titles = " | ".join(p["title"] for p in board["panels"])
     for needle in ("Verdict: token KL, candidate over noise floor", "excess top-1", "excess hard", "First divergence",
                    "P(diverged by position N)", "KL", "Δp", "drift", "Same top-1", "Hard vs near-tie", "queue",
-                   "Reference latency", "Serving latency", "Serving throughput"):
+                   "Reference latency", "Reference up", "Reference retries", "Serving latency", "Serving throughput"):
         assert needle.lower() in titles.lower(), needle
     # Candidate and noise floor side by side: split by `comparison` wherever a comparison series is drawn.
     for title in ("Same top-1 rate", "P(diverged by position N)", "Token KL(ref || ·): mean and quantiles"):
@@ -140,13 +179,18 @@ def test_monitoring_objects(stable):
 
 
 SHADOW_SELECTOR = re.compile(r"\bshadow_[a-z_]+(\{[^}]*\})?")
+# Whether a replica reaches its reference is one fact for all its adapters: these series
+# carry `adapter` like every shadow series, all at one value, so their panel splits by
+# (model, variant) alone.
+REFERENCE_WIDE = {"shadow_reference_up"}
 
 
 def test_the_dashboard_selects_and_splits_by_adapter(stable):
     """An `adapter` variable (All: `.*`, which matches the base model's label-less series);
     every shadow series a panel reads is filtered by it; wherever a panel splits by variant it
-    splits by adapter too (one verdict per adapter, never pooled), legend included. vLLM's
-    series have no adapter: the serving panels are not filtered by it."""
+    splits by adapter too (one verdict per adapter, never pooled), legend included, except
+    the reference's availability, the same for every adapter. vLLM's series have no adapter:
+    the serving panels are not filtered by it."""
     board = dashboard(stable)
     (adapter,) = [v for v in board["templating"]["list"] if v["name"] == "adapter"]
     assert (adapter["type"], adapter["multi"], adapter["includeAll"], adapter["allValue"]) == ("query", True, True, ".*")
@@ -165,8 +209,12 @@ def test_the_dashboard_selects_and_splits_by_adapter(stable):
             shadow += len(selectors)
             for selector in selectors:
                 assert 'adapter=~"$adapter"' in selector, (panel["title"], selector)
+            reference_wide = {s.split("{")[0] for s in selectors} <= REFERENCE_WIDE
             for clause in re.findall(r"\bby \(([^)]*)\)", expr):
                 labels = {label.strip() for label in clause.split(",")}
+                if reference_wide:
+                    assert labels == {"model", "variant"} and "adapter" not in legend, (panel["title"], clause)
+                    continue
                 assert "variant" not in labels or "adapter" in labels, (panel["title"], clause)
                 if "variant" in labels:
                     assert "{{variant}} {{adapter}}" in legend, (panel["title"], legend)
@@ -295,6 +343,8 @@ BAD_VALUES = [
     ({"candidate": {"shmSize": "lots"}}, "/candidate/shmSize"),
     ({"analysis": {"adapter": 5}}, "/analysis/adapter"),
     ({"analysis": {"adapter": ["tenant-a"]}}, "/analysis/adapter"),
+    ({"candidate": {"shadow": {"maxSampleAgeSeconds": 0}}}, "/candidate/shadow/maxSampleAgeSeconds"),
+    ({"prometheusRule": {"referenceDownFor": "5 minutes"}}, "/prometheusRule/referenceDownFor"),
 ]
 
 

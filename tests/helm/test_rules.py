@@ -5,7 +5,9 @@ estimate wanders over the limit does not trip them; one replica's proven fail is
 a pass needs every replica; the absolute fallback fires only while the noise floor is off.
 Each LoRA adapter (label `adapter`, absent for the base model) is judged on its own: no rule
 pools adapters, an adapter's fail alerts for that adapter alone, and the gate reads every
-adapter (one's fail is a fail) or, with `analysis.adapter`, one."""
+adapter (one's fail is a fail) or, with `analysis.adapter`, one. The one alert not per
+adapter is ShadowReferenceDown: whether a replica reaches its reference is one fact for all
+its adapters."""
 
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def run_promtool(promtool: str, rules_file: str, tests: list[dict], tmp_path) ->
 def test_promtool_check_rules(promtool, rules_file):
     out = subprocess.run([promtool, "check", "rules", rules_file], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 10 rules found" in out.stdout
+    assert "SUCCESS: 11 rules found" in out.stdout
 
 
 def of(adapter: str) -> str:
@@ -207,10 +209,18 @@ def test_drops_and_reference_errors_alert(promtool, rules_file, tmp_path):
 GROUPING = re.compile(r"\b(by|on|without|ignoring)\s*\(([^)]*)\)")
 
 
+# Alerts on the reference itself, not on an adapter's numbers: summarised per (model, variant).
+REFERENCE_WIDE = {"ShadowReferenceDown"}
+
+
 def test_every_grouping_that_keeps_model_keeps_adapter():
     """Every `by (...)` / `on (...)` of the rules that keeps `model` keeps `adapter` too, and
-    no aggregation runs without a `by`: a rule never pools adapters."""
+    no aggregation runs without a `by`: a rule never pools adapters (the reference's own
+    availability, the same for all of them, aside)."""
     rules = [r for g in rule_groups(render())["groups"] for r in g["rules"]]
+    wide = [r for r in rules if r.get("alert") in REFERENCE_WIDE]
+    assert [GROUPING.findall(r["expr"]) for r in wide] == [[("by", "model, variant")]]
+    rules = [r for r in rules if r not in wide]
     clauses = [(r.get("record") or r["alert"], m.group(0)) for r in rules for m in GROUPING.finditer(r["expr"])]
     with_model = [(name, c) for name, c in clauses if re.search(r"\bmodel\b", c)]
     # 13 in the verdict's statistics, 1 in the verdict state, 10 in the alerts: all keep model
@@ -283,4 +293,51 @@ def test_alerts_name_the_adapter_and_never_pool_adapters(promtool, rules_file, t
         for name, labels, summary in expected
     ]}
     out = run_promtool(promtool, rules_file, [test], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- the reference's availability ----------------------------------------------------------
+
+
+def up(replica: int, values: str, adapter: str = "", variant: str = "canary") -> dict:
+    """One candidate replica's shadow_reference_up (each adapter's series carries it too)."""
+    labels = f'model="candidate",variant="{variant}",reference="reference",pod="candidate-{replica}"'
+    if adapter:
+        labels += f',adapter="{adapter}"'
+    return {"series": f"shadow_reference_up{{{labels}}}", "values": values}
+
+
+def reference_down(eval_time: str, *variants: str) -> dict:
+    rules = {r["alert"]: r for g in rule_groups(render())["groups"] for r in g["rules"] if "alert" in r}
+    return {"eval_time": eval_time, "alertname": "ShadowReferenceDown", "exp_alerts": [{
+        "exp_labels": {"severity": "warning", "model": "candidate", "variant": variant},
+        "exp_annotations": {"summary": f"candidate ({variant}): the shadow's reference does not answer",
+                            "description": rules["ShadowReferenceDown"]["annotations"]["description"]}}
+        for variant in variants]}
+
+
+def test_a_reference_that_stays_down_alerts_once_per_model_and_variant(promtool, rules_file, tmp_path):
+    """The canary's replica 1 loses the reference at minute 10 (its base model's and its
+    adapter's series both read 0), replica 0 still reaches it: one replica cut off is enough,
+    one alert for (model, variant), none per adapter, after `referenceDownFor` (5m) and not
+    before. The stable release's candidates, up throughout, trip nothing."""
+    series = [up(0, f"1x{MINUTES}"), up(0, f"1x{MINUTES}", adapter="tenant-a"),
+              up(1, f"1x9 0x{MINUTES - 9}"), up(1, f"1x9 0x{MINUTES - 9}", adapter="tenant-a"),
+              up(0, f"1x{MINUTES}", variant="stable")]
+    test = {"interval": "1m", "input_series": series, "alert_rule_test": [
+        reference_down("13m"),  # 0 for 3 minutes: pending, not firing
+        reference_down("30m", "canary"),
+    ]}
+    out = run_promtool(promtool, rules_file, [test], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_reference_restart_shorter_than_the_wait_does_not_alert(promtool, rules_file, tmp_path):
+    """Up (1) throughout: nothing. Down for 4 minutes (minutes 10 to 13) while a reference
+    pod restarts, then up again: the samples waited and were retried, and nothing fires."""
+    steady = {"interval": "1m", "input_series": [up(0, f"1x{MINUTES}"), up(1, f"1x{MINUTES}")],
+              "alert_rule_test": [reference_down(f"{m}m") for m in (10, 30)]}
+    restart = {"interval": "1m", "input_series": [up(0, f"1x9 0x3 1x{MINUTES - 12}")],
+               "alert_rule_test": [reference_down(f"{m}m") for m in (11, 14, 20)]}
+    out = run_promtool(promtool, rules_file, [steady, restart], tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -56,6 +56,66 @@ none or no cluster); else, while this release deploys the reference, a random on
 {{ base .Values.reference.modelVolume.path }}{{ with .Values.reference.adapterPath }}+{{ base . }}{{ end }}
 {{- end -}}
 
+{{/*
+"true" while the shadow is on (a sampling rate, or the X-Shadow header honoured), else "".
+`serve` refuses every --shadow-reference-* flag (and the reference token) while it is off.
+*/}}
+{{- define "shadowserve.shadowOn" -}}
+{{- if or (gt (float64 .Values.candidate.shadow.rate) 0.0) .Values.candidate.shadow.allowHeader -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the pods mount the adapters volume: adapters given, or loaded at run time. */}}
+{{- define "shadowserve.adaptersMounted" -}}
+{{- if or .Values.adapters.modules .Values.adapters.runtimeUpdating -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The adapters, checked before anything renders: what the pods would refuse at start, said
+in the values' own terms. Every path lies under the adapters volume, the one place both
+pods see the same file (the candidate hashes it, the reference loads it).
+*/}}
+{{- define "shadowserve.adapters.check" -}}
+{{- $a := .Values.adapters -}}
+{{- $root := printf "%s/" (trimSuffix "/" $a.volume.mountPath) -}}
+{{- if include "shadowserve.adaptersMounted" . -}}
+{{- range $models := list .Values.candidate.modelVolume.path .Values.reference.modelVolume.path -}}
+{{- if eq (trimSuffix "/" $a.volume.mountPath) (dir $models) -}}
+{{- fail (printf "adapters.volume.mountPath %s is where the models volume is mounted: give the adapters their own mount path" $a.volume.mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range $module := $a.modules -}}
+{{- if hasKey $seen $module.name -}}
+{{- fail (printf "adapters.modules: the name %q is given twice (each adapter is mounted, and judged, under its own name)" $module.name) -}}
+{{- end -}}
+{{- $_ := set $seen $module.name true -}}
+{{- if eq $module.name $.Values.candidate.servedModelName -}}
+{{- fail (printf "adapters.modules: %q is candidate.servedModelName, the base model's name: give the adapter another name" $module.name) -}}
+{{- end -}}
+{{- range $key := list "path" "referencePath" -}}
+{{- $path := index $module $key -}}
+{{- if and $path (not (hasPrefix $root $path)) -}}
+{{- fail (printf "adapters.modules %s: %s %s is not under adapters.volume.mountPath %s, the volume both pods read it from" $module.name $key $path $a.volume.mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and $a.maxLoras $a.maxCpuLoras (lt (int $a.maxCpuLoras) (int $a.maxLoras)) -}}
+{{- fail (printf "adapters.maxCpuLoras (%v) must be at least adapters.maxLoras (%v)" $a.maxCpuLoras $a.maxLoras) -}}
+{{- end -}}
+{{- if and $a.maxCpuLoras (gt (len $a.modules) (int $a.maxCpuLoras)) -}}
+{{- fail (printf "adapters.modules: %d adapters, but adapters.maxCpuLoras is %v" (len $a.modules) $a.maxCpuLoras) -}}
+{{- end -}}
+{{- if .Values.reference.enabled -}}
+{{- if and $a.modules .Values.reference.adapterPath -}}
+{{- fail "reference.adapterPath makes the reference base + one adapter (the reference of a merged-LoRA candidate); adapters.modules mounts adapters on the bare base: give one or the other" -}}
+{{- end -}}
+{{- if gt (len $a.modules) (int $a.referenceMaxAdapters) -}}
+{{- fail (printf "adapters.modules: %d adapters, but adapters.referenceMaxAdapters is %v" (len $a.modules) $a.referenceMaxAdapters) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "shadowserve.referenceUrl" -}}
 {{- if .Values.reference.enabled -}}
 http://{{ include "shadowserve.fullname" . }}-reference:{{ .Values.reference.port }}
