@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 HEADER_VALUES = ("always", "never")
 IDLE_POLL_S = 0.1  # how often a paused reference looks whether the engine has emptied
+READY_POLL_S = 1.0  # how often the self-check looks whether a remote reference has come up
 
 
 class ShadowHeaderError(ValueError):
@@ -326,8 +327,12 @@ class ShadowPath:
         until it can (the server); without it the failure is raised (verify)."""
         delay = 1.0
         while self._self_check is not None and self.reference_check is None:
+            if retry and not self.scorer.ready:  # a remote reference not reachable yet: its watch says when it is
+                await asyncio.sleep(READY_POLL_S)
+                self._expire([])  # samples wait for the check, within their age
+                continue
             try:
-                if not self.scorer.ready:  # a remote reference not reachable yet
+                if not self.scorer.ready:
                     raise ShadowReferenceError("the reference is not reachable yet")
                 self._settle(await self._self_check())
             except Exception as exc:
@@ -336,7 +341,7 @@ class ShadowPath:
                 log.warning("shadow: the reference self-check could not run (%s); retrying in %.0fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 60.0)
-                self._expire([])  # samples wait for the check, within their age
+                self._expire([])
         return self.reference_check
 
     def _settle(self, check: ReferenceCheck) -> None:
