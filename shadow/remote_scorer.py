@@ -12,8 +12,9 @@ it answers, with capped exponential backoff while it does not. `reachable` is wh
   `disabled`, logged at ERROR, and sampled requests count as errors rather than compare
   against the wrong reference.
 - A reference that answers again after an outage (a restarted pod, another replica) is
-  checked the same way, and must be the same reference (its name): one replaced by
-  another model is `disabled`, so the verdict never mixes two references.
+  checked the same way before anything is scored on it again, and must be the same
+  reference (its name): one replaced by another model is `disabled`, so the verdict
+  never mixes two references.
 - A score call that fails for a reason outside the request (unreachable, timed out, 429,
   502-504, a busy 503) raises ReferenceUnavailableError: the shadow path keeps the
   samples and retries (shadow/path.py). A 404/409 about a mounted adapter raises
@@ -169,7 +170,7 @@ class RemoteScorer:
 
     # --- the watch ---------------------------------------------------------------------
 
-    def monitor(self, check_vocab: Callable[[VocabInfo, str], None], first_delay: float = 1.0, max_delay: float = 30.0,
+    def monitor(self, check_vocab: Callable[[VocabInfo, str], None], first_delay: float = 1.0, max_delay: float = 10.0,
                 probe_s: float = PROBE_S) -> None:
         """Watch the service on a daemon thread (see the module's docstring); on a first
         answer, or one after an outage, run `check_vocab(vocab, name)` and the noise-floor
@@ -250,6 +251,8 @@ class RemoteScorer:
             raise ShadowReferenceError(self.problem or f"remote reference {self._url} disabled")
         if self.state != UP:
             raise ReferenceUnavailableError(f"remote reference {self._url} not reachable yet")
+        if not self.reachable:  # back only once the watch has checked it again: it may be another reference now
+            raise ReferenceUnavailableError(f"remote reference {self._url} not answering")
         body = ScoreRequestBody(
             items=[ScoreItemBody(prompt_ids=i.prompt_ids, output_ids=i.output_ids, candidate_ids=i.candidate_ids) for i in items],
             top_m=top_m,
@@ -265,7 +268,6 @@ class RemoteScorer:
                 from exc
         if reply.status_code != 200:
             raise self._failure(reply, adapter)
-        self.reachable = True
         parsed = ScoreResponseBody.model_validate_json(reply.content)
         if len(parsed.items) != len(items):
             raise ShadowReferenceError(f"remote reference returned {len(parsed.items)} items for {len(items)}")

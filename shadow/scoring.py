@@ -79,9 +79,13 @@ def vocab_fingerprint(tokenizer) -> VocabInfo:
     return VocabInfo(len(tokenizer), digest)
 
 
+class VocabularyMismatchError(ShadowReferenceError):
+    """The reference does not share the candidate's tokenizer: teacher forcing cannot compare them."""
+
+
 def check_same_vocab(candidate: VocabInfo, reference: VocabInfo, reference_name: str) -> None:
     if candidate != reference:
-        raise ShadowReferenceError(
+        raise VocabularyMismatchError(
             f"the reference '{reference_name}' does not share the candidate's tokenizer "
             f"(vocabulary size {reference.size} vs {candidate.size}, sha256 {reference.sha256[:12]} vs "
             f"{candidate.sha256[:12]}); teacher forcing compares token ids, so both must use the same vocabulary"

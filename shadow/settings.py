@@ -15,6 +15,8 @@ from shadow.reference_check import MAX_EXCESS_NATS
 from shadow.verdict import VerdictPolicy
 
 _DEFAULT = VerdictPolicy()
+REFERENCE_NAMING = ("shadow_reference_url", "shadow_reference_token", "shadow_reference_model", "shadow_reference_adapter",
+                    "shadow_reference_lora_modules", "shadow_reference_name")
 
 
 class VerdictSettings(BaseModel):
@@ -203,7 +205,8 @@ class ShadowSettings(VerdictSettings):
         return self.shadow_rate > 0 or self.shadow_allow_header
 
     def reference_flags_given(self) -> list[str]:
-        """The --shadow-reference-* flags set away from their defaults (they configure a
-        shadow that only runs when it is on)."""
-        return ["--" + name.replace("_", "-") for name, field in ShadowSettings.model_fields.items()
-                if name.startswith("shadow_reference_") and getattr(self, name) != field.get_default(call_default_factory=True)]
+        """The flags that name a reference (which model, adapters, service, credentials),
+        set away from their defaults: they configure a shadow that only runs when it is on.
+        The local reference's tuning (device, threads, nice, memory) is not among them."""
+        return ["--" + name.replace("_", "-") for name in REFERENCE_NAMING
+                if getattr(self, name) != ShadowSettings.model_fields[name].get_default(call_default_factory=True)]

@@ -22,7 +22,7 @@ from shadow.calibration import load_calibration
 from shadow.factory import build_shadow_path, load_reference
 from shadow.path import ShadowPath
 from shadow.remote_code import RemoteCodeError
-from shadow.scoring import AdapterUnavailableError, ReferenceLoadError, ShadowReferenceError
+from shadow.scoring import AdapterUnavailableError, ReferenceLoadError, ShadowReferenceError, VocabularyMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ def load_checked_reference(settings: ServeSettings, renderer: PromptRenderer):
     try:
         scorer = load_reference(settings, settings.model, renderer.tokenizer,
                                 trust_remote_code=settings.trust_remote_code, defer_unreachable=True)
+    except VocabularyMismatchError as exc:  # it loaded, but cannot be compared with this candidate
+        raise ReferenceRefusedError(str(exc)) from exc
     except (ShadowReferenceError, RemoteCodeError) as exc:  # the reference's own code, refused or failed
         raise ReferenceLoadError(str(exc)) from exc
     if scorer.state != "up":  # in process (None: adapters mount with the engine), or remote and not reachable yet

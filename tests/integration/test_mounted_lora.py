@@ -1,35 +1,44 @@
 """Mounted LoRA adapters through the real vLLM engine on SmolLM2, adapters made here with
 peft, read with the official openai client, /v1/models, /metrics and the verdict.
 
-- fp32 server, two adapters mounted plus the base: each answers as transformers + peft
-  answers greedily in fp32 (an independent computation), differently from the base; the
-  shadow finds each adapter identical to its reference (base + adapter unmerged in
-  fp32); adapters are loaded and unloaded at run time, bad ones refused with the reason
-  while the server keeps serving.
-- bf16 server: an adapter mounted as trained passes the verdict at its noise floor; the
-  same adapter with its scale edited (lora_alpha doubled), judged against the adapter as
-  trained, fails; each verdict and series is its own, the base untouched.
-- fp32 server without shadowserve's vLLM plugin (server/vllm_plugin.py): vLLM's CPU LoRA
-  ops give base requests batched beside adapter requests an adapter's update, and the
-  shadow's base lane shows it while the adapters' stay exact.
+- A remote reference (`shadowserve reference`, as the chart deploys it) holds one fp32
+  base and the adapters the candidates mount: `a` from its own --lora-modules, the others
+  loaded on it by the candidates (run-time loads allowed), each matched by content hash.
+  Four adapters cost it their own weights, not a base each.
+- fp32 server on that reference, two adapters mounted plus the base: each answers as
+  transformers + peft answers greedily in fp32 (an independent computation), differently
+  from the base; the shadow finds each adapter identical to its reference (base +
+  adapter unmerged in fp32); adapters are loaded and unloaded at run time, on the
+  reference too, bad ones refused with the reason while the server keeps serving.
+- bf16 server on that reference: an adapter mounted as trained passes the verdict at its
+  noise floor; the same adapter with its scale edited (lora_alpha doubled), judged
+  against the adapter as trained (the reference's own copy), fails; each verdict and
+  series is its own, the base untouched.
+- fp32 server with the in-process reference and without shadowserve's vLLM plugin
+  (server/vllm_plugin.py): vLLM's CPU LoRA ops give base requests batched beside adapter
+  requests an adapter's update, and the shadow's base lane shows it while the adapters'
+  stay exact.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.lora_identity import adapter_sha256
 from server.verify.inputs import BUILTIN_PROMPTS
 from tests.candidates import lora_adapter, with_alpha
-from tests.conftest import API_KEY, MODEL_NAME
-from tests.servers import RunningServer, start_server
+from tests.conftest import API_KEY, MODEL_NAME, REFERENCE_TOKEN
+from tests.servers import RunningServer, free_port, launch, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -58,11 +67,59 @@ def lora(demo_model, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def fp32_server(demo_model, lora, tmp_path_factory) -> RunningServer:
+def lora_reference(demo_model, lora, tmp_path_factory) -> RunningServer:
+    """The fp32 reference as its own service: adapter `a` mounted at start, run-time loads on."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "reference", "--model", str(demo_model), "--port", str(port),
+           "--tokens", REFERENCE_TOKEN, "--noise-dtype", "bfloat16", "--lora-modules", f"a={lora['a']}",
+           "--allow-runtime-lora-updating", "true"]
+    server = launch(cmd, port, tmp_path_factory.mktemp("lora-reference") / "reference.log", api_key=REFERENCE_TOKEN)
+    yield server
+    server.stop()
+
+
+def held(reference: RunningServer) -> dict[str, str]:
+    """The adapters the reference holds: name -> content hash."""
+    info = httpx.get(f"{reference.url}/v1/shadow/info", headers=reference.headers, timeout=30).json()
+    return {a["name"]: a["sha256"] for a in info["adapters"]}
+
+
+def remote(reference: RunningServer) -> list[str]:
+    return ["--shadow-reference-url", reference.url, "--shadow-reference-token", REFERENCE_TOKEN]
+
+
+def test_the_reference_holds_four_adapters_on_one_base(lora_reference, lora, demo_model):
+    """The reference's memory with 1 and 4 adapters: each costs its own weights (fp32, and
+    bf16 on the noise-floor copy), the base is shared."""
+    process = psutil.Process(lora_reference.process.pid)
+    one = process.memory_info().rss
+    extra = {"x1": lora["b"], "x2": lora["wrong_alpha"], "x3": lora["rank32"]}
+    for name, path in extra.items():
+        reply = httpx.post(f"{lora_reference.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                           headers=lora_reference.headers, timeout=120)
+        assert reply.status_code == 200, reply.text
+    four = process.memory_info().rss
+    assert set(held(lora_reference)) == {"a", *extra}
+    adapter_bytes = sum(p.stat().st_size for path in extra.values() for p in path.glob("*.safetensors")) * 6 // 4
+    base_bytes = (demo_model / "model.safetensors").stat().st_size
+    print(f"\n[reference memory] 1 adapter: {one / 2**20:.0f} MiB RSS; 4 adapters: {four / 2**20:.0f} MiB "
+          f"(+{(four - one) / 2**20:.0f} MiB; the 3 adapters' weights in fp32 + bf16: {adapter_bytes / 2**20:.0f} MiB; "
+          f"one fp32 base: {base_bytes / 2**20:.0f} MiB)")
+    assert four - one < base_bytes / 2  # not a base (nor its bf16 noise copy) per adapter
+    for name in extra:
+        assert httpx.post(f"{lora_reference.url}/v1/unload_lora_adapter", json={"lora_name": name},
+                          headers=lora_reference.headers, timeout=60).status_code == 200
+    assert set(held(lora_reference)) == {"a"}
+
+
+@pytest.fixture(scope="module")
+def fp32_server(demo_model, lora, lora_reference, tmp_path_factory) -> RunningServer:
+    """a (held by the reference) and b (loaded on it by this server), shadowed on the remote reference."""
     server = start_server(
         ["--model", str(demo_model), "--dtype", "float32", *VLLM, "--lora-modules", f"a={lora['a']}",
          "--lora-modules", f"b={lora['b']}", "--max-loras", "2", "--max-cpu-loras", "3",
-         "--allow-runtime-lora-updating", "true", "--shadow-allow-header", "true"],
+         "--allow-runtime-lora-updating", "true", "--shadow-allow-header", "true", *remote(lora_reference),
+         "--shadow-noise-floor", "off"],
         tmp_path_factory.mktemp("lora-fp32") / "server.log", api_key=API_KEY)
     yield server
     server.stop()
@@ -111,7 +168,8 @@ def verdict(server: RunningServer, adapter: str) -> dict:
 # --- fp32: serving, exactness, run-time loading --------------------------------------------
 
 
-def test_models_lists_the_base_and_each_adapter_with_its_parent(client, lora):
+def test_models_lists_the_base_and_each_adapter_with_its_parent(client, lora, lora_reference):
+    assert held(lora_reference) == {"a": adapter_sha256(lora["a"]), "b": adapter_sha256(lora["b"])}  # b: the server's load
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {MODEL_NAME, "a", "b"}
     assert cards["a"].parent == cards["b"].parent == MODEL_NAME
@@ -186,12 +244,13 @@ def unload(server: RunningServer, name: str) -> httpx.Response:
                       timeout=300)
 
 
-def test_an_adapter_loaded_at_run_time_is_served_and_shadowed_until_unloaded(fp32_server, client, lora):
+def test_an_adapter_loaded_at_run_time_is_served_and_shadowed_until_unloaded(fp32_server, client, lora, lora_reference):
     assert httpx.post(f"{fp32_server.url}/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": str(lora["b"])},
                       timeout=30).status_code == 401  # behind the API key
     reply = load(fp32_server, "c", lora["b"])
     assert reply.status_code == 200 and "Success" in reply.text
     assert {m.id for m in client.models.list().data} == {MODEL_NAME, "a", "b", "c"}
+    assert held(lora_reference)["c"] == adapter_sha256(lora["b"])  # loaded on the reference first
     answer = greedy(client, "c", GREEDY_PROMPTS[0], extra_headers={"X-Shadow": "always"})
     assert answer == greedy(client, "b", GREEDY_PROMPTS[0])  # the same weights as b
     wait_compared(fp32_server, {"c": 1})
@@ -200,6 +259,7 @@ def test_an_adapter_loaded_at_run_time_is_served_and_shadowed_until_unloaded(fp3
     assert full.status_code == 400 and "--max-cpu-loras" in full.json()["error"]["message"]
 
     assert unload(fp32_server, "c").status_code == 200
+    assert "c" not in held(lora_reference)  # unloaded there too: this server had loaded it
     with pytest.raises(openai.NotFoundError):
         greedy(client, "c", GREEDY_PROMPTS[0])
     assert httpx.get(f"{fp32_server.url}/v1/shadow/verdict", params={"adapter": "c"},
@@ -232,12 +292,13 @@ def test_a_bad_adapter_is_refused_on_load_and_the_server_keeps_serving(fp32_serv
 
 
 @pytest.fixture(scope="module")
-def bf16_server(demo_model, lora, tmp_path_factory) -> RunningServer:
-    """`a` as trained, and `wrong`: a with lora_alpha doubled, judged against a as trained."""
+def bf16_server(demo_model, lora, lora_reference, tmp_path_factory) -> RunningServer:
+    """`a` as trained, and `wrong`: a with lora_alpha doubled, judged against a as trained
+    (the reference's own copy, loaded on the remote reference under `wrong`)."""
     server = start_server(
         ["--model", str(demo_model), "--dtype", "bfloat16", *VLLM, "--lora-modules", f"a={lora['a']}",
          "--lora-modules", f"wrong={lora['wrong_alpha']}", "--shadow-reference-lora-modules", f"wrong={lora['a']}",
-         "--max-loras", "2", "--shadow-rate", "1.0"],
+         "--max-loras", "2", "--shadow-rate", "1.0", *remote(lora_reference)],
         tmp_path_factory.mktemp("lora-bf16") / "server.log")
     yield server
     server.stop()
@@ -256,6 +317,7 @@ def test_bf16_mounted_adapters_are_judged_each_on_its_own(bf16_server):
     assert good["verdict"]["status"] == "pass", good["verdict"]["reasons"]
     assert bad["verdict"]["status"] == "fail", bad["verdict"]["reasons"]
     assert good["candidate"]["sequences"] == 16 and bad["candidate"]["sequences"] == 10
+    assert good["reference"] == bad["reference"] == MODEL_NAME  # the remote reference's name
     # The gauges say the same, per adapter; the base's lane saw nothing.
     assert total(samples, "shadow_verdict_state", adapter="a") == 1
     assert total(samples, "shadow_verdict_state", adapter="wrong") == -1

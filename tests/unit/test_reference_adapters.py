@@ -250,3 +250,65 @@ def test_the_candidate_fails_clearly_on_an_adapter_directory_it_cannot_read(mode
     remote = RemoteScorer.connect(fixed.url, None, timeout=60)
     with pytest.raises(ShadowReferenceError, match="no LoRA adapter there"):
         remote.add_adapter("a", models["a"].parent / "nope")
+
+
+# --- the candidate's registry (server/serving/adapters.py) on a remote reference ------------
+
+
+class Engine:
+    """Stands in for vLLM's add_lora: records what it mounted, or refuses."""
+
+    def __init__(self, refuse: bool = False):
+        self.refuse, self.mounted = refuse, []
+
+    async def add_adapter(self, adapter) -> None:
+        if self.refuse:
+            from server.engines import EngineInputError
+
+            raise EngineInputError("vLLM refused it")
+        self.mounted.append(adapter.name)
+
+
+def registry(models, reference: Service, engine: Engine):
+    from server.serving.adapters import AdapterRegistry
+    from shadow.metrics import ShadowMetrics
+    from shadow.path import ShadowPath
+    from shadow.settings import ShadowSettings
+
+    scorer = RemoteScorer.connect(reference.url, None, timeout=60)
+    settings = ShadowSettings(shadow_rate=1.0, shadow_reference_url=reference.url)
+    shadow = ShadowPath(settings, scorer, ShadowMetrics(CollectorRegistry(), "base", scorer.name))
+    return AdapterRegistry(engine, "base", models["base"], rank_limit=16, capacity=4, shadow=shadow), shadow
+
+
+def test_at_start_an_adapter_the_reference_lacks_stops_the_start_at_run_time_it_is_served_unshadowed(models, fixed):
+    engine = Engine()
+    adapters, shadow = registry(models, fixed, engine)
+
+    async def scenario():
+        with pytest.raises(AdapterUnavailableError, match="not on the remote reference"):
+            await adapters.load("c", models["a"], at_start=True)
+        assert engine.mounted == [] and shadow.lane("c") is None  # nothing mounted anywhere
+        await adapters.load("c", models["a"])  # at run time: served, not shadowed
+        await adapters.load("a", models["a_copy"])  # held there with this content: shadowed
+        await shadow.scorer.close()
+
+    asyncio.run(scenario())
+    assert engine.mounted == ["c", "a"]
+    assert shadow.lane("c").unshadowed and not shadow.admit(adapter="c") and shadow.admit(adapter="a")
+    reasons = shadow.report(adapter="c").verdict.reasons
+    assert reasons[0].startswith("not shadowed") and "--allow-runtime-lora-updating" in reasons[0]
+
+
+def test_a_run_time_load_the_engine_refuses_is_taken_back_from_the_reference(models, loading):
+    adapters, shadow = registry(models, loading, Engine(refuse=True))
+    from server.errors import InvalidRequestError
+
+    async def scenario():
+        with pytest.raises(InvalidRequestError, match="vLLM refused it"):
+            await adapters.load("d", models["b"])
+        await shadow.scorer.close()
+
+    asyncio.run(scenario())
+    assert "d" not in [x["name"] for x in httpx.get(f"{loading.url}/v1/shadow/info").json()["adapters"]]
+    assert shadow.lane("d") is None
