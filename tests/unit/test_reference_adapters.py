@@ -146,7 +146,7 @@ def test_the_service_lists_its_adapters_and_scores_each_as_the_local_scorer(mode
     batch = items(tokenizer)
     here = local.score_sync(batch, top_m=5, adapter="a")[0].reference
     there, base = (scored[0].reference for scored in run(remote, (batch, "a"), (batch, None)))
-    for p, q, r in zip(here, there, base):
+    for p, q in zip(here, there, strict=True):
         assert p.top_ids == q.top_ids
         assert list(p.logprobs.values()) == pytest.approx(list(q.logprobs.values()), abs=1e-6)
     assert max(abs(q.top_logprobs[0] - r.top_logprobs[0]) for q, r in zip(there, base)) > 1e-3  # a applied
