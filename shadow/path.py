@@ -389,7 +389,11 @@ class ShadowPath:
                 wait = self._backoff.delay(getattr(exc, "retry_after", None))
                 log.warning("shadow: the reference could not score %d samples (%s); retrying in %.1fs", len(batch),
                             str(exc) or type(exc).__name__, wait)
-                await self._backoff_sleep(wait)
+                try:
+                    await self._backoff_sleep(wait)
+                except asyncio.CancelledError:  # shutdown during an outage
+                    metrics.sample("dropped", len(batch))
+                    raise
                 batch = self._expire(batch)
                 continue
             except AdapterUnavailableError as exc:

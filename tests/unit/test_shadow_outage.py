@@ -100,6 +100,22 @@ def test_the_up_gauge_reads_zero_while_the_reference_does_not_answer():
     assert outcomes(path) == {"dropped": 1}  # shut down mid-outage: dropped, not an error
 
 
+def test_a_shutdown_while_waiting_to_retry_counts_the_batch_dropped():
+    scorer = FlakyScorer(failures=10**6)
+    path, _ = make(scorer, shadow_drain_s=0.0)
+    path._backoff_sleep = asyncio.sleep  # really waiting when the shutdown comes
+
+    async def scenario():
+        path.start()
+        path.submit(sample())
+        await settle(lambda: scorer.calls >= 1)
+        await asyncio.sleep(0.01)  # in its backoff now
+        await path.stop()
+
+    asyncio.run(scenario())
+    assert outcomes(path) == {"dropped": 1}
+
+
 def test_samples_older_than_the_maximum_age_become_errors_the_rest_wait():
     scorer = FlakyScorer(failures=2)
     path, _ = make(scorer, shadow_max_sample_age_s=60.0)
