@@ -22,6 +22,7 @@ other weights refuses (409) instead of scoring them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -41,11 +42,12 @@ log = logging.getLogger(__name__)
 
 
 class RemoteAdapters:
-    def __init__(self, url: str, token: str | None, timeout: float):
+    def __init__(self, url: str, token: str | None, timeout: float, fetch_info: Callable[[], ReferenceInfo]):
+        """`fetch_info`: blocking GET /v1/shadow/info, the reference's answer now."""
         self._url = url.rstrip("/")
-        self._token = token
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = timeout
+        self._fetch_info = fetch_info
         self._refs: dict[str, AdapterRef] = {}
         self._owned: set[str] = set()  # loaded on the reference by this candidate: unloaded by it
 
@@ -68,15 +70,10 @@ class RemoteAdapters:
         ref = AdapterRef(name=name, sha256=digest, path=str(path))
         if reachable:
             try:
-                self._agree(ref, self._fresh_info())
+                self._agree(ref, self._fetch_info())
             except ReferenceUnavailableError as exc:
                 log.warning("shadow: %s; the adapter %s is checked by its first score request", exc, name)
         self._refs[name] = ref
-
-    def _fresh_info(self) -> ReferenceInfo:
-        from shadow.remote_scorer import fetch_info
-
-        return fetch_info(self._url, self._token, min(self._timeout, 10.0))
 
     def _agree(self, ref: AdapterRef, info: ReferenceInfo) -> None:
         held = next((a for a in info.adapters if a.name == ref.name), None)

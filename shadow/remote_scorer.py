@@ -103,7 +103,7 @@ class RemoteScorer:
         self.state: str = UP if info is not None else UNREACHABLE  # see Scorer.state
         self.reachable = info is not None  # whether the last contact succeeded (the up gauge)
         self.problem: str | None = None  # why it is disabled
-        self.adapters = RemoteAdapters(url, token, timeout)
+        self.adapters = RemoteAdapters(url, token, timeout, lambda: fetch_info(url, token, min(timeout, 10.0)))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
