@@ -73,7 +73,9 @@ def timed_answer(client, headers=None) -> tuple[str, float]:
 
 @pytest.mark.parametrize("scorer, outcome", [(RaisingScorer(), "error"), (HangingScorer(), "error")], ids=["raises", "hangs"])
 def test_failing_reference_never_reaches_the_client(demo_model, scorer, outcome):
-    with TestClient(app_with(demo_model, scorer, shadow_timeout_s=1.0)) as client:
+    """A hanging reference's batches time out and are retried (an outage) until their samples
+    are older than --shadow-max-sample-age-s (2 s here): then errors."""
+    with TestClient(app_with(demo_model, scorer, shadow_timeout_s=1.0, shadow_max_sample_age_s=2.0)) as client:
         ready(client)
         baseline, baseline_s = timed_answer(client, {"X-Shadow": "never"})
         for _ in range(2):
@@ -84,13 +86,16 @@ def test_failing_reference_never_reaches_the_client(demo_model, scorer, outcome)
 
 
 def test_remote_reference_down(demo_model):
+    """Its sample waits and is retried (the up gauge 0) until older than --shadow-max-sample-age-s."""
     dead = f"http://127.0.0.1:{free_port()}"
     scorer = RemoteScorer(dead, None, 2.0, ReferenceInfo(name="remote", vocab_size=49152, vocab_sha256="x", dtype="float32"))
-    with TestClient(app_with(demo_model, scorer)) as client:
+    with TestClient(app_with(demo_model, scorer, shadow_max_sample_age_s=2.0)) as client:
         ready(client)
         baseline, _ = timed_answer(client, {"X-Shadow": "never"})
         assert timed_answer(client)[0] == baseline
         assert wait_for(client, "error", 1)["error"] == 1
+        families = {s.name: s.value for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples}
+        assert families["shadow_reference_retries_total"] >= 1 and families["shadow_reference_up"] == 0
 
 
 def test_full_queue_drops_and_counts(demo_model):
