@@ -122,15 +122,17 @@ class SampleQueue:
         return removed
 
     def _remove(self, drop: Callable[[ShadowSample], bool]) -> list[ShadowSample]:
-        waiting = []
-        if self._carry is not None:  # taken by get() and not yet finished: released here
-            waiting.append(self._carry)
+        removed = []
+        if self._carry is not None and drop(self._carry):  # taken by get() and not yet finished: released here
+            removed.append(self._carry)
+            self.tokens -= self._carry.tokens
             self._carry = None
             self._queue.task_done()
+        # A kept carry stays the carry: the queue may be full without it (it holds max_samples + 1).
+        waiting = []
         while not self._queue.empty():
             waiting.append(self._queue.get_nowait())
             self._queue.task_done()
-        removed = []
         for sample in waiting:
             if drop(sample):
                 removed.append(sample)

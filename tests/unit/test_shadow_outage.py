@@ -25,14 +25,15 @@ class FlakyScorer(EchoScorer):
     """Fails its first `failures` calls with `error` (clearing `reachable` as a remote
     scorer does), then answers as EchoScorer."""
 
-    def __init__(self, failures: int, error: Exception | None = None):
+    def __init__(self, failures: int, error: Exception | None = None, fail_after: float = 0.0):
         super().__init__()
-        self.failures, self.error, self.calls = failures, error, 0
+        self.failures, self.error, self.calls, self.fail_after = failures, error, 0, fail_after
         self.reachable = True
 
     async def score(self, items, top_m, noise_top_k=None, adapter=None):
         self.calls += 1
         if self.calls <= self.failures:
+            await asyncio.sleep(self.fail_after)
             self.reachable = False
             raise self.error or ReferenceUnavailableError("remote reference unavailable: connection refused")
         self.reachable = True
@@ -168,6 +169,26 @@ def test_a_full_queue_still_drops_during_an_outage():
 
     asyncio.run(scenario())
     assert outcomes(path) == {"dropped": 5}  # 2 full-queue drops, then 3 left at shutdown
+
+
+def test_a_full_queue_with_a_carried_sample_survives_a_retry():
+    """The queue holds its size plus the sample carried over to open the next batch; a retry
+    puts the waiting ones back without overflowing it (the worker would die of QueueFull)."""
+    scorer = FlakyScorer(failures=1, fail_after=0.2)
+    path, _ = make(scorer, shadow_queue_size=2, shadow_batch_tokens=6)  # one 6-token sample per batch
+
+    async def scenario():
+        path.submit(sample("0"))
+        path.submit(sample("1"))
+        path.start()  # takes 0; 1 does not fit its batch: carried
+        await settle(lambda: scorer.calls == 1)
+        path.submit(sample("2"))
+        path.submit(sample("3"))  # the queue is full again, beside the carry
+        await settle(lambda: path.metrics.outcomes()["compared"] == 4)
+        await path.stop()
+
+    asyncio.run(scenario())
+    assert outcomes(path) == {"compared": 4}
 
 
 def test_an_adapter_the_reference_cannot_apply_is_served_unshadowed_and_its_verdict_says_why():
