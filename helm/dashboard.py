@@ -239,8 +239,9 @@ PANELS = [
     ),
     dict(
         title="Reference up (min over replicas)",
-        description=("1 while the candidates reach their reference, 0 while a replica does not (unreachable, timed out "
-                     "or 502-504: a reference pod restarting or loading its model); the lowest of a variant's replicas. "
+        description=("1 while the candidates reach their reference, 0 while a replica does not (connections refused, "
+                     "its probe unanswered, a proxy's 502-504: a reference pod restarting or loading its model); the "
+                     "lowest of a variant's replicas. A slow or busy reference reads 1 (see the retries). "
                      "One line per variant, not per adapter: the reference answers for all of them. While it is 0, "
                      "sampled requests wait in the queue and are retried (the queue and lag panels grow); they count "
                      "as errors only past --shadow-max-sample-age-s. ShadowReferenceDown fires when it stays 0."),

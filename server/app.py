@@ -127,6 +127,20 @@ async def check_reference_first(shadow: ShadowPath) -> None:
                     str(exc) or type(exc).__name__)
 
 
+async def shut_down(ctx: ServingContext) -> None:
+    """What a start that failed after the engine started leaves: the engine (its processes)
+    and the shadow's reference client. Errors are logged: the refusal is what matters."""
+    try:
+        await ctx.engine.shutdown()
+    except Exception:
+        log.exception("the engine could not be shut down")
+    if ctx.shadow is not None:
+        try:
+            await ctx.shadow.scorer.close()
+        except Exception:
+            log.exception("the reference client could not be closed")
+
+
 def start_failure(exc: BaseException) -> tuple[str, int]:
     """What a failed start prints and exits with: the reference's side (exit 2, named as
     the reference's) or the engine's (exit 1). "engine failed to load" is only the engine's."""
@@ -243,9 +257,13 @@ def create_app(
                 log.error("%s", state.error)
             except (Exception, SystemExit) as exc:  # a library's SystemExit in the load thread too
                 state.error, state.exit_code = start_failure(exc)
+            except asyncio.CancelledError:  # SIGTERM while the adapters mounted: the engine runs already
+                if ctx is not None and state.ctx is None:
+                    await asyncio.shield(shut_down(ctx))
+                raise
             if state.error:
                 if ctx is not None:  # refused after the engine started (an adapter): nothing is left behind
-                    await ctx.engine.shutdown()
+                    await shut_down(ctx)
                 if on_fatal:
                     on_fatal()
                 return

@@ -120,7 +120,12 @@ class ReferenceAdapters:
                         else "the request gives no path to load it from"
                     raise NotFoundError(f"the adapter {ref.name} is not on this reference, and {why}",
                                         param="adapter.name", code=ADAPTER_NOT_LOADED)
-                held = await self._load_locked(ref.name, Path(ref.path), ref.sha256)
+                try:
+                    held = await self._load_locked(ref.name, Path(ref.path), ref.sha256)
+                except (NotFoundError, InvalidRequestError) as exc:  # no adapter there, not mountable, full
+                    raise NotFoundError(f"the adapter {ref.name} is not on this reference, and it could not be loaded "
+                                        f"from {ref.path}: {exc.message}", param="adapter.path",
+                                        code=ADAPTER_NOT_LOADED) from exc
             if held.sha256 != ref.sha256:
                 raise _conflict(ref.name, held.sha256, ref.sha256, "the candidate's")
             yield

@@ -132,8 +132,9 @@ class ShadowMetrics:
             names, registry=registry)
         self._reference_up = Gauge(
             "shadow_reference_up",
-            "1 while the reference answers, 0 while it does not (a remote one unreachable, timed out or answering 502-504): "
-            "sampled requests then wait in the queue and are retried.", names, registry=registry)
+            "1 while the reference can be reached, 0 while it cannot (a remote one refusing connections, not answering its "
+            "probe, a proxy answering 502-504, or back and not yet re-checked): sampled requests then wait in the queue and "
+            "are retried. A slow or busy reference reads 1; its retries count.", names, registry=registry)
         self._retries = counter(
             "shadow_reference_retries",
             "Reference calls tried again because the reference could not answer (unreachable, timed out, 429, 502-504, "

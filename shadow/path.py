@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 HEADER_VALUES = ("always", "never")
 IDLE_POLL_S = 0.1  # how often a paused reference looks whether the engine has emptied
 READY_POLL_S = 1.0  # how often the self-check looks whether a remote reference has come up
+TIMEOUT_TRIES = 2  # a batch that times out this often is an error, not an outage
 
 
 class ShadowHeaderError(ValueError):
@@ -358,6 +359,8 @@ class ShadowPath:
         if self.refused:
             return
         while True:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise asyncio.CancelledError  # a stop's cancel that asyncio.wait_for (3.11) swallowed
             batch = await self._queue.next_batch(self._lanes, self._budgets()[1])
             try:
                 await self._work(batch)
@@ -367,7 +370,10 @@ class ShadowPath:
 
     async def _work(self, batch: list[ShadowSample]) -> None:
         """Score a batch and record it, retrying (with backoff) while the reference cannot
-        answer; every sample ends in exactly one outcome."""
+        answer; every sample ends in exactly one outcome. A batch that timed out
+        TIMEOUT_TRIES times is an error: it is too large for --shadow-timeout-s (the
+        reference would compute it in vain again), not an outage."""
+        timeouts = 0
         while batch:
             metrics = self._lane_metrics(batch[0].adapter)
             try:
@@ -385,6 +391,13 @@ class ShadowPath:
                     # asyncio.wait_for (3.11) can swallow a cancel that meets a failing call: shutdown wins
                     metrics.sample("dropped", len(batch))
                     raise asyncio.CancelledError from exc
+                timeouts += isinstance(exc, TimeoutError)
+                if timeouts >= TIMEOUT_TRIES:
+                    log.warning("shadow: %d samples timed out %d times (--shadow-timeout-s %gs): errors; raise the "
+                                "timeout or lower --shadow-batch-tokens", len(batch), timeouts,
+                                self.settings.shadow_timeout_s)
+                    metrics.sample("error", len(batch))
+                    return
                 metrics.retried()
                 wait = self._backoff.delay(getattr(exc, "retry_after", None))
                 log.warning("shadow: the reference could not score %d samples (%s); retrying in %.1fs", len(batch),

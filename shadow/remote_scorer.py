@@ -189,18 +189,19 @@ class RemoteScorer:
         while not self._stop.is_set() and self.state != DISABLED:
             try:
                 info = fetch_info(self._url, self._token, min(self._timeout, 10.0))
-            except ReferenceUnavailableError:
-                self._lost()
+            except Exception as exc:  # never let the thread die silently
+                # Not an answer to check: unreachable, or (a 401, a 500, an ingress's page, a body
+                # that does not parse) an answer that is not the reference's. At first contact
+                # the latter is a configuration to fix; once it was up, an outage like another.
+                if self.state == UNREACHABLE and isinstance(exc, ShadowReferenceError) and \
+                        not isinstance(exc, ReferenceUnavailableError):
+                    self._disable(str(exc))
+                    return
+                self._lost(str(exc) or type(exc).__name__)
                 if self._stop.wait(delay):
                     return
                 delay = min(delay * 2, max_delay)
                 continue
-            except ShadowReferenceError as exc:
-                self._disable(str(exc))
-                return
-            except Exception as exc:  # never let the thread die silently
-                self._disable(f"unexpected error reaching the remote reference {self._url}: {exc!r}")
-                return
             delay = first_delay
             if not self._answered(info, check_vocab):
                 return
@@ -232,10 +233,10 @@ class RemoteScorer:
         self.state = UP  # last: what `ready` reads
         return True
 
-    def _lost(self) -> None:
+    def _lost(self, why: str = "") -> None:
         if self.reachable:
-            log.warning("shadow: remote reference %s is not answering; sampled requests wait in the queue and are "
-                        "retried", self._url)
+            log.warning("shadow: remote reference %s is not answering%s; sampled requests wait in the queue and are "
+                        "retried", self._url, f" ({why})" if why else "")
         self.reachable = False
 
     def _disable(self, problem: str) -> None:
@@ -269,6 +270,12 @@ class RemoteScorer:
         if reply.status_code != 200:
             raise self._failure(reply, adapter)
         parsed = ScoreResponseBody.model_validate_json(reply.content)
+        if self.info is not None and parsed.reference != self.info.name:
+            # Another model behind the same address (a replica the watch has not seen yet): never
+            # scored; the watch checks the reference again before anything is.
+            self._lost(f"answered by {parsed.reference}, not {self.info.name}")
+            raise ReferenceUnavailableError(f"remote reference {self._url} answered as {parsed.reference}, "
+                                            f"not {self.info.name}")
         if len(parsed.items) != len(items):
             raise ShadowReferenceError(f"remote reference returned {len(parsed.items)} items for {len(items)}")
         return [from_body(item, positions, noise_top_k is not None) for item, positions in zip(items, parsed.items)]
@@ -279,7 +286,7 @@ class RemoteScorer:
         text = f"remote reference answered {reply.status_code}: {reply.text[:300]}"
         if reply.status_code in RETRY_STATUSES:
             if code is None and reply.status_code != 429:  # not the service's own answer: a proxy with nothing behind
-                self._lost()
+                self._lost(f"a proxy answered {reply.status_code}")
             error = ReferenceUnavailableError(text)
             error.retry_after = retry_after(reply)
             return error

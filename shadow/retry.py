@@ -30,10 +30,11 @@ class Backoff:
 
     def delay(self, asked: float | None = None) -> float:
         """Seconds to wait before the next try: the reference's Retry-After (at most
-        MAX_ASKED_S) when it sent one, else half the current step plus a random half."""
+        MAX_ASKED_S, at least half the current step) when it sent one, else half the
+        current step plus a random half."""
         step, self._next = self._next, min(2 * self._next, self.cap)
-        if asked is not None:
-            return min(asked, MAX_ASKED_S)
+        if asked is not None:  # never sooner than the backoff's own floor (a Retry-After of 0 would spin)
+            return max(step / 2, min(asked, MAX_ASKED_S))
         return step / 2 + self.rng.uniform(0, step / 2)
 
     def reset(self) -> None:

@@ -312,3 +312,21 @@ def test_a_run_time_load_the_engine_refuses_is_taken_back_from_the_reference(mod
     asyncio.run(scenario())
     assert "d" not in [x["name"] for x in httpx.get(f"{loading.url}/v1/shadow/info").json()["adapters"]]
     assert shadow.lane("d") is None
+
+
+def test_a_load_a_score_request_asks_for_that_fails_unshadows_the_adapter(models, loading, tokenizer):
+    remote = RemoteScorer.connect(loading.url, None, timeout=60)
+    remote.adapters.add("gone", models["b"], reachable=False)
+    remote.adapters._refs["gone"] = remote.adapters.ref("gone").model_copy(update={"path": str(models["b"]) + "-moved"})
+    with pytest.raises(AdapterUnavailableError, match="could not be loaded from .*no LoRA adapter there"):
+        run(remote, (items(tokenizer), "gone"))
+
+
+def test_an_answer_from_another_reference_is_never_scored(models, fixed, tokenizer):
+    from shadow.scoring import ReferenceInfo, ReferenceUnavailableError
+
+    info = httpx.get(f"{fixed.url}/v1/shadow/info").json()
+    remote = RemoteScorer(fixed.url, None, 60, ReferenceInfo(**{**info, "name": "the-reference-it-was"}))
+    with pytest.raises(ReferenceUnavailableError, match="answered as base, not the-reference-it-was"):
+        run(remote, (items(tokenizer), None))
+    assert not remote.reachable  # the watch checks it again before anything is scored

@@ -122,6 +122,31 @@ def test_samples_wait_until_the_reference_comes_up_then_it_is_checked_and_used(m
     asyncio.run(asyncio.wait_for(path.scorer.close(), 5))
 
 
+def test_an_odd_answer_once_it_was_up_is_an_outage_not_a_disable(monkeypatch):
+    """A 500, a 401 or an ingress's page from an address that served the reference: retried,
+    the up gauge 0 meanwhile, never the shadow turned off for good."""
+    service = FakeService(info())
+    scorer, path = build(service, monkeypatch)
+    service.up = True
+    wait_for(lambda: scorer.ready and scorer.reachable)
+    answer = service.answer
+    service.answer = None
+
+    def odd(url, token, timeout):
+        service.calls.append(time.monotonic())
+        if service.answer is None:
+            raise ShadowReferenceError(f"remote reference {url} unavailable: it answered 500: oops")
+        return service.answer
+
+    monkeypatch.setattr(remote, "fetch_info", odd)
+    wait_for(lambda: not scorer.reachable)
+    assert scorer.state == "up"
+    service.answer = answer
+    wait_for(lambda: scorer.reachable)
+    assert scorer.state == "up"
+    asyncio.run(asyncio.wait_for(path.scorer.close(), 5))
+
+
 def test_a_reference_back_as_another_model_disables_the_path(monkeypatch, caplog):
     service = FakeService(info())
     scorer, path = build(service, monkeypatch)

@@ -247,5 +247,6 @@ def test_backoff_doubles_with_equal_jitter_to_its_cap_and_takes_retry_after():
     for delay, step in zip(delays, [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]):
         assert step / 2 <= delay <= step
     assert backoff.delay(asked=3.0) == 3.0 and backoff.delay(asked=10**4) == MAX_ASKED_S
+    assert backoff.delay(asked=0.0) == 2.0  # never a busy loop on "Retry-After: 0"
     backoff.reset()
     assert backoff.delay() <= 0.5
