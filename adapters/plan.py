@@ -1,7 +1,10 @@
 """Capacity plan for serving a model with vLLM on a device type (extends `inspect`): the
 weights each device holds at a tensor-parallel degree, the KV cache left (tokens, and
 sequences at full context), where the fp32 reference goes, and the decode speed that
-memory bandwidth allows (every weight is read once per decode step).
+memory bandwidth allows (every weight is read once per decode step). Then the fp32
+reference on devices of its own (docs/design.md, "Scaling the reference"): its memory per
+tensor-parallel rank with the serving-dtype noise copy it also holds, the least
+tensor-parallel size that fits, and the replicas a traffic and a sample rate ask for.
 
 The arithmetic follows vLLM's own: the KV cache gets `memory x gpu_memory_utilization`
 less the weights and a working reserve (activations, CUDA graphs, the CUDA context),
@@ -12,11 +15,13 @@ start); the rest is exact for dense decoder-only models.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from adapters.errors import AdapterError
 from adapters.inspect_model import BYTES, GIB, parameter_count
+from adapters.tensor_parallel import dimensions, divisors, problems
 
 
 @dataclass(frozen=True)
@@ -25,16 +30,40 @@ class Device:
     memory_gib: float  # what the driver reports as usable
     bandwidth_gbs: float  # datasheet peak, GB/s (1e9 bytes)
     block_size: int = 16  # vLLM's default KV block size on GPUs
+    fp32_tflops: float | None = None  # fp32 on the CUDA cores, TF32 off (dense, datasheet peak)
+    bf16_tflops: float | None = None  # bf16 tensor cores with fp32 accumulation, dense (no sparsity)
 
 
-# Usable memory as nvidia-smi reports it; peak bandwidth from the vendors' datasheets.
+# Usable memory as nvidia-smi reports it; peak bandwidth, fp32 and bf16 rates from the vendors'
+# datasheets: "NVIDIA H100 Tensor Core GPU" (SXM 67 / 989; PCIe 51 / 756), "NVIDIA H200 Tensor Core
+# GPU" (SXM 67 / 989), "NVIDIA A100 Tensor Core GPU" (19.5 / 312), "NVIDIA L40S" (91.6 / 362),
+# "NVIDIA A10 Tensor Core GPU" (31.2 / 125), "NVIDIA L4 Tensor Core GPU" (30.3 / 121), and the
+# "NVIDIA Ada GPU Architecture" whitepaper for the RTX 4090 (82.6 / 165.2 with fp32 accumulation).
+# The fp32 figure is the non-tensor one: TF32 (A100 156, H100 495 dense) rounds the inputs to 10
+# mantissa bits, so a reference run with it is no longer fp32. Tensor-core figures are dense (the
+# datasheets' "with sparsity" figures halved).
 DEVICES = {
     d.name: d for d in (
-        Device("h200-141gb", 139.8, 4800), Device("h100-80gb", 79.6, 3350), Device("h100-pcie-80gb", 79.6, 2000),
-        Device("a100-80gb", 79.2, 2039), Device("a100-40gb", 39.4, 1555), Device("l40s-48gb", 44.4, 864),
-        Device("a10-24gb", 22.1, 600), Device("l4-24gb", 22.0, 300), Device("rtx4090-24gb", 23.6, 1008),
+        Device("h200-141gb", 139.8, 4800, 16, 67, 989), Device("h100-80gb", 79.6, 3350, 16, 67, 989),
+        Device("h100-pcie-80gb", 79.6, 2000, 16, 51, 756), Device("a100-80gb", 79.2, 2039, 16, 19.5, 312),
+        Device("a100-40gb", 39.4, 1555, 16, 19.5, 312), Device("l40s-48gb", 44.4, 864, 16, 91.6, 362),
+        Device("a10-24gb", 22.1, 600, 16, 31.2, 125), Device("l4-24gb", 22.0, 300, 16, 30.3, 121),
+        Device("rtx4090-24gb", 23.6, 1008, 16, 82.6, 165.2),
     )
 }
+
+DEVICES_PER_NODE = 8  # an HGX / DGX node; tensor ranks past it span nodes
+# The reference's fixed reserve per rank: the CUDA context (~0.5 GiB on an H100 with lazy module
+# loading), cuBLAS and NCCL workspaces, and the caching allocator's slack. It plays the part of
+# vLLM's --reserve-gib, less the activations and CUDA graphs (the reference has no graphs, and its
+# activations are counted on their own).
+REFERENCE_OVERHEAD_GIB = 1.0
+# One decoder layer's live tensors under no_grad, in hidden-widths of fp32 per token: the residual
+# and its norm (2), q, k, v and the attention output (~3 with GQA), the gated MLP's gate, up and
+# their product (3 x intermediate, ~2.7-3.5 hidden-widths each: ~10), rounded up to 16 for the
+# allocator. Layers run one at a time without autograd, so nothing piles up across them; counted
+# whole on every rank (the residual is replicated; the split MLP widths make this an upper bound).
+HIDDEN_WIDTHS = 16
 
 
 class PlanError(AdapterError):
@@ -58,6 +87,7 @@ class Plan:
     reference_devices: int  # 0: fits beside the candidate in the memory vLLM leaves
     decode_tokens_per_s: float  # upper bound, batch 1, from bandwidth
     smallest_fitting_degree: int | None  # the least tensor-parallel degree whose KV cache holds one full context
+    reference: ReferenceSizing | None = None  # the fp32 reference on devices of its own, tensor parallel
 
     @property
     def fits(self) -> bool:
@@ -78,10 +108,161 @@ def valid_degree(heads: int, kv_heads: int, tensor_parallel: int) -> bool:
     return heads % tensor_parallel == 0 and (kv_heads % tensor_parallel == 0 or tensor_parallel % kv_heads == 0)
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """What the reference must keep up with: the candidate's output tokens/s summed over its
+    replicas, the share of requests scored (serve's --shadow-rate), prompt tokens per
+    completion token (the reference re-reads the prompt), and the share of peak FLOP/s a
+    forward pass reaches (MFU)."""
+
+    candidate_tokens_per_s: float = 10_000.0
+    shadow_rate: float = 0.05
+    prompt_ratio: float = 1.0
+    mfu: float = 0.4
+
+    @property
+    def scored_tokens_per_s(self) -> float:
+        return self.candidate_tokens_per_s * self.shadow_rate * (1 + self.prompt_ratio)
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """The reference's bytes on one of `ranks` tensor-parallel ranks."""
+
+    ranks: int
+    fp32_weights: float  # parameters x 4 / ranks
+    noise_copy: float  # parameters x 2 / ranks in the serving dtype; 0 without one
+    logits: float  # one scored batch's full-vocabulary logits, on every rank
+    hidden_states: float  # one layer's live activations
+    overhead: float  # REFERENCE_OVERHEAD_GIB
+
+    @property
+    def total(self) -> float:
+        return self.fp32_weights + self.noise_copy + self.logits + self.hidden_states + self.overhead
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Reference replicas of `ranks` devices each for a traffic, from FLOPs per scored token."""
+
+    traffic: Traffic
+    ranks: int
+    fp32_flops: float  # per scored token: 2 x parameters
+    noise_flops: float  # per scored token: 2 x parameters for the noise pass; 0 without one
+    fp32_tflops: float
+    bf16_tflops: float
+    replica_tokens_per_s: float
+    replicas: int
+
+
+@dataclass(frozen=True)
+class ReferenceSizing:
+    """The fp32 reference on devices of its own, split by tensor parallelism."""
+
+    parameters: int
+    hidden_size: int
+    vocab_size: int
+    noise_dtype: str | None  # the noise copy's dtype; None: no copy (fp32 serving, or the noise floor off)
+    batch_tokens: int
+    logit_bytes: int  # bytes per scored position and vocabulary id at the batch's peak
+    usable: float  # bytes a rank may use: the device's usable memory
+    by_size: tuple[RankMemory, ...]  # at every size the model divides by
+    tensor_parallel: int | None  # the least of those sizes that fits; None: none does
+    given: int | None  # --reference-tensor-parallel-size
+    memory_ranks: int | None  # ranks memory alone asks for (any count); None: not even one layer's share fits
+    cap: str  # why no size the model divides by reaches memory_ranks; "" when one fits
+    replicas: Replicas | None  # None: no size fits, or the device's FLOP/s are unknown
+
+    @property
+    def ranks(self) -> int | None:
+        """The size the replicas are built from: the one given when it fits, else the least that fits."""
+        if self.given is not None and self.at(self.given).total <= self.usable:
+            return self.given
+        return self.tensor_parallel
+
+    @property
+    def nodes(self) -> int | None:
+        return None if self.ranks is None else math.ceil(self.ranks / DEVICES_PER_NODE)
+
+    def at(self, ranks: int) -> RankMemory:
+        return next(m for m in self.by_size if m.ranks == ranks)
+
+
+def noise_dtype(dtype: str, noise_floor: bool) -> str | None:
+    """The noise copy is the reference in the serving dtype (2 bytes a parameter); int8 and int4
+    weights serve bf16 activations. A float32 candidate has none: the fp32 reference is its own
+    noise floor."""
+    if not noise_floor or dtype == "fp32":
+        return None
+    return dtype if dtype in ("bf16", "fp16") else "bf16"
+
+
+def rank_memory(config: dict, params: int, ranks: int, noise: str | None, batch_tokens: int) -> RankMemory:
+    """Every parameter is split by `ranks` (transformers' plans shard the embeddings' and the
+    head's vocabulary rows too; only the norms' few weights are replicated)."""
+    return RankMemory(
+        ranks, params * 4 / ranks, params * BYTES[noise] / ranks if noise else 0.0,
+        batch_tokens * config["vocab_size"] * logit_bytes(noise),
+        batch_tokens * config["hidden_size"] * 4 * HIDDEN_WIDTHS, REFERENCE_OVERHEAD_GIB * GIB)
+
+
+def logit_bytes(noise: str | None) -> int:
+    """Per scored position and id, worst case (one sequence fills the batch): the fp32 logits (4)
+    and, beside them, the noise pass's (2), then one row's fp32 log-softmax (the noise logits
+    cast to fp32 and their log-softmax, 8). Without a noise copy: fp32 logits + log-softmax (8)."""
+    return 4 + 2 + 8 if noise else 4 + 4
+
+
+def replicas_for(params: int, ranks: int, noise: str | None, device: Device, traffic: Traffic) -> Replicas | None:
+    """2 FLOPs a parameter per scored token per pass (attention's context-length FLOPs left out);
+    the fp32 pass at the fp32 rate with TF32 off, the noise pass at the bf16 tensor-core rate,
+    both at `traffic.mfu`. Tensor ranks add compute: a replica has `ranks` devices' FLOP/s."""
+    if device.fp32_tflops is None or device.bf16_tflops is None:
+        return None
+    fp32, noise_flops = 2 * params, 2 * params if noise else 0
+    seconds = (fp32 / (device.fp32_tflops * 1e12) + noise_flops / (device.bf16_tflops * 1e12)) / traffic.mfu
+    per_replica = ranks / seconds
+    return Replicas(traffic, ranks, fp32, noise_flops, device.fp32_tflops, device.bf16_tflops, per_replica,
+                    math.ceil(traffic.scored_tokens_per_s / per_replica))
+
+
+def cap_reason(config: dict, ranks: int) -> str:
+    """Why the model cannot split over `ranks` or more: a dimension smaller than that caps the
+    size outright (a rank holds whole heads), else `ranks` itself does not divide them."""
+    small = [f"{value} {name}" for name, value in dimensions(config).items() if value < ranks]
+    if small:
+        return f"its {' and '.join(small)} cap the size: each rank holds whole ones"
+    return "; ".join(problems(config, ranks))
+
+
+def size_reference(config: dict, params: int, device: Device, dtype: str, given: int | None, traffic: Traffic,
+                   noise_floor: bool = True, batch_tokens: int = 2048) -> ReferenceSizing:
+    """The least tensor-parallel size, among those the model divides by, whose per-rank memory
+    fits the device's usable memory; a `given` size that does not divide is refused."""
+    if given is not None and (refused := problems(config, given)):
+        raise PlanError(f"--reference-tensor-parallel-size {given}: " + "; ".join(refused))
+    noise = noise_dtype(dtype, noise_floor)
+    usable = device.memory_gib * GIB
+    by_size = tuple(rank_memory(config, params, n, noise, batch_tokens) for n in divisors(config))
+    fitting = [m.ranks for m in by_size if m.total <= usable]
+    one = by_size[0]
+    room = usable - (one.logits + one.hidden_states + one.overhead)
+    memory_ranks = math.ceil((one.fp32_weights + one.noise_copy) / room) if room > 0 else None
+    cap = cap_reason(config, memory_ranks) if not fitting and memory_ranks else ""
+    sizing = ReferenceSizing(params, config["hidden_size"], config["vocab_size"], noise, batch_tokens,
+                             logit_bytes(noise), usable, by_size,
+                             fitting[0] if fitting else None, given, memory_ranks, cap, None)
+    if sizing.ranks is None:
+        return sizing
+    return dataclasses.replace(sizing, replicas=replicas_for(params, sizing.ranks, noise, device, traffic))
+
+
 def plan(config: dict, device: Device, tensor_parallel: int = 1, dtype: str = "bf16", kv_dtype: str | None = None,
          gpu_memory_utilization: float = 0.9, reserve_gib: float = 1.5, shadow_batch_tokens: int = 2048,
-         kv_cache_gib: float | None = None) -> Plan:
-    """`kv_cache_gib` fixes the KV cache's size (serve's --kv-cache-gib) instead of what is left."""
+         kv_cache_gib: float | None = None, reference_tensor_parallel: int | None = None,
+         traffic: Traffic = Traffic(), noise_floor: bool = True) -> Plan:
+    """`kv_cache_gib` fixes the KV cache's size (serve's --kv-cache-gib) instead of what is left.
+    `reference_tensor_parallel`, `traffic` and `noise_floor` size the reference on its own devices."""
     config = config.get("text_config", config)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -110,7 +291,9 @@ def plan(config: dict, device: Device, tensor_parallel: int = 1, dtype: str = "b
     own = 0 if reference <= left_beside else math.ceil(reference / (device.memory_gib * GIB * 0.95))
     return Plan(device, tensor_parallel, dtype, kv_dtype, gpu_memory_utilization, reserve_gib, params, max_context,
                 weights, kv_per_token, kv_tokens, reference, own, device.bandwidth_gbs * 1e9 / weights,
-                fitting[0] if fitting else None)
+                fitting[0] if fitting else None,
+                size_reference(config, params, device, dtype, reference_tensor_parallel, traffic, noise_floor,
+                               shadow_batch_tokens))
 
 
 def render(p: Plan) -> str:
@@ -141,6 +324,89 @@ def render(p: Plan) -> str:
         f"fp32 reference: {gib(p.reference_bytes)} (weights × 4 bytes + one shadow batch's logits): " + (
             "fits beside the candidate in the memory vLLM leaves on its devices (a device map across them)"
             if p.reference_devices == 0 else
-            f"needs {p.reference_devices} device(s) of its own (`shadowserve reference`, a device map across them)"),
+            f"needs {p.reference_devices} device(s) of its own (`shadowserve reference`, a device map across them)")
+        + "; without the serving-dtype noise copy the reference also holds (the sizing below counts it)",
     ]
+    if p.reference is not None:
+        lines += ["", *render_reference(p.reference, p.device)]
     return "\n".join(lines)
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.2f} GiB"
+
+
+def render_reference(r: ReferenceSizing, device: Device) -> list[str]:
+    return [*_render_rank(r), "", *_render_size(r), *([""] + _render_replicas(r.replicas, device) if r.ranks else [])]
+
+
+def _render_rank(r: ReferenceSizing) -> list[str]:
+    m = r.at(r.ranks or r.by_size[-1].ranks)
+    n, noise = m.ranks, r.noise_dtype
+    logits = (f"fp32 logits 4 + {noise} noise logits 2 + one row's fp32 log-softmax 8" if noise
+              else "fp32 logits 4 + their log-softmax 4")
+    return [
+        "fp32 reference on devices of its own, tensor parallel (N ranks over torch.distributed, every rank "
+        "computes). Every parameter is split by N (transformers' plans shard the embeddings' and the head's "
+        "vocabulary rows too); the scored batch's logits are not.",
+        "",
+        f"| per rank at N = {n} | memory | arithmetic |",
+        "|---|---|---|",
+        f"| fp32 weights | {_gib(m.fp32_weights)} | {r.parameters:.3g} params × 4 bytes / {n} |",
+        f"| noise copy | {_gib(m.noise_copy)} | " + (
+            f"{r.parameters:.3g} params × {BYTES[noise]:g} bytes ({noise}, the serving dtype) / {n} |" if noise else
+            "none: a float32 candidate's noise floor is the fp32 reference itself, or the noise floor is off |"),
+        f"| logits | {_gib(m.logits)} | {r.batch_tokens:,} scored positions (serve's --shadow-batch-tokens, at most) "
+        f"× {r.vocab_size:,} ids × {r.logit_bytes} bytes ({logits}); the full vocabulary on every rank: the head "
+        "gathers its output |",
+        f"| hidden states | {_gib(m.hidden_states)} | {r.batch_tokens:,} tokens × {r.hidden_size:,} × 4 bytes × "
+        f"{HIDDEN_WIDTHS} (one layer's live tensors under no_grad, layers one at a time) |",
+        f"| overhead | {_gib(m.overhead)} | CUDA context, cuBLAS and NCCL workspaces, the allocator's slack |",
+        f"| total | {_gib(m.total)} | of {r.usable / GIB:g} GiB usable: {'fits' if m.total <= r.usable else 'does not fit'} |",
+    ]
+
+
+def _render_size(r: ReferenceSizing) -> list[str]:
+    sizes = ", ".join(f"{m.ranks} → {_gib(m.total)}{'' if m.total <= r.usable else ' (no)'}" for m in r.by_size)
+    lines = [f"per rank at each size the model divides by: {sizes}"]
+    if r.given is not None:
+        m = r.at(r.given)
+        lines.append(f"--reference-tensor-parallel-size {r.given}: {_gib(m.total)} a rank, " + (
+            "fits: the replicas below use it" if m.total <= r.usable else f"does not fit {r.usable / GIB:g} GiB"))
+    if r.tensor_parallel is not None:
+        lines.append(f"reference tensor-parallel size: {r.tensor_parallel}, the least that fits; a replica is "
+                     f"{r.ranks} rank(s) on {r.nodes} node(s) of {DEVICES_PER_NODE} devices "
+                     f"(`shadowserve reference --tensor-parallel-size {r.ranks}`)")
+        return lines
+    top = r.by_size[-1].ranks
+    if r.memory_ranks is None:
+        lines.append("no tensor-parallel size fits: one scored batch's logits and activations alone exceed a "
+                     "device (a smaller serve --shadow-batch-tokens)")
+    else:
+        lines.append(f"no tensor-parallel size fits: memory asks for at least {r.memory_ranks} ranks "
+                     f"({math.ceil(r.memory_ranks / DEVICES_PER_NODE)} nodes of {DEVICES_PER_NODE}), but the model "
+                     f"splits over at most {top} ({r.cap}); going past it needs pipeline stages across nodes, "
+                     "which the reference does not have")
+    return lines
+
+
+def _render_replicas(x: Replicas | None, device: Device) -> list[str]:
+    if x is None:
+        return ["replicas: the device's fp32 and bf16 TFLOP/s are unknown (give --device)"]
+    t = x.traffic
+    passes = f"2 × {x.fp32_flops / 2:.3g} (fp32 pass)" + (
+        f" + 2 × {x.noise_flops / 2:.3g} (noise pass)" if x.noise_flops else "")
+    seconds = f"{x.fp32_flops:.3g} / {x.fp32_tflops:g}e12 FLOP/s (fp32, TF32 off)" + (
+        f" + {x.noise_flops:.3g} / {x.bf16_tflops:g}e12 FLOP/s (bf16 tensor cores)" if x.noise_flops else "")
+    return [
+        f"reference replicas for {t.candidate_tokens_per_s:,.0f} candidate output tokens/s (summed over its "
+        f"replicas) at shadow rate {t.shadow_rate:g}, prompt:completion tokens {t.prompt_ratio:g}:1 (the "
+        f"reference re-reads the prompt), MFU {t.mfu:g}:",
+        f"- scored tokens/s = {t.candidate_tokens_per_s:,.0f} × {t.shadow_rate:g} × (1 + {t.prompt_ratio:g}) "
+        f"= {t.scored_tokens_per_s:,.0f}",
+        f"- FLOPs per scored token = {passes} = {x.fp32_flops + x.noise_flops:.3g} (attention's context-length "
+        "FLOPs left out)",
+        f"- one replica = {x.ranks} rank(s) × {t.mfu:g} / ({seconds}) = {x.replica_tokens_per_s:,.0f} tokens/s",
+        f"- replicas = ceil({t.scored_tokens_per_s:,.0f} / {x.replica_tokens_per_s:,.0f}) = {x.replicas} "
+        f"({x.replicas * x.ranks} {device.name} device(s))",
+    ]

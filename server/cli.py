@@ -144,7 +144,8 @@ class Inspect(BaseModel):
 
 class Plan(BaseModel):
     """Capacity plan on a device type: weights per device, KV-cache tokens, where the fp32
-    reference fits, and the decode speed memory bandwidth allows."""
+    reference fits, and the decode speed memory bandwidth allows; then the fp32 reference on
+    devices of its own: memory per tensor-parallel rank, the size it needs, and replicas."""
 
     model: CliPositionalArg[Path]
     device: str | None = Field(default=None, description="device type: h200-141gb, h100-80gb, h100-pcie-80gb, "
@@ -159,10 +160,24 @@ class Plan(BaseModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM's memory share per device")
     reserve_gib: float = Field(default=1.5, ge=0, description="activations, graphs and context per device (estimate)")
     kv_cache_gib: float | None = Field(default=None, gt=0, description="a fixed KV-cache size, as serve --kv-cache-gib")
+    reference_tensor_parallel_size: int | None = Field(
+        default=None, ge=1, description="the fp32 reference's tensor-parallel size (default: the least that fits)")
+    candidate_tokens_per_s: float = Field(
+        default=10_000, ge=0, description="the candidate's output tokens/s, summed over its replicas (sizes the "
+        "reference's replicas)")
+    shadow_rate: float = Field(default=0.05, ge=0, le=1, description="share of requests the reference scores, as "
+                               "serve --shadow-rate (whose own default is 0: off)")
+    prompt_ratio: float = Field(default=1.0, ge=0, description="prompt tokens per completion token (the reference "
+                                "re-reads the prompt)")
+    mfu: float = Field(default=0.4, gt=0, le=1, description="share of peak FLOP/s the reference's passes reach")
+    shadow_noise_floor: bool = Field(default=True, description="the reference also holds and runs the serving-dtype "
+                                     "noise copy, as serve --shadow-noise-floor")
 
     def cli_cmd(self) -> None:
+        import dataclasses
+
         from adapters.model_dir import read_config
-        from adapters.plan import DEVICES, Device, PlanError, plan, render
+        from adapters.plan import DEVICES, Device, PlanError, Traffic, plan, render
 
         def work():
             if self.device is not None:
@@ -175,9 +190,12 @@ class Plan(BaseModel):
             else:
                 raise PlanError("give --device, or --memory-gib and --bandwidth-gbs")
             if self.block_size is not None:
-                device = Device(device.name, device.memory_gib, device.bandwidth_gbs, self.block_size)
+                device = dataclasses.replace(device, block_size=self.block_size)
+            traffic = Traffic(self.candidate_tokens_per_s, self.shadow_rate, self.prompt_ratio, self.mfu)
             return plan(read_config(self.model, allow_file=True), device, self.tensor_parallel_size, self.dtype,
-                        self.kv_dtype, self.gpu_memory_utilization, self.reserve_gib, kv_cache_gib=self.kv_cache_gib)
+                        self.kv_dtype, self.gpu_memory_utilization, self.reserve_gib, kv_cache_gib=self.kv_cache_gib,
+                        reference_tensor_parallel=self.reference_tensor_parallel_size, traffic=traffic,
+                        noise_floor=self.shadow_noise_floor)
 
         print(render(run_tool("plan", work)))
 
@@ -284,17 +302,36 @@ def run_reference(settings: ReferenceSettings) -> None:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
+    from server.reference_app import create_reference_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def serve(scorer, adapters=None) -> None:
+        app = create_reference_app(
+            scorer, settings.tokens, CollectorRegistry(), adapters=adapters, docs=settings.docs,
+            max_item_tokens=settings.max_item_tokens, max_request_tokens=settings.max_request_tokens,
+            max_body_bytes=settings.max_body_bytes,
+        )
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+    if settings.tensor_parallel_size > 1:
+        from server.reference_ranks import run_ranks
+
+        run_ranks(settings, serve)
+        return
+    scorer, adapters = _load_reference(settings)
+    serve(scorer, adapters)
+
+
+def _load_reference(settings: ReferenceSettings):
     from adapters.errors import AdapterError
     from server.reference_adapters import ReferenceAdapters
-    from server.reference_app import create_reference_app
     from shadow.local_scorer import LocalScorer
+    from shadow.placement import parse_max_memory
     from shadow.remote_code import RemoteCodeError
     from shadow.scoring import ShadowReferenceError
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from shadow.placement import parse_max_memory
-
         scorer = LocalScorer.load(
             settings.model, settings.adapter, settings.device, settings.name, trust_remote_code=settings.trust_remote_code,
             max_memory=parse_max_memory(settings.max_memory) if settings.max_memory else None,
@@ -307,12 +344,7 @@ def run_reference(settings: ReferenceSettings) -> None:
     except (ShadowReferenceError, RemoteCodeError, AdapterError) as exc:
         print(f"shadowserve reference: {exc}", file=sys.stderr)
         sys.exit(USAGE_EXIT)
-    app = create_reference_app(
-        scorer, settings.tokens, CollectorRegistry(), adapters=adapters, docs=settings.docs,
-        max_item_tokens=settings.max_item_tokens, max_request_tokens=settings.max_request_tokens,
-        max_body_bytes=settings.max_body_bytes,
-    )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return scorer, adapters
 
 
 VERDICT_EXIT = {"pass": 0, "fail": 1, "inconclusive": 3}

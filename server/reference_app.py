@@ -67,7 +67,14 @@ class ReferenceSettings(BaseSettings):
         "loads of an adapter a score request names with its path: what a candidate loads at run time")
     max_adapters: int = Field(default=16, ge=1, description="most LoRA adapters held at once; a load past it is refused")
     name: str | None = Field(default=None, description="reference name reported to servers (default: directory[+adapter])")
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N (tensor parallel: cuda means each "
+                        "rank's own GPU, cpu runs the ranks over gloo)")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="ranks the fp32 reference (and its noise copy) is split over (PyTorch distributed): "
+        "on one node it launches them itself (torchrun); across nodes run it under torchrun on each node")
+    collective_timeout_s: float = Field(
+        default=300.0, gt=0, description="tensor parallel: a rank that does not answer a collective within this "
+        "makes the service answer 503 and exit 1 (a dead rank is found at once)")
     max_memory: MaxMemory = Field(
         default=None, description="spread the reference across devices with accelerate's device map, within this "
         "memory per device: '0=70GiB,1=70GiB' (GPU indices), cpu=SIZE, disk=SIZE (offload, slow)")
@@ -113,6 +120,27 @@ class ReferenceSettings(BaseSettings):
             raise ValueError(f"--lora-modules: {len(mounts)} adapters, but --max-adapters is {self.max_adapters}")
         for _, path in mounts:
             check_lora_adapter(path, self.model)  # LoraAdapterError is a ValueError: an invalid setting
+        return self
+
+    @model_validator(mode="after")
+    def _splits(self) -> ReferenceSettings:
+        """A tensor-parallel reference: the model divides by the size, and nothing that
+        cannot be sharded is asked for, each refused naming why (before anything loads)."""
+        if self.tensor_parallel_size == 1:
+            return self
+        from adapters import tensor_parallel
+        from adapters.model_dir import is_model_dir, read_config
+
+        size = self.tensor_parallel_size
+        unsharded = {"--adapter": self.adapter, "--lora-modules": self.lora_modules,
+                     "--allow-runtime-lora-updating": self.allow_runtime_lora_updating, "--max-memory": self.max_memory}
+        given = [flag for flag, value in unsharded.items() if value]
+        if given:
+            raise ValueError(f"--tensor-parallel-size {size} with {', '.join(given)}: peft's LoRA layers are not "
+                             "sharded by the tensor-parallel plan, and a device map places whole layers; serve "
+                             "adapters on a reference of one rank")
+        if is_model_dir(self.model) and (problems := tensor_parallel.problems(read_config(self.model), size)):
+            raise ValueError(f"{self.model} does not split over {size} ranks: " + "; ".join(problems))
         return self
 
     def lora_mounts(self) -> list[tuple[str, Path]]:

@@ -108,6 +108,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, c: InternLM2Config):
         super().__init__()
+        # The forward reshapes by these, never by the config: under tensor parallelism
+        # (internlm2_tp) they are the rank's own, heads / N and kv_heads / N.
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.groups = self.heads // self.kv_heads
         self.wqkv = nn.Linear(c.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=c.bias)
