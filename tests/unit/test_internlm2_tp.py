@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.native.internlm2 import load_internlm2
+from shadow.scoring import ScoreItem
 from tests.adapters.conftest import pack_wqkv
 
 RANKS = 2
@@ -36,6 +37,7 @@ CASES = {
 # Heads 6 divide by 2, KV heads 3 do not: a cut by heads alone would split a KV group.
 UNEVEN = {"num_key_value_heads": 3}
 PROMPTS = [[5, 17, 99, 3, 64, 2, 81, 40, 7, 120, 33], [9, 1, 56, 23, 88, 14]]
+ITEMS = [ScoreItem(p[:3], p[3:], [[t, (t + 1) % 128] for t in p[3:]]) for p in PROMPTS]  # for the scorer
 FIRST = 4  # the scorer's `logits_to_keep` from this position on
 
 
@@ -137,19 +139,46 @@ def _rank(rank: int, root: str) -> None:
         for layer in blocks.model.layers:
             layer.attention.wqkv.weight.data = qkv_blocks(layer.attention.wqkv.weight.data, 6, 2)
         out["control/qkv-blocks"] = logits(parallelize(blocks, mesh))
+        out["scorer"] = _scorer_side(rank, root_dir / "plain")
         torch.save(out, root_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def _scorer_side(rank: int, model_dir: Path):
+    """The reference service's scorer on this forward (shadow/tensor_parallel.py): rank 0
+    scores, rank 1 follows its broadcast until told to stop."""
+    from shadow.tensor_parallel import Ranks, TensorParallelScorer
+
+    scorer = TensorParallelScorer.load(model_dir, Ranks(rank, RANKS, rank, torch.device("cpu")), timeout_s=60)
+    scorer.enable_noise_floor("bfloat16")
+    if rank:
+        return {"followed": scorer.follow(), "loaded_as": scorer.loaded_as}
+    scored = scorer.score_sync(ITEMS, top_m=5, noise_top_k=4)
+    scorer.stop_ranks()
+    return {"scored": scored, "loaded_as": scorer.loaded_as}
+
+
+def write_vocab(model_dir: Path, size: int) -> None:
+    """A word-level tokenizer.json of `size` ids: what the native forward's vocabulary reads."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0")).save(str(model_dir / "tokenizer.json"))
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("internlm2_tp")
+
+
+@pytest.fixture(scope="module")
+def runs(root) -> tuple[dict, list[dict]]:
     """The one-process logits per case, and each rank's results."""
     import torch.multiprocessing as mp
 
-    root = tmp_path_factory.mktemp("internlm2_tp")
     for seed, (name, change) in enumerate(CASES.items()):
         write_checkpoint(root / name, {**BASE, **change}, seed)
+    write_vocab(root / "plain", BASE["vocab_size"])
     (root / "uneven").mkdir()  # refused from its config, before any weight is read
     (root / "uneven" / "config.json").write_text(json.dumps({**BASE, **UNEVEN}))
     ids, mask = batch()
@@ -158,7 +187,7 @@ def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
         with torch.inference_mode():
             whole[name] = load_internlm2(root / name)(input_ids=ids, attention_mask=mask).logits
     mp.spawn(_rank, args=(str(root),), nprocs=RANKS, join=True)
-    return whole, [torch.load(root / f"rank{r}.pt") for r in range(RANKS)]
+    return whole, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(RANKS)]  # our own files
 
 
 def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -209,3 +238,22 @@ def test_the_comparison_catches_a_bias_per_rank_and_a_cut_inside_kv_groups(runs)
         print(f"rank {rank}: controls miss by {bias:.3g} (bias per rank), {blocks:.3g} (qkv blocks)")
         assert bias > 100 * TOLERANCE
         assert blocks > 100 * TOLERANCE
+
+
+def test_the_reference_scorer_on_two_ranks_scores_as_one_process(runs, root):
+    """Rank 0 broadcasts the batch, both ranks run it, rank 0's statistics are the
+    one-process scorer's; rank 1 leaves its loop with 0 when rank 0 stops."""
+    from shadow.local_scorer import LocalScorer
+
+    ranks = runs[1]
+    assert ranks[1]["scorer"]["followed"] == 0
+    assert "tensor parallel over 2 ranks" in ranks[0]["scorer"]["loaded_as"]
+    one = LocalScorer.load(root / "plain", device="cpu")
+    one.enable_noise_floor("bfloat16")
+    here = one.score_sync(ITEMS, top_m=5, noise_top_k=4)
+    for a, b in zip(here, ranks[0]["scorer"]["scored"]):
+        for p, q in zip(a.reference, b.reference):
+            assert p.top_ids == q.top_ids
+            shared = set(p.logprobs) & set(q.logprobs)
+            assert max(abs(p.logprobs[t] - q.logprobs[t]) for t in shared) <= TOLERANCE
+        assert len(a.noise) == len(b.noise)
