@@ -174,6 +174,10 @@ class ReferenceSizing:
     replicas: Replicas | None  # None: no size fits, or the device's FLOP/s are unknown
 
     @property
+    def embedding(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
     def ranks(self) -> int | None:
         """The size the replicas are built from: the one given when it fits, else the least that fits."""
         if self.given is not None and self.at(self.given).total <= self.usable:
@@ -198,12 +202,20 @@ def noise_dtype(dtype: str, noise_floor: bool) -> str | None:
 
 
 def rank_memory(config: dict, params: int, ranks: int, noise: str | None, batch_tokens: int) -> RankMemory:
-    """Every parameter is split by `ranks` (transformers' plans shard the embeddings' and the
-    head's vocabulary rows too; only the norms' few weights are replicated)."""
+    """Every parameter but the input embedding is split by `ranks`: transformers' plans for
+    Llama-family models and the native InternLM2 one keep the embedding table whole on every
+    rank (the head's vocabulary rows are cut; the norms' few weights are replicated and not
+    counted)."""
+    whole = embedding_params(config)
+    per_rank = (params - whole) / ranks + whole
     return RankMemory(
-        ranks, params * 4 / ranks, params * BYTES[noise] / ranks if noise else 0.0,
+        ranks, per_rank * 4, per_rank * BYTES[noise] if noise else 0.0,
         batch_tokens * config["vocab_size"] * logit_bytes(noise),
         batch_tokens * config["hidden_size"] * 4 * HIDDEN_WIDTHS, REFERENCE_OVERHEAD_GIB * GIB)
+
+
+def embedding_params(config: dict) -> int:
+    return config["vocab_size"] * config["hidden_size"]
 
 
 def logit_bytes(noise: str | None) -> int:
@@ -247,7 +259,10 @@ def size_reference(config: dict, params: int, device: Device, dtype: str, given:
     fitting = [m.ranks for m in by_size if m.total <= usable]
     one = by_size[0]
     room = usable - (one.logits + one.hidden_states + one.overhead)
-    memory_ranks = math.ceil((one.fp32_weights + one.noise_copy) / room) if room > 0 else None
+    # Ranks n with (params − embedding) / n + embedding in fp32 and the noise dtype fitting the room.
+    per_param = 4 + (BYTES[noise] if noise else 0)
+    whole = embedding_params(config) * per_param
+    memory_ranks = math.ceil((params * per_param - whole) / (room - whole)) if room > whole else None
     cap = cap_reason(config, memory_ranks) if not fitting and memory_ranks else ""
     sizing = ReferenceSizing(params, config["hidden_size"], config["vocab_size"], noise, batch_tokens,
                              logit_bytes(noise), usable, by_size,
@@ -347,14 +362,15 @@ def _render_rank(r: ReferenceSizing) -> list[str]:
               else "fp32 logits 4 + their log-softmax 4")
     return [
         "fp32 reference on devices of its own, tensor parallel (N ranks over torch.distributed, every rank "
-        "computes). Every parameter is split by N (transformers' plans shard the embeddings' and the head's "
-        "vocabulary rows too); the scored batch's logits are not.",
+        "computes). Every parameter but the input embedding is split by N (transformers' Llama-family plans "
+        "and the native InternLM2 one keep the embedding whole on every rank); the scored batch's logits are not.",
         "",
         f"| per rank at N = {n} | memory | arithmetic |",
         "|---|---|---|",
-        f"| fp32 weights | {_gib(m.fp32_weights)} | {r.parameters:.3g} params × 4 bytes / {n} |",
+        f"| fp32 weights | {_gib(m.fp32_weights)} | ({r.parameters:.3g} params − {r.embedding:.3g} embedding) × 4 bytes "
+        f"/ {n} + the embedding × 4 bytes |",
         f"| noise copy | {_gib(m.noise_copy)} | " + (
-            f"{r.parameters:.3g} params × {BYTES[noise]:g} bytes ({noise}, the serving dtype) / {n} |" if noise else
+            f"the same in {noise}, the serving dtype ({BYTES[noise]:g} bytes a parameter) |" if noise else
             "none: a float32 candidate's noise floor is the fp32 reference itself, or the noise floor is off |"),
         f"| logits | {_gib(m.logits)} | {r.batch_tokens:,} scored positions (serve's --shadow-batch-tokens, at most) "
         f"× {r.vocab_size:,} ids × {r.logit_bytes} bytes ({logits}); the full vocabulary on every rank: the head "

@@ -73,8 +73,9 @@ class ReferenceSettings(BaseSettings):
         default=1, ge=1, description="ranks the fp32 reference (and its noise copy) is split over (PyTorch distributed): "
         "on one node it launches them itself (torchrun); across nodes run it under torchrun on each node")
     collective_timeout_s: float = Field(
-        default=300.0, gt=0, description="tensor parallel: a rank that does not answer a collective within this "
-        "makes the service answer 503 and exit 1 (a dead rank is found at once)")
+        default=30.0, gt=0, description="tensor parallel, once loaded: a rank that does not answer a collective within "
+        "this ends the service (CPU/gloo: 503, exit 1; GPU/NCCL: its watchdog aborts it); keep it below the "
+        "candidates' --shadow-timeout-s")
     max_memory: MaxMemory = Field(
         default=None, description="spread the reference across devices with accelerate's device map, within this "
         "memory per device: '0=70GiB,1=70GiB' (GPU indices), cpu=SIZE, disk=SIZE (offload, slow)")
@@ -139,7 +140,14 @@ class ReferenceSettings(BaseSettings):
             raise ValueError(f"--tensor-parallel-size {size} with {', '.join(given)}: peft's LoRA layers are not "
                              "sharded by the tensor-parallel plan, and a device map places whole layers; serve "
                              "adapters on a reference of one rank")
-        if is_model_dir(self.model) and (problems := tensor_parallel.problems(read_config(self.model), size)):
+        if not is_model_dir(self.model):
+            return self
+        try:
+            problems = tensor_parallel.problems(read_config(self.model), size)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{self.model}: its config does not give the dimensions tensor parallelism cuts (heads, KV "
+                             f"heads, intermediate size, vocabulary as integers): {exc!r}") from exc
+        if problems:
             raise ValueError(f"{self.model} does not split over {size} ranks: " + "; ".join(problems))
         return self
 

@@ -17,6 +17,7 @@ def run_ranks(settings: ReferenceSettings, serve) -> None:
     torchrun (one node or several): be one rank. `serve(scorer)` runs the HTTP service on
     rank 0 until shutdown."""
     from shadow import tensor_parallel as tp
+    from shadow.scoring import ShadowReferenceError
 
     size = settings.tensor_parallel_size
     if not tp.launched():
@@ -25,10 +26,15 @@ def run_ranks(settings: ReferenceSettings, serve) -> None:
         print(f"shadowserve reference: torchrun started {tp.world_size()} ranks, but --tensor-parallel-size is {size}: "
               "give torchrun --nnodes x --nproc-per-node = the tensor-parallel size", file=sys.stderr)
         sys.exit(USAGE_EXIT)
-    ranks = tp.join(settings.device, settings.collective_timeout_s)
+    try:
+        ranks = tp.join(settings.device, settings.collective_timeout_s)
+    except ShadowReferenceError as exc:
+        print(f"shadowserve reference: {exc}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
     if not ranks.leader:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the service
     scorer = _load(settings, ranks)
+    tp.serving_timeout(settings.collective_timeout_s)
     if not ranks.leader:
         sys.exit(scorer.follow())
     scorer.start_heartbeat()

@@ -42,12 +42,14 @@ SMALL = config(64, 2, 4, 2, 128, 1000)
 
 
 def hand_rank_bytes(c: dict, ranks: int, noise_bytes: int, batch: int = 2048) -> float:
-    """fp32 weights and the noise copy split by the ranks; one batch's logits (fp32 4 + the
+    """fp32 weights and the noise copy split by the ranks, but for the input embedding (whole
+    on every rank); one batch's logits (fp32 4 + the
     noise pass's 2 + one row's fp32 log-softmax 8 bytes, or fp32 logits + log-softmax 8 without
     a noise copy) and one layer's activations (16 hidden-widths of fp32) on every rank."""
     p = params(c)
     per_logit = 14 if noise_bytes else 8
-    return (p * 4 + p * noise_bytes) / ranks + batch * c["vocab_size"] * per_logit \
+    e = c["vocab_size"] * c["hidden_size"]
+    return ((p - e) / ranks + e) * (4 + noise_bytes) + batch * c["vocab_size"] * per_logit \
         + batch * c["hidden_size"] * 4 * 16 + OVERHEAD
 
 
@@ -62,12 +64,12 @@ def test_per_rank_memory_of_a_small_config_by_hand():
     r = plan(SMALL, H100, shadow_batch_tokens=256).reference
     assert [m.ranks for m in r.by_size] == [1, 2]  # 2 KV heads cap the size
     m = r.at(2)
-    assert m.fp32_weights == 202_048 * 4 / 2 == 404_096
-    assert m.noise_copy == 202_048 * 2 / 2  # bf16, the default serving dtype
+    assert m.fp32_weights == ((202_048 - 64_000) / 2 + 64_000) * 4 == 532_096  # the embedding whole
+    assert m.noise_copy == ((202_048 - 64_000) / 2 + 64_000) * 2  # bf16, the default serving dtype
     assert m.logits == 256 * 1000 * (4 + 2 + 8) == 3_584_000
     assert m.hidden_states == 256 * 64 * 4 * 16 == 1_048_576
     assert m.overhead == OVERHEAD
-    assert m.total == 404_096 + 202_048 + 3_584_000 + 1_048_576 + GIB == hand_rank_bytes(SMALL, 2, 2, 256)
+    assert m.total == 532_096 + 266_048 + 3_584_000 + 1_048_576 + GIB == hand_rank_bytes(SMALL, 2, 2, 256)
     # A float32 candidate has no noise copy: its noise floor is the fp32 reference itself.
     fp32 = plan(SMALL, H100, dtype="fp32", shadow_batch_tokens=256).reference
     assert fp32.noise_dtype is None and fp32.at(2).noise_copy == 0
@@ -81,7 +83,7 @@ def test_internlm2_20b_needs_two_h100s_with_its_noise_copy_where_fp32_alone_fits
     assert hand_rank_bytes(INTERNLM2_20B, 1, 2) > H100_USABLE >= hand_rank_bytes(INTERNLM2_20B, 2, 2)
     assert with_noise.at(1).total == pytest.approx(hand_rank_bytes(INTERNLM2_20B, 1, 2))
     assert with_noise.at(1).total / GIB == pytest.approx(115.20, abs=0.01)
-    assert with_noise.at(2).total / GIB == pytest.approx(59.71, abs=0.01)
+    assert with_noise.at(2).total / GIB == pytest.approx(61.30, abs=0.01)
     assert with_noise.tensor_parallel == 2 and with_noise.nodes == 1
     fp32_alone = plan(INTERNLM2_20B, H100, noise_floor=False).reference
     assert hand_rank_bytes(INTERNLM2_20B, 1, 0) <= H100_USABLE
@@ -104,9 +106,10 @@ def test_llama31_405b_is_capped_by_its_8_kv_heads_and_says_so():
     assert hand_rank_bytes(LLAMA31_405B, 8, 2) > H100_USABLE
     assert r.tensor_parallel is None and r.ranks is None and r.replicas is None
     fixed = 2048 * 128256 * 14 + 2048 * 16384 * 4 * 16 + OVERHEAD
-    assert r.memory_ranks == math.ceil(params(LLAMA31_405B) * 6 / (H100_USABLE - fixed)) == 31
+    whole = 128256 * 16384 * 6  # the embedding, whole on every rank, in fp32 + bf16
+    assert r.memory_ranks == math.ceil((params(LLAMA31_405B) * 6 - whole) / (H100_USABLE - fixed - whole)) == 37
     out = render(plan(LLAMA31_405B, H100))
-    assert "memory asks for at least 31 ranks (4 nodes of 8)" in out
+    assert "memory asks for at least 37 ranks (5 nodes of 8)" in out
     assert "at most 8 (its 8 KV heads (num_key_value_heads) cap the size: each rank holds whole ones)" in out
     assert "pipeline stages across nodes, which the reference does not have" in out
 
@@ -180,10 +183,11 @@ def test_the_rendered_arithmetic(tmp_path, capsys):
     main(["plan", str(path), "--device", "h100-80gb"])
     out = capsys.readouterr().out
     assert "| per rank at N = 2 | memory | arithmetic |" in out
-    assert "| fp32 weights | 36.99 GiB | 1.99e+10 params × 4 bytes / 2 |" in out
-    assert "| noise copy | 18.50 GiB | 1.99e+10 params × 2 bytes (bf16, the serving dtype) / 2 |" in out
-    assert "| total | 59.71 GiB | of 79.6 GiB usable: fits |" in out
-    assert "1 → 115.20 GiB (no), 2 → 59.71 GiB, 4 → 31.97 GiB, 8 → 18.09 GiB" in out
+    assert ("| fp32 weights | 38.05 GiB | (1.99e+10 params − 5.69e+08 embedding) × 4 bytes / 2 + the embedding × 4 "
+            "bytes |") in out
+    assert "| noise copy | 19.03 GiB | the same in bf16, the serving dtype (2 bytes a parameter) |" in out
+    assert "| total | 61.30 GiB | of 79.6 GiB usable: fits |" in out
+    assert "1 → 115.20 GiB (no), 2 → 61.30 GiB, 4 → 34.35 GiB, 8 → 20.87 GiB" in out
     assert "reference tensor-parallel size: 2, the least that fits" in out
     assert "- scored tokens/s = 10,000 × 0.05 × (1 + 1) = 1,000" in out
     assert "- replicas = ceil(1,000 / 1,264) = 1 (2 h100-80gb device(s))" in out

@@ -69,3 +69,23 @@ def test_torchrun_with_another_number_of_ranks_is_refused(tmp_path, monkeypatch,
         run_ranks(ReferenceSettings(model=tmp_path, tensor_parallel_size=3), serve=None)
     assert exit_.value.code == 2
     assert "torchrun started 6 ranks, but --tensor-parallel-size is 3" in capsys.readouterr().err
+
+
+def test_a_config_without_the_dimensions_is_a_usage_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 8, "vocab_size": 100}))
+    with pytest.raises(ValidationError, match="does not give the dimensions tensor parallelism cuts"):
+        ReferenceSettings(model=tmp_path, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("model_type, planned", [("llama", True), ("diffllama", False)])
+def test_a_class_whose_plan_covers_only_the_head_is_refused_before_loading(tmp_path, model_type, planned):
+    """DiffLlama's only tensor-parallel rule is the output head's: it would load whole on every rank."""
+    from shadow.scoring import ShadowReferenceError
+    from shadow.tensor_parallel import _check_plan
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 576, **SMOL}))
+    if planned:
+        _check_plan(tmp_path, trust=False)
+    else:
+        with pytest.raises(ShadowReferenceError, match="no tensor-parallel plan for diffllama's layers"):
+            _check_plan(tmp_path, trust=False)
