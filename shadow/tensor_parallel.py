@@ -174,9 +174,13 @@ class TensorParallelScorer(LocalScorer):
         stored weights, as the one-process copy casts them: the same values)."""
         if dtype not in DTYPES:
             raise ShadowReferenceError(f"no noise floor for dtype '{dtype}' (one of {', '.join(DTYPES)})")
+        from shadow.local_scorer import integrity_problems
+
         with self._lock:
             self._noise_model = None if dtype == "float32" else self._load_noise(DTYPES[dtype]).eval()
             self.noise_dtype = dtype
+        if self._noise_model is not None:  # loaded from the files again, not cast from the checked model
+            self.integrity_problems += [f"noise copy: {p}" for p in integrity_problems(self._noise_model)]
 
     def add_adapter(self, name: str, path: Path) -> None:
         raise ShadowReferenceError(self.mount_refusal)
