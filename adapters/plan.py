@@ -173,9 +173,7 @@ class ReferenceSizing:
     cap: str  # why no size the model divides by reaches memory_ranks; "" when one fits
     replicas: Replicas | None  # None: no size fits, or the device's FLOP/s are unknown
 
-    @property
-    def embedding(self) -> int:
-        return self.vocab_size * self.hidden_size
+    embedding: int = 0  # parameters whole on every rank (an untied input embedding)
 
     @property
     def ranks(self) -> int | None:
@@ -202,9 +200,9 @@ def noise_dtype(dtype: str, noise_floor: bool) -> str | None:
 
 
 def rank_memory(config: dict, params: int, ranks: int, noise: str | None, batch_tokens: int) -> RankMemory:
-    """Every parameter but the input embedding is split by `ranks`: transformers' plans for
-    Llama-family models and the native InternLM2 one keep the embedding table whole on every
-    rank (the head's vocabulary rows are cut; the norms' few weights are replicated and not
+    """Every parameter but an untied input embedding is split by `ranks`: transformers' plans
+    for Llama-family models and the native InternLM2 one keep that table whole on every rank
+    (the head's vocabulary rows are cut; the norms' few weights are replicated and not
     counted)."""
     whole = embedding_params(config)
     per_rank = (params - whole) / ranks + whole
@@ -215,7 +213,10 @@ def rank_memory(config: dict, params: int, ranks: int, noise: str | None, batch_
 
 
 def embedding_params(config: dict) -> int:
-    return config["vocab_size"] * config["hidden_size"]
+    """Parameters held whole on every rank: an untied input embedding. A tied one is the
+    head's weight, which the plans cut by vocabulary rows (measured on SmolLM2: each of 3
+    ranks holds exactly a third of the fp32 parameters)."""
+    return 0 if config.get("tie_word_embeddings", False) else config["vocab_size"] * config["hidden_size"]
 
 
 def logit_bytes(noise: str | None) -> int:
@@ -266,7 +267,8 @@ def size_reference(config: dict, params: int, device: Device, dtype: str, given:
     cap = cap_reason(config, memory_ranks) if not fitting and memory_ranks else ""
     sizing = ReferenceSizing(params, config["hidden_size"], config["vocab_size"], noise, batch_tokens,
                              logit_bytes(noise), usable, by_size,
-                             fitting[0] if fitting else None, given, memory_ranks, cap, None)
+                             fitting[0] if fitting else None, given, memory_ranks, cap, None,
+                             embedding_params(config))
     if sizing.ranks is None:
         return sizing
     return dataclasses.replace(sizing, replicas=replicas_for(params, sizing.ranks, noise, device, traffic))
@@ -362,13 +364,15 @@ def _render_rank(r: ReferenceSizing) -> list[str]:
               else "fp32 logits 4 + their log-softmax 4")
     return [
         "fp32 reference on devices of its own, tensor parallel (N ranks over torch.distributed, every rank "
-        "computes). Every parameter but the input embedding is split by N (transformers' Llama-family plans "
+        "computes). Every parameter but an untied input embedding is split by N (transformers' Llama-family plans "
         "and the native InternLM2 one keep the embedding whole on every rank); the scored batch's logits are not.",
         "",
         f"| per rank at N = {n} | memory | arithmetic |",
         "|---|---|---|",
-        f"| fp32 weights | {_gib(m.fp32_weights)} | ({r.parameters:.3g} params − {r.embedding:.3g} embedding) × 4 bytes "
-        f"/ {n} + the embedding × 4 bytes |",
+        (f"| fp32 weights | {_gib(m.fp32_weights)} | ({r.parameters:.3g} params − {r.embedding:.3g} embedding) × 4 "
+         f"bytes / {n} + the embedding × 4 bytes |" if r.embedding else
+         f"| fp32 weights | {_gib(m.fp32_weights)} | {r.parameters:.3g} params × 4 bytes / {n} (the tied embedding is "
+         "the head's weight, cut with it) |"),
         f"| noise copy | {_gib(m.noise_copy)} | " + (
             f"the same in {noise}, the serving dtype ({BYTES[noise]:g} bytes a parameter) |" if noise else
             "none: a float32 candidate's noise floor is the fp32 reference itself, or the noise floor is off |"),

@@ -78,6 +78,13 @@ def test_per_rank_memory_of_a_small_config_by_hand():
     assert plan(SMALL, H100, dtype="int8").reference.noise_dtype == "bf16"
 
 
+def test_a_tied_embedding_is_cut_with_the_head():
+    tied = {**SMALL, "tie_word_embeddings": True}
+    p = 202_048 - 64_000  # the head is the embedding: one table fewer
+    m = plan(tied, H100, shadow_batch_tokens=256).reference.at(2)
+    assert m.fp32_weights == p * 4 / 2 and m.noise_copy == p * 2 / 2
+
+
 def test_internlm2_20b_needs_two_h100s_with_its_noise_copy_where_fp32_alone_fits_one():
     with_noise = plan(INTERNLM2_20B, H100).reference
     assert hand_rank_bytes(INTERNLM2_20B, 1, 2) > H100_USABLE >= hand_rank_bytes(INTERNLM2_20B, 2, 2)
