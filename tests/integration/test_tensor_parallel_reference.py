@@ -263,3 +263,18 @@ def shadow_metrics(server: RunningServer) -> dict[str, float]:
         out[key] = out.get(key, 0.0) + float(value)
     return out
 
+
+
+def test_no_rank_outlives_its_launcher(demo_model, tmp_path):
+    """The launcher SIGKILLed (no chance to stop its ranks): each rank gets SIGTERM from the
+    kernel (PR_SET_PDEATHSIG) and the port is free again."""
+    tag = uuid.uuid4().hex
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", *reference_cmd(demo_model, port, "--noise-dtype", "none")]
+    server = launch(cmd, port, tmp_path / "reference.log", api_key=REFERENCE_TOKEN, env={MARKER: tag})
+    assert len(ranks(tag)) == SIZE
+    server.process.kill()
+    server.process.wait(timeout=10)
+    wait_gone(tag, timeout=30)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/health", timeout=2)
