@@ -72,6 +72,7 @@ bench: install
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(BIN)/python bench/lora_report.py --model "$$($(BIN)/shadowserve demo-model)"
 	$(BIN)/python bench/lora_memory.py --model "$$($(BIN)/shadowserve demo-model)"
 	$(BIN)/python bench/lora_mixed_batch.py --model "$$($(BIN)/shadowserve demo-model)"
+	$(BIN)/python bench/tensor_parallel_reference.py --model "$$($(BIN)/shadowserve demo-model)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
