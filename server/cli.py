@@ -324,14 +324,12 @@ def run_reference(settings: ReferenceSettings) -> None:
 
 
 def _load_reference(settings: ReferenceSettings):
-    from adapters.errors import AdapterError
     from server.reference_adapters import ReferenceAdapters
+    from server.reference_app import refusals_exit
     from shadow.local_scorer import LocalScorer
     from shadow.placement import parse_max_memory
-    from shadow.remote_code import RemoteCodeError
-    from shadow.scoring import ShadowReferenceError
 
-    try:
+    with refusals_exit():
         scorer = LocalScorer.load(
             settings.model, settings.adapter, settings.device, settings.name, trust_remote_code=settings.trust_remote_code,
             max_memory=parse_max_memory(settings.max_memory) if settings.max_memory else None,
@@ -341,9 +339,6 @@ def _load_reference(settings: ReferenceSettings):
         adapters = ReferenceAdapters(scorer, settings.model, runtime_updating=settings.allow_runtime_lora_updating,
                                      capacity=settings.max_adapters)
         adapters.mount_at_start(settings.lora_mounts())
-    except (ShadowReferenceError, RemoteCodeError, AdapterError) as exc:
-        print(f"shadowserve reference: {exc}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
     return scorer, adapters
 
 

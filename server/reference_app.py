@@ -4,6 +4,9 @@ service listens only once it can answer."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -43,6 +46,24 @@ from shadow.scoring import (
 if TYPE_CHECKING:  # torch stays out of the CLI's import path
     from server.reference_adapters import ReferenceAdapters
     from shadow.local_scorer import LocalScorer
+
+
+USAGE_EXIT = 2  # a reference that cannot be served as configured
+
+
+@contextlib.contextmanager
+def refusals_exit() -> Iterator[None]:
+    """Loading the reference (one process or a rank): its own refusals (its model, its code,
+    an adapter that does not mount) exit 2 naming what, never a traceback."""
+    from adapters.errors import AdapterError
+    from shadow.remote_code import RemoteCodeError
+    from shadow.scoring import ShadowReferenceError
+
+    try:
+        yield
+    except (ShadowReferenceError, RemoteCodeError, AdapterError) as exc:
+        print(f"shadowserve reference: {exc}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})

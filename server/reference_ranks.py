@@ -7,9 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from server.reference_app import ReferenceSettings
-
-USAGE_EXIT = 2
+from server.reference_app import USAGE_EXIT, ReferenceSettings, refusals_exit
 
 
 def run_ranks(settings: ReferenceSettings, serve) -> None:
@@ -17,7 +15,6 @@ def run_ranks(settings: ReferenceSettings, serve) -> None:
     torchrun (one node or several): be one rank. `serve(scorer)` runs the HTTP service on
     rank 0 until shutdown."""
     from shadow import tensor_parallel as tp
-    from shadow.scoring import ShadowReferenceError
 
     size = settings.tensor_parallel_size
     if not tp.launched():
@@ -26,11 +23,8 @@ def run_ranks(settings: ReferenceSettings, serve) -> None:
         print(f"shadowserve reference: torchrun started {tp.world_size()} ranks, but --tensor-parallel-size is {size}: "
               "give torchrun --nnodes x --nproc-per-node = the tensor-parallel size", file=sys.stderr)
         sys.exit(USAGE_EXIT)
-    try:
+    with refusals_exit():
         ranks = tp.join(settings.device, settings.collective_timeout_s)
-    except ShadowReferenceError as exc:
-        print(f"shadowserve reference: {exc}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
     if not ranks.leader:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the service
     scorer = _load(settings, ranks)
@@ -45,17 +39,11 @@ def run_ranks(settings: ReferenceSettings, serve) -> None:
 
 
 def _load(settings: ReferenceSettings, ranks):
-    from adapters.errors import AdapterError
-    from shadow.remote_code import RemoteCodeError
-    from shadow.scoring import ShadowReferenceError
     from shadow.tensor_parallel import TensorParallelScorer
 
-    try:
+    with refusals_exit():
         scorer = TensorParallelScorer.load(settings.model, ranks, settings.name, settings.trust_remote_code,
                                            settings.collective_timeout_s)
         if settings.noise_dtype != "none":
             scorer.enable_noise_floor(settings.noise_dtype)
-    except (ShadowReferenceError, RemoteCodeError, AdapterError) as exc:
-        print(f"shadowserve reference: {exc}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
     return scorer

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from shadow.local_scorer import LocalScorer, _dir_name
+from shadow.local_scorer import LocalScorer, _dir_name, integrity_problems
 from shadow.noise_floor import DTYPES
 from shadow.scoring import ReferenceBusyError, ShadowReferenceError
 
@@ -145,7 +145,6 @@ class TensorParallelScorer(LocalScorer):
         self._timeout_s = timeout_s
         self._can_mount = False
         self.broken: str | None = None
-        self._heartbeat: threading.Thread | None = None
         self._stopped = threading.Event()
         self._collective = threading.Lock()  # one broadcast + its forward (or ping + ack) at a time
 
@@ -154,7 +153,7 @@ class TensorParallelScorer(LocalScorer):
 
     @classmethod
     def load(cls, model_dir: Path, ranks: Ranks, name: str | None = None, trust_remote_code: bool = False,
-             timeout_s: float = 300.0) -> TensorParallelScorer:
+             timeout_s: float = 30.0) -> TensorParallelScorer:
         """Every rank calls this, in step."""
         from adapters.native import native_type
 
@@ -164,8 +163,6 @@ class TensorParallelScorer(LocalScorer):
             model, tokenizer, loaded_as, load_noise = _transformers(model_dir, ranks, trust_remote_code)
         scorer = cls(model, tokenizer, name or _dir_name(model_dir), ranks, load_noise, timeout_s)
         scorer.loaded_as = f"{loaded_as}, tensor parallel over {ranks.size} ranks"
-        from shadow.local_scorer import integrity_problems
-
         scorer.integrity_problems = integrity_problems(model)
         return scorer
 
@@ -174,8 +171,6 @@ class TensorParallelScorer(LocalScorer):
         stored weights, as the one-process copy casts them: the same values)."""
         if dtype not in DTYPES:
             raise ShadowReferenceError(f"no noise floor for dtype '{dtype}' (one of {', '.join(DTYPES)})")
-        from shadow.local_scorer import integrity_problems
-
         with self._lock:
             self._noise_model = None if dtype == "float32" else self._load_noise(DTYPES[dtype]).eval()
             self.noise_dtype = dtype
@@ -206,8 +201,7 @@ class TensorParallelScorer(LocalScorer):
 
     def start_heartbeat(self) -> None:
         """Rank 0: a ping to the waiting ranks every quarter timeout while no batch runs."""
-        self._heartbeat = threading.Thread(target=self._beat, name="tp-heartbeat", daemon=True)
-        self._heartbeat.start()
+        threading.Thread(target=self._beat, name="tp-heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
         every = max(1.0, min(30.0, self._timeout_s / 4))
@@ -234,19 +228,15 @@ class TensorParallelScorer(LocalScorer):
     def _send(self, message: tuple) -> None:
         import torch.distributed as dist
 
-        dist.broadcast_object_list([message], src=0, device=self._comm_device)
+        dist.broadcast_object_list([message], src=0, device=self.ranks.device)
 
     def _ack(self) -> None:
         """Every rank in one small all-reduce: returns once all have taken the last message."""
         import torch.distributed as dist
 
-        dist.all_reduce(torch.zeros(1, device=self._comm_device))
-        if self._comm_device.type == "cuda":
-            torch.cuda.synchronize(self._comm_device)
-
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.ranks.device
+        dist.all_reduce(torch.zeros(1, device=self.ranks.device))
+        if self.ranks.device.type == "cuda":
+            torch.cuda.synchronize(self.ranks.device)
 
     def _fail(self, reason: str) -> None:
         """The process group is unusable: no later call can succeed. Exit 1 (torchrun stops
@@ -265,7 +255,7 @@ class TensorParallelScorer(LocalScorer):
         while True:
             box: list = [None]
             try:
-                dist.broadcast_object_list(box, src=0, device=self._comm_device)
+                dist.broadcast_object_list(box, src=0, device=self.ranks.device)
                 message = box[0]
                 if message[0] == _STOP:
                     return 0
