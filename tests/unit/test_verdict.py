@@ -9,7 +9,7 @@ import pytest
 from shadow.compare import SequenceComparison, TokenDrift
 from shadow.history import ComparedSequence
 from shadow.report import build_report, paired, trajectory_points
-from shadow.verdict import CHECKS, PairedSequences, VerdictPolicy, boundary, judge
+from shadow.verdict import CHECKS, PairedSequences, VerdictPolicy, boundary, contrast_sequence, judge, ratio_sequence
 
 TOKENS = 64
 
@@ -122,6 +122,74 @@ def test_the_bounds_are_where_the_confidence_sequence_of_x_minus_r_d_reaches_zer
         z = x - r * d
         assert abs(z.mean()) == pytest.approx(half * z.std(ddof=1), rel=1e-9)
     assert verdict.kl_ratio.low < 1.4 < verdict.kl_ratio.high
+
+
+def test_a_gross_bug_with_a_heavy_tailed_noise_floor_fails_on_the_contrast():
+    """The issue's deterministic 886x-class case: the first sequence's noise floor has a KL
+    of 5 nats, every later one 1e-3, and the candidate reads 1 nat on every sequence. The
+    ratio's interval stays unbounded above (the noise floor's own interval reaches 0), so a
+    rule read off it is `inconclusive` after 200 sequences; the contrast KL - 2x noise is
+    bounded and proves the fail at the 45th sequence."""
+    n = 200
+    noise = np.full(n, 1e-3)
+    noise[0] = 5.0
+    p = pairs(n=n, candidate_kl=np.ones(n), noise_kl=noise, cand_diff=0, noise_diff=0)
+    verdict = judge(p)
+    assert verdict.status == "fail" and verdict.checks["kl_ratio"] == "fail" and verdict.decided_at == 45
+    assert verdict.kl_ratio.high == np.inf and verdict.kl_ratio.low >= 0
+    contrast = verdict.contrasts["kl_ratio"]
+    assert contrast.low > 0 and contrast.estimate == pytest.approx(np.mean(1 - 2 * noise))
+    assert "unbounded above" in verdict.reasons[0] and "decision is taken on KL - 2x noise" in verdict.reasons[0]
+    # the old rule (Fieller's bounds against the limit) never decides on these data
+    _, low, high = ratio_sequence(p.candidate_kl, p.noise_kl, VerdictPolicy())
+    assert not np.any(low[7:] > 2.0) and not np.any(high[7:] <= 2.0)
+
+
+def test_the_contrast_is_the_confidence_sequence_of_x_minus_r_d():
+    """Checked against a direct computation of the asymptotic confidence sequence of z = x - r d."""
+    p = pairs(n=40, candidate_kl=noise_like(40, 2, scale=1.4))
+    policy = VerdictPolicy()
+    x, d = p.candidate_kl, np.maximum(p.noise_kl, policy.noise_kl_floor * p.tokens)
+    low, high = contrast_sequence(x, d, 2.0, policy)
+    for t in (2, 9, 40):
+        z = x[:t] - 2.0 * d[:t]
+        half = boundary(np.array([t]), (1 - policy.confidence) / len(CHECKS), policy.tuned_sequences)[0] * z.std(ddof=1)
+        assert low[t - 1] == pytest.approx(z.mean() - half, rel=1e-9) and high[t - 1] == pytest.approx(z.mean() + half, rel=1e-9)
+    assert low[0] == -np.inf and high[0] == np.inf
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_where_the_ratio_interval_is_bounded_the_contrast_decides_as_it_would(seed):
+    """Fieller's interval is the set of r whose contrast contains 0: where it is bounded,
+    'low above the limit' is 'the contrast at the limit above 0' (and likewise for high)."""
+    rng = np.random.default_rng(seed)
+    n = 120
+    d = TOKENS * 8e-4 * rng.lognormal(0, 1.0, n)
+    x = d * rng.uniform(0.5, 4.0) * rng.lognormal(0, 1.0, n)
+    policy = VerdictPolicy()
+    _, low, high = ratio_sequence(x, d, policy)
+    c_low, c_high = contrast_sequence(x, d, 2.0, policy)
+    bounded = np.isfinite(low) & np.isfinite(high)
+    assert bounded[20:].any()
+    assert np.array_equal((low > 2.0)[bounded], (c_low > 0)[bounded])
+    assert np.array_equal((high < 2.0)[bounded], (c_high < 0)[bounded])
+
+
+def test_the_kl_ratio_interval_is_never_below_zero():
+    """A ratio of two KLs cannot be negative: a soft-cap bug on a tiny Gemma-2 read
+    "73x [-17, 103]". Fieller's set is shown on [0, inf)."""
+    rng = np.random.default_rng(3)
+    n = 12
+    noise = TOKENS * 1e-3 * rng.lognormal(0, 2.5, n)
+    cand = 20 * TOKENS * 1e-3 * rng.lognormal(0, 2.5, n)
+    raw = ratio_sequence(cand, noise, VerdictPolicy())
+    shown = ratio_sequence(cand, noise, VerdictPolicy(), nonnegative=True)
+    assert (raw[1] < 0).any()  # the construction reaches below 0 here
+    assert (shown[1] >= 0).all() and (shown[2] >= 0).all()
+    finite = np.isfinite(raw[1]) & np.isfinite(raw[2]) & (raw[1] >= 0)
+    assert np.allclose(shown[1][finite], raw[1][finite]) and np.allclose(shown[2][finite], raw[2][finite])
+    verdict = judge(pairs(n=n, candidate_kl=cand, noise_kl=noise))
+    assert verdict.kl_ratio.low >= 0
 
 
 def test_the_intervals_are_wider_than_a_fixed_sample_interval_and_shrink():
