@@ -13,9 +13,12 @@ tensor names as it saves them:
 - RMSNorm in fp32, cast back, times the weight; SwiGLU MLP w2(silu(w1 x) · w3 x);
   rotary embeddings on the two halves of each head (rotate_half), tables in fp32.
 - Rope scaling: `linear` divides positions by the factor; `dynamic` (NTK) raises the base
-  to base·(f·L/max_pos − (f − 1))^(d/(d−2)) when the forward's length L exceeds
-  `max_position_embeddings`. The released code keeps the longest length it has seen in
-  a cache, so its tables depend on what ran before; here they depend on this forward only.
+  to base·(f·L/max_pos − (f − 1))^(d/(d−2)) when the sequence's length L exceeds
+  `max_position_embeddings`. L is per row: its real (unpadded) tokens, the length the
+  released code sees when it runs that sequence alone (its `seq_len`, the key length),
+  so a short row padded beside a long one is scored as it is alone, not scaled by the
+  batch's padded width. The released code keeps the longest length it has seen in a
+  cache, so its tables depend on what ran before; here they depend on the row only.
 
 The rotary tables are computed in each forward from the positions, not kept as buffers,
 so there is nothing to leave unmaterialised (the failure of the released code under
@@ -184,7 +187,8 @@ class InternLM2ForCausalLM(nn.Module):
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
         x = self.model.tok_embeddings(input_ids)
-        cos, sin = self._rotary(positions, t, x.dtype)
+        # Each row's own length (its real tokens = its last position + 1), not the padded width t.
+        cos, sin = self._rotary(positions, real.sum(-1), x.dtype)
         causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
         # A padding query would see no key at all (a NaN row): let it see itself; its output is never read.
         mask = (causal & real[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=input_ids.device)
@@ -197,14 +201,23 @@ class InternLM2ForCausalLM(nn.Module):
             x = x[:, -logits_to_keep:]
         return CausalLMOutput(self.output(x))
 
-    def _rotary(self, positions: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary(self, positions: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [b, 1, t, d] for `positions` [b, t]; `lengths` [b] is each row's length
+        alone, which decides its dynamic NTK base (rows of one batch may differ)."""
         c, d = self.config, self.config.head_dim
-        base = c.rope_theta
-        if c.rope_type == "dynamic" and length > c.max_position_embeddings:
-            base *= (c.rope_factor * length / c.max_position_embeddings - (c.rope_factor - 1)) ** (d / (d - 2))
-        inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d))
+        exponents = torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d
+        if c.rope_type == "dynamic":
+            # The base in double, as the released code computes it in Python, then float32 for the power.
+            length = lengths.clamp_min(c.max_position_embeddings).to(  # (no NaN in the rows left unscaled)
+                torch.float64 if positions.device.type != "mps" else torch.float32)
+            scaled = c.rope_theta * (c.rope_factor * length / c.max_position_embeddings
+                                     - (c.rope_factor - 1)) ** (d / (d - 2))
+            base = torch.where(lengths > c.max_position_embeddings, scaled, torch.full_like(scaled, c.rope_theta))
+            inv_freq = 1.0 / (base.float()[:, None] ** exponents)  # [b, d/2]: one base per row
+        else:
+            inv_freq = (1.0 / (c.rope_theta ** exponents)).expand(positions.shape[0], -1)
         t = positions.float() / (c.rope_factor if c.rope_type == "linear" else 1.0)
-        freqs = t[..., None] * inv_freq  # [b, t, d/2]
+        freqs = t[..., None] * inv_freq[:, None, :]  # [b, t, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, t, d]: broadcast over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -22,8 +22,8 @@ The plan, per decoder layer, over a 1-D DeviceMesh of size N:
   `tie_word_embeddings` the head and the embedding are one tensor in the checkpoint: here
   the embedding keeps the whole table and the head gets its own copy of its vocabulary
   rows (equal values; the tie is not kept, which inference does not need).
-- Rotary embeddings (default, linear, dynamic NTK) depend on positions and the forward's
-  length only, identical on every rank: unchanged.
+- Rotary embeddings (default, linear, dynamic NTK) depend on the positions and each row's
+  length only (from the attention mask, replicated), identical on every rank: unchanged.
 
 Two all-reduces per layer and one all-gather of the logits per forward.
 

@@ -30,7 +30,7 @@ BASE = {
 }
 CASES = {
     "plain": {},
-    # 11 tokens > 8 positions: dynamic NTK raises the rope base in this forward.
+    # Dynamic NTK per row: the 11-token row (> 8 positions) gets a raised rope base, the 6-token row not.
     "bias-dynamic-rope": {"bias": True, "max_position_embeddings": 8, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
     "tied": {"tie_word_embeddings": True},
 }
