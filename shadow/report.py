@@ -70,6 +70,8 @@ class VerdictBody(BaseModel):
     excess_top1: IntervalBody | None = None
     excess_hard: IntervalBody | None = None
     checks: dict[str, Status] = {}
+    # Each check's decision is taken on the contrast x - limit·d per sequence (shadow/verdict.py)
+    contrasts: dict[str, IntervalBody] = {}
     # The converter's question: is the candidate detectably different from the noise floor
     # (an interval excludes it)? None: too little data to say.
     different: bool | None = None
@@ -262,6 +264,7 @@ def _verdict_body(verdict, policy: VerdictPolicy, floor: FloorBody) -> VerdictBo
         excess_top1=_interval(verdict.excess_top1),
         excess_hard=_interval(verdict.excess_hard),
         checks=verdict.checks,
+        contrasts={name: _interval(value) for name, value in verdict.contrasts.items()},
         different=verdict.different,
         decided_at=verdict.decided_at,
         floor=floor,
