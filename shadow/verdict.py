@@ -299,12 +299,18 @@ def _difference(different: bool, now: dict[str, bool], kl: Interval, top1: Inter
     if different:
         proofs = [(f"KL ratio at least {kl.low:.3g}x" if kl.low > 1 else "mean KL above the noise floor's, proven on "
                    "their difference") if now["kl_ratio"] else "",
-                  f"excess top-1 at least {_points(top1.low)} points" if now["excess_top1"] else "",
-                  f"excess hard rate at least {_points(hard.low)} points" if now["excess_hard"] else ""]
+                  _excess_proof("excess top-1", top1) if now["excess_top1"] else "",
+                  _excess_proof("excess hard rate", hard) if now["excess_hard"] else ""]
         shown = "; ".join(p for p in proofs if p) or "an interval excluded it at an earlier look"
         return f"detectably different from the noise floor ({level}): {shown}"
     return (f"not detectably different from the noise floor: its {level} still includes it "
             f"(KL ratio {_x(kl.low)} to {_x(kl.high)})")
+
+
+def _excess_proof(name: str, interval: Interval) -> str:
+    if interval.low > 0:
+        return f"{name} at least {_points(interval.low)} points"
+    return f"{name} above 0, proven on the contrast (its ratio's interval is unbounded)"
 
 
 def _contrast_note(contrast: Interval, kl: Interval, policy: VerdictPolicy, level: str) -> str:
@@ -327,4 +333,4 @@ def _x(value: float) -> str:
 
 
 def _points(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{100 * rate:.2g}"
+    return ("unbounded" if rate > 0 else "-unbounded") if math.isinf(rate) else f"{100 * rate:.2g}"

@@ -326,3 +326,21 @@ def test_a_long_trajectory_is_thinned_but_keeps_every_change():
     points = trajectory_points(statuses)
     assert len(points) <= 256 + 2 and points[-1].sequences == 1000
     assert {(p.sequences, p.status) for p in points} >= {(301, "pass"), (701, "fail")}
+
+
+def test_an_unbounded_excess_interval_is_said_as_such_and_proven_on_the_contrast():
+    """The rotary-layout bug's answers run from 1 token to the limit: the token counts'
+    own interval reaches 0, so Fieller's interval for the excess top-1 rate is the whole
+    line (it once read "inf to inf"), while the contrast proves the excess."""
+    n = 24
+    tokens = np.where(np.arange(n) % 8 == 0, 60, 1)  # most answers end after a token, a few run on
+    p = PairedSequences(tokens=tokens, candidate_kl=tokens * 1.0, noise_kl=tokens * 1e-3,
+                        # the first position flips in every sequence, as it does when every answer diverges at once
+                        candidate_top1_different=np.ones(n), noise_top1_different=np.zeros(n),
+                        candidate_hard=np.ones(n), noise_hard=np.zeros(n))
+    verdict = judge(p)
+    assert verdict.excess_top1.low == -np.inf and verdict.excess_top1.high == np.inf
+    assert verdict.checks["excess_top1"] == "fail" and verdict.contrasts["excess_top1"].low > 0
+    top1 = next(r for r in verdict.reasons if "top-1 disagreement" in r)
+    assert "(95% CS -unbounded to unbounded)" in top1 and "inf" not in top1
+    assert "excess top-1 above 0, proven on the contrast" in verdict.reasons[-1]
