@@ -9,6 +9,7 @@ the `add_argument_method` it calls for every flag, and files each flag by its fi
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -70,6 +71,15 @@ def field_name(model: type[BaseModel], dest: str) -> str:
     return next((n for n, f in model.model_fields.items() if f.alias == dest), dest)
 
 
+def one_default(text: str) -> str:
+    """pydantic-settings appends "(default: ...)" or "(default factory: list)" to every
+    flag's help: an empty list or mapping reads "(default: none)", and a description that
+    already says its default keeps only its own."""
+    text = re.sub(r"\(default factory: (?:list|dict)\)", "(default: none)", text)
+    own, appended = text.find("(default:"), text.rfind(" (default:")
+    return text[:appended] if own != -1 and appended >= 0 and own < appended else text
+
+
 def rank(command: str, name: str) -> int:
     first = FIRST.get(command, ())
     return first.index(name) if name in first else len(first)
@@ -84,6 +94,8 @@ class HelpLayout:
     _groups: dict[int, dict[str, argparse._ArgumentGroup]] = field(default_factory=dict)
 
     def add_argument(self, container, *names: str, **kwargs) -> argparse.Action:
+        if isinstance(kwargs.get("help"), str):
+            kwargs["help"] = one_default(kwargs["help"])
         parser = container if isinstance(container, argparse.ArgumentParser) else None
         command = parser.prog.partition(" ")[2] if parser is not None else ""
         if command not in self.commands or not names[0].startswith("-"):

@@ -45,3 +45,24 @@ def test_serve_help_groups_the_shadow_the_verdict_and_vllm(capsys):
 def test_other_commands_keep_their_plain_layout(capsys):
     text = help_of(capsys, "plan")
     assert "vLLM pass-through" not in text and "--tensor-parallel-size" in text
+
+
+@pytest.mark.parametrize("command", [name.replace("_", "-") for name in Shadowserve.model_fields])
+def test_each_flag_states_one_default(capsys, command):
+    """pydantic-settings appends its own default to every flag's help: a list flag read
+    "(default factory: list)", and a description that says its default got a second one."""
+    text = " ".join(help_of(capsys, command).split())
+    flags = [chunk for chunk in text.split(" --")[1:]]
+    assert flags
+    for flag in flags:
+        assert "default factory" not in flag, flag
+        assert flag.count("(default:") <= 1, flag
+
+
+def test_one_default_keeps_the_description_s_own():
+    from server.cli_help import one_default
+
+    assert one_default("name clients send (default: the directory's name) (default: null)") == \
+        "name clients send (default: the directory's name)"
+    assert one_default("accepted keys (default factory: list)") == "accepted keys (default: none)"
+    assert one_default("share of requests (default: 0.0)") == "share of requests (default: 0.0)"
