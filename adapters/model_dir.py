@@ -51,3 +51,16 @@ def read_config(path: Path, *, allow_file: bool = False, message: str = NOT_A_MO
     if not isinstance(config, dict):
         raise ConfigError(f"{file}: not a JSON object (a {type(config).__name__})")
     return config
+
+
+def exact_attention(path: Path) -> dict[str, str]:
+    """from_pretrained's keyword for an exact forward of the model at `path`: eager attention
+    where its config soft-caps the attention logits (Gemma-2's `attn_logit_softcapping`).
+    transformers' default (sdpa) and its flash kernels drop the soft-cap without a word, so a
+    Gemma-2 reference would not be the model vLLM serves. {} otherwise (the default stays)."""
+    try:
+        config = read_config(path)
+    except ConfigError:
+        return {}  # the loader says what is wrong with it
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return {"attn_implementation": "eager"} if text.get("attn_logit_softcapping") else {}

@@ -71,6 +71,8 @@ class LocalScorer:
                            trust_remote_code: bool, max_memory: dict | None) -> LocalScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from adapters.model_dir import exact_attention
+
         trust = remote_code_allowed(model_dir, trust_remote_code)
         device_map = None
         with remote_code_explained(model_dir, trust):
@@ -81,7 +83,8 @@ class LocalScorer:
                 target = model.device  # inputs go where the embeddings are; accelerate's hooks move the rest
             else:
                 target = _device(device)
-                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust).to(target)
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust,
+                                                             **exact_attention(model_dir)).to(target)
             tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
         loaded_as = f"transformers {type(model).__name__}" + (" (the directory's own code)" if trust else "")
         if adapter is not None:

@@ -86,6 +86,8 @@ def load_placed(model_dir: Path, max_memory: dict[int | str, str], trust: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from adapters.model_dir import exact_attention
+
     device_map, size = plan_device_map(model_dir, max_memory, trust)
     offload = tempfile.mkdtemp(prefix="shadowserve-offload-") if "disk" in device_map.values() else None
     placed = Counter(str(d) for d in device_map.values())
@@ -93,7 +95,8 @@ def load_placed(model_dir: Path, max_memory: dict[int | str, str], trust: bool):
              ", ".join(f"{device}: {n} module(s)" for device, n in placed.items()))
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=device_map,
-                                                     offload_folder=offload, trust_remote_code=trust)
+                                                     offload_folder=offload, trust_remote_code=trust,
+                                                     **exact_attention(model_dir))
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         raise ShadowReferenceError(f"the fp32 reference ({size / GIB:.2f} GiB) could not be placed: {exc}") from exc
     return model, device_map

@@ -275,6 +275,7 @@ def _transformers(model_dir: Path, ranks: Ranks, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.distributed import DistributedConfig
 
+    from adapters.model_dir import exact_attention
     from shadow.remote_code import remote_code_allowed, remote_code_explained
 
     trust = remote_code_allowed(model_dir, trust_remote_code)
@@ -283,7 +284,7 @@ def _transformers(model_dir: Path, ranks: Ranks, trust_remote_code: bool):
         try:
             with remote_code_explained(model_dir, trust):
                 return AutoModelForCausalLM.from_pretrained(
-                    model_dir, dtype=dtype, trust_remote_code=trust,
+                    model_dir, dtype=dtype, trust_remote_code=trust, **exact_attention(model_dir),
                     distributed_config=DistributedConfig(tp_plan="auto", tp_size=ranks.size)).eval()
         except (ValueError, NotImplementedError, KeyError) as exc:
             raise ShadowReferenceError(f"{model_dir}: transformers cannot shard this model over {ranks.size} ranks "

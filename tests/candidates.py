@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 NON_WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -326,3 +327,37 @@ def template_without_system(src: Path, dst: Path) -> Path:
                  .replace(end, "{% endif %}" + end))
     (dst / "chat_template.jinja").write_text(rewritten)
     return dst
+
+
+# Correct conversions that once read as departures (issue 35)
+
+
+def untied_head(src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16, damage: float = 0.0) -> Path:
+    """The output head written out as its own tensor (`tie_word_embeddings: false`), equal to
+    the embedding cast to `dtype` (a common, correct export of a tied model); with `damage`,
+    one token's head row moved by that much (an untied head that is not the embedding). The
+    reference's weights stay linked; the head is a second shard, named in an HF index."""
+    _copy_non_weights(src, dst)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    (dst / first).symlink_to(src / "model.safetensors")
+    with safe_open(src / "model.safetensors", "pt") as f:
+        names, head = list(f.keys()), f.get_tensor("model.embed_tokens.weight").clone()
+    head[1000] += damage
+    save_file({"lm_head.weight": head.to(dtype).contiguous()}, dst / second)
+    index = {"metadata": {}, "weight_map": {**{n: first for n in names}, "lm_head.weight": second}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    return dst
+
+
+def cast_twice(src: Path, dst: Path, via: torch.dtype = torch.float16, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The reference's weights cast to `via`, then to `dtype` (fp32 → fp16 → bf16: an export
+    in fp16 converted again), saved in `dtype`: precision only, no arithmetic."""
+    def change(w, config):
+        for name, tensor in w.items():
+            w[name] = tensor.to(via).to(dtype)
+    out = _with_weights(src, dst, change)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "dtype": str(dtype).removeprefix("torch.")}))
+    return out

@@ -71,6 +71,7 @@ def load_model(path: Path, dtype: torch.dtype, device: str, adapter: Path | None
     """(model, how it was loaded)."""
     from transformers import AutoModelForCausalLM
 
+    from adapters.model_dir import exact_attention
     from adapters.native import DESCRIPTIONS, NATIVE, native_type
 
     if (kind := native_type(path)) is not None:
@@ -79,7 +80,7 @@ def load_model(path: Path, dtype: torch.dtype, device: str, adapter: Path | None
         model, how = NATIVE[kind](path, dtype, device), DESCRIPTIONS[kind]
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **exact_attention(path))
         except (OSError, ValueError, KeyError) as exc:
             raise AdapterError(f"{path}: transformers cannot load it ({exc})") from exc
         how = f"transformers {type(model).__name__}"
@@ -100,7 +101,8 @@ def _decoder(model):
 
 
 def _part(layer, *names):
-    """A decoder layer's sub-module by its name in transformers' Llama or InternLM2's released layout."""
+    """A decoder layer's sub-module by its name in transformers' Llama-family (Gemma-2's too) or
+    InternLM2's released layout: the first of `names` the layer has."""
     return next((getattr(layer, n) for n in names if hasattr(layer, n)), None)
 
 
@@ -120,7 +122,9 @@ def record(model, ids: torch.Tensor) -> tuple[dict[tuple[int | None, str], torch
     for i, layer in enumerate(decoder.layers):
         if (attention := _part(layer, "self_attn", "attention")) is not None:
             handles.append(attention.register_forward_hook(keep((i, "attention"))))
-        if (norm := _part(layer, "post_attention_layernorm", "ffn_norm")) is not None:
+        # The MLP's input norm: Gemma-2's post_attention_layernorm normalises the attention output
+        # (pre_feedforward_layernorm is its MLP's), Llama's and InternLM2's read the residual.
+        if (norm := _part(layer, "pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm")) is not None:
             handles.append(norm.register_forward_pre_hook(keep((i, "mlp_input"))))
         if (mlp := _part(layer, "mlp", "feed_forward")) is not None:
             handles.append(mlp.register_forward_hook(keep((i, "mlp"))))

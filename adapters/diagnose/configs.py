@@ -87,7 +87,8 @@ CONSEQUENCES = {
     "intermediate_size": "a different MLP width: the weights cannot correspond",
     "num_hidden_layers": "a different number of layers",
     "sliding_window": "attention sees a different window of past tokens on long inputs",
-    "tie_word_embeddings": "the output head is the embedding on one side only",
+    "tie_word_embeddings": "the output head is the embedding on one side only, its own tensor on the other: a "
+                           "different head unless that tensor equals the embedding (the weight pass compares them)",
     "attention_bias": "attention biases are added on one side only",
     "mlp_bias": "MLP biases are added on one side only",
     "hidden_act": "a different MLP nonlinearity",

@@ -21,6 +21,8 @@ from adapters.diagnose.activations import ActivationReport
 from adapters.diagnose.configs import ConfigDifference
 from adapters.diagnose.forensics import CLEAN, TensorResult, head_dim_ratio
 
+PRECISION = ("rounding_beyond", "cast_twice")  # beyond one rounding, by precision alone: the drift judges it
+
 STRUCTURAL = ("shape", "non_finite", "missing", "extra", "swapped", "other_layer", "rotary", "rows_moved", "permuted",
               "scaled", "offset", "low_rank")
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
@@ -103,6 +105,8 @@ def _key(r: TensorResult):
         return r.rank, None if r.adapter_multiple is None else round(r.adapter_multiple, 2)
     if r.kind == "rotary":
         return r.detail
+    if r.kind == "cast_twice":
+        return r.through
     return None
 
 
@@ -159,6 +163,14 @@ def _what(kind: str, members: list[TensorResult], facts: Facts) -> str:
         return (f"rounding beyond {sample.compared_in}'s own{only}: {off:.1%} of elements off the single "
                 f"{sample.compared_in} rounding of the reference (a single cast leaves 0): arithmetic done in "
                 f"{sample.compared_in} (a merge in low precision?)")
+    if kind == "cast_twice":
+        off = sum(m.off_fraction for m in members) / len(members)
+        flushed = sum(m.flushed or 0 for m in members)
+        dtype, via = sample.compared_in, sample.through
+        return (f"cast through {via}, then {dtype}: {off:.1%} of elements off the single {dtype} rounding of the "
+                f"reference, each the {dtype} rounding of its {via} rounding"
+                + (f" ({flushed} element(s) under {via}'s range flushed to 0)" if flushed else "")
+                + ": a double cast (precision only; no arithmetic in low precision)")
     if kind == "differing":
         return f"differ without a named cause (relative error up to {max(m.rel_error for m in members):.3g})"
     return sample.detail
@@ -207,7 +219,7 @@ def weight_findings(results: list[TensorResult], facts: Facts) -> list[Finding]:
             what = _what(kind, members, facts)
             summary = f"{_modules(names, facts.layers)}{' ' if what.startswith('=') else ': '}{what}"
         findings.append(Finding(source="weights", kind=kind, summary=summary, tensors=names))
-    rank = {k: i for i, k in enumerate(STRUCTURAL + ("differing", "rounding_beyond"))}
+    rank = {k: i for i, k in enumerate(STRUCTURAL + ("differing",) + PRECISION)}
     return sorted(findings, key=lambda f: (rank[f.kind], -len(f.tensors)))
 
 
@@ -224,12 +236,39 @@ def tensor_groups(results: list[TensorResult], facts: Facts) -> list[tuple[str, 
         detail = members[0].detail
         if kind == "swapped":
             detail = f"equals reference {_role(members[0].other)}"
-        if kind in ("differing", "rounding_beyond") and len(members) > 1:
-            detail = (f"relative error {min(m.rel_error for m in members):.3g} to {max(m.rel_error for m in members):.3g}; "
+        if kind in ("differing", *PRECISION) and len(members) > 1:
+            detail = (f"cast through {members[0].through}, then {members[0].compared_in}; " if kind == "cast_twice" else "")
+            detail += (f"relative error {min(m.rel_error for m in members):.3g} to {max(m.rel_error for m in members):.3g}; "
                       f"{min(m.off_fraction for m in members):.1%} to {max(m.off_fraction for m in members):.1%} of "
                       f"elements off the single {members[0].compared_in} rounding")
         rows.append((f"{role}{' in ' + where if where else ''}", kind, detail))
     return rows
+
+
+def settle_tied_head(config: list[ConfigDifference] | None,
+                     weights: list[TensorResult] | None) -> list[ConfigDifference] | None:
+    """`tie_word_embeddings` differs, but the output head that runs is the same on both sides:
+    informational. The weight pass compares the candidate's head (its lm_head.weight, or its
+    embedding where it ties) with the reference's (likewise); when that pair is identical,
+    one rounding apart in the coarser dtype, or a cast through the other half-precision
+    dtype, an untied head written out equal to the embedding (a common, correct export) is
+    not a departure. Any other head result, or no weight pass, leaves the difference a
+    finding."""
+    head = next((r for r in weights or [] if r.name == "lm_head.weight" or r.name.endswith(".lm_head.weight")), None)
+    if not config or head is None or head.kind not in (*CLEAN, "cast_twice"):
+        return config
+    how = {"identical": "bitwise", "rounding": f"up to one {head.compared_in} rounding",
+           "cast_twice": f"up to a cast through {head.through}, then {head.compared_in}"}[head.kind]
+
+    def settled(d: ConfigDifference) -> ConfigDifference:
+        if d.field != "tie_word_embeddings" or d.file != "config.json" or not d.forward:
+            return d
+        what = ("the candidate writes its output head out as its own tensor (lm_head.weight), equal to the "
+                "reference's tied embedding" if d.reference else
+                "the candidate ties its output head to its embedding, equal to the reference's own lm_head.weight")
+        return d.model_copy(update={"forward": False, "consequence": f"{what} {how}: the same output head"})
+
+    return [settled(d) for d in config]
 
 
 def config_findings(differences: list[ConfigDifference]) -> list[Finding]:
@@ -252,13 +291,14 @@ def activation_sentence(report: ActivationReport) -> str | None:
 
 def rank_findings(config: list[ConfigDifference] | None, weights: list[TensorResult] | None,
                   activations: ActivationReport | None, facts: Facts) -> list[Finding]:
+    config = settle_tied_head(config, weights)
     found = weight_findings(weights or [], facts)
     structural = [f for f in found if f.kind in STRUCTURAL]
     rest = [f for f in found if f.kind not in STRUCTURAL]
     ranked = structural + config_findings(config or []) + rest
     sentence = activation_sentence(activations) if activations is not None else None
     if sentence is not None:
-        if ranked and ranked[0].kind != "rounding_beyond":
+        if ranked and ranked[0].kind not in PRECISION:
             ranked[0] = ranked[0].model_copy(update={"summary": f"{ranked[0].summary}; {sentence}"})
         else:
             ranked.insert(0, Finding(source="activations", kind="departure", summary=(

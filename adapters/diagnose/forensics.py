@@ -19,7 +19,12 @@ The ladder, first match wins:
   rows_moved       C is R with some rows exchanged (embedding / output head: which token ids)
   permuted         C is R with its rows or columns in equal blocks, re-ordered
   low_rank         C − R is low-rank (an adapter's update: its multiple when known)
+  cast_twice       not the coarser dtype's single rounding, but (on all but 0.1% of
+                   elements) its rounding of the reference's rounding to the other
+                   half-precision dtype: fp32 → fp16 → bf16 (or → bf16 → fp16), a cast
+                   through an intermediate dtype; no arithmetic
   rounding_beyond  within a few ulp of the coarser dtype, but not its own single rounding
+                   (nor a cast through the other half-precision dtype)
   differing        none of the above (relative error reported)
 (and before all of them: shape, and non_finite — inf/nan where the reference is finite,
 e.g. an fp16 cast of values beyond 65504)
@@ -75,6 +80,8 @@ class TensorResult(BaseModel):
     compared_in: str | None = None  # the coarser of the two dtypes
     max_ulp: float | None = None
     off_fraction: float | None = None
+    through: str | None = None  # cast_twice: the intermediate dtype (float16 for fp32 → fp16 → bf16)
+    flushed: int | None = None  # cast_twice: elements the intermediate dtype flushed to 0
 
 
 CLEAN = ("identical", "rounding")
@@ -227,6 +234,9 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     if s.non_finite:
         narrow = c.dtype in (torch.float16, torch.bfloat16)
         limit = f" (|x| > {torch.finfo(c.dtype).max:g} overflows {_dtype(c.dtype)})" if narrow else ""
+        if c.dtype == torch.bfloat16 and _fp16_overflows(c, r, pair.device) == s.non_finite:
+            limit = (f" (|x| > {torch.finfo(torch.float16).max:g}, within bfloat16's range, overflows float16: "
+                     "cast through float16, then bfloat16)")
         return TensorResult(kind="non_finite", detail=f"{s.non_finite} element(s) inf or nan in the candidate where the "
                             f"reference is finite{limit}", **{**result, "rel_error": math.inf})
     if s.dd == 0 and c.dtype == r.dtype:
@@ -256,9 +266,9 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
 
     # Rounding beyond one cast, too small for an update to be seen: no other tensor, layout or
     # order can be this close, so the lookups below are skipped (a candidate cast twice costs
-    # one pass per tensor, not the ladder).
+    # two passes per tensor, the statistics and the cast-through check, not the ladder).
     if _beyond(s, dtype, concentrated) and s.rel <= 2 * _low_rank_floor(s, dtype):
-        return TensorResult(kind="rounding_beyond", detail=_beyond_detail(s, dtype), **result)
+        return _precision(c, r, s, dtype, pair.device, result)
 
     for other, load in (pair.siblings or {}).items():
         if pair_sums(c, load(), None, pair.device).rel <= tol:
@@ -298,7 +308,7 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
                             detail=f"difference of rank {rank}{what}", **result)
 
     if _beyond(s, dtype, concentrated):
-        return TensorResult(kind="rounding_beyond", detail=_beyond_detail(s, dtype), **result)
+        return _precision(c, r, s, dtype, pair.device, result)
     hint = next((f": the size of {name} rounding (arithmetic done in {name}?)" for name, p in (("float16", 10), ("bfloat16", 7))
                  if 2.0 ** -(p + 3) <= s.rel <= 2.0 ** -p and MANTISSA[dtype] > p), "")
     if not hint and concentrated:
@@ -317,6 +327,65 @@ def _beyond(s: Sums, dtype: torch.dtype, concentrated: bool) -> bool:
     ulp or a few; damage moves few (at most 1% off at all), some far beyond the per-element
     bound (`concentrated`): that is `differing`, not rounding, however small the total."""
     return _near(s, dtype) and not concentrated
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _precision(c, r, s: Sums, dtype: torch.dtype, device: str, result: dict) -> TensorResult:
+    """Beyond one rounding, by precision alone: a cast through the other half-precision
+    dtype when that explains (nearly) every element, else rounding beyond (arithmetic)."""
+    through = _cast_through(c, r, dtype, device)
+    if through is None:
+        return TensorResult(kind="rounding_beyond", detail=_beyond_detail(s, dtype), **result)
+    via, flushed = through
+    return TensorResult(kind="cast_twice", through=_dtype(via), flushed=flushed,
+                        detail=_twice_detail(s, via, dtype, flushed), **result)
+
+
+def _cast_through(c, r, dtype: torch.dtype, device: str) -> tuple[torch.dtype, int] | None:
+    """(via, elements flushed to 0 by via) when the candidate, stored in `dtype`, equals
+    dtype(via(R)) on all but ROUNDING_OFF_FRACTION of its elements, for via the other
+    half-precision dtype and a reference finer than via. A direct cast and a cast through
+    via differ only where via's rounding lands on a tie of dtype's grid (fp16 → bf16: ~6% of
+    elements, by one ulp) or leaves via's range (fp16: |x| under 2^-25 flushes to 0, under
+    2^-14 keeps fewer bits; above 65504, inf: `non_finite`)."""
+    if c.dtype != dtype or dtype not in HALF or MANTISSA.get(r.dtype, 0) <= MANTISSA[dtype]:
+        return None
+    c2, r2 = as_rows(c), as_rows(r)
+    for via in HALF:
+        if via == dtype or MANTISSA[r.dtype] <= MANTISSA[via]:
+            continue
+        off = flushed = 0
+        for part in row_chunks(r2.shape[0], r2.shape[1]):
+            rc = r2[part].to(device, torch.float32)
+            step = rc.to(via)
+            off += int((c2[part].to(device, torch.float32) != step.to(dtype).float()).sum())
+            flushed += int(((step == 0) & (rc != 0)).sum())
+        if off <= ROUNDING_OFF_FRACTION * r2.numel():
+            return via, flushed
+    return None
+
+
+def _fp16_overflows(c, r, device: str) -> int:
+    """Elements inf or nan in the candidate whose reference is finite, beyond float16's range
+    and within bfloat16's: what a cast through float16 leaves in a bfloat16 tensor."""
+    c2, r2 = as_rows(c), as_rows(r)
+    count = 0
+    for part in row_chunks(r2.shape[0], r2.shape[1]):
+        size = r2[part].to(device, torch.float32).abs()
+        bad = ~torch.isfinite(c2[part].to(device, torch.float32)) & torch.isfinite(size)
+        count += int((bad & (size > torch.finfo(torch.float16).max) & (size <= torch.finfo(torch.bfloat16).max)).sum())
+    return count
+
+
+def _twice_detail(s: Sums, via: torch.dtype, dtype: torch.dtype, flushed: int) -> str:
+    text = (f"cast through {_dtype(via)}, then {_dtype(dtype)}: each element is the {_dtype(dtype)} rounding of its "
+            f"{_dtype(via)} rounding ({s.off / s.n:.1%} of elements off the single {_dtype(dtype)} rounding, at most "
+            f"{s.max_ulp:.0f} ulp")
+    if flushed:
+        text += f"; {flushed} element(s) under {_dtype(via)}'s range flushed to 0"
+    return text + ")"
 
 
 def _beyond_detail(s: Sums, dtype: torch.dtype) -> str:

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from adapters.diagnose.activations import PROMPTS, ActivationReport, activation_pass
 from adapters.diagnose.configs import ConfigDifference, diff_configs
-from adapters.diagnose.findings import Facts, Finding, rank_findings
+from adapters.diagnose.findings import Facts, Finding, rank_findings, settle_tied_head
 from adapters.diagnose.forensics import TensorResult
 from adapters.diagnose.tokenizers import tokenizer_pass
 from adapters.diagnose.weights import NOT_A_MODEL_DIR, adapter_targets, resolve_mapping, weight_pass
@@ -88,6 +88,7 @@ def diagnose(candidate: Path, reference: Path, *, adapter: Path | None = None, m
                                                     serving_dtype(cand_config, dtype), adapter, device, progress)
         seconds[name] = time.perf_counter() - start
     known = facts(ref_config, adapter)
+    report["config"] = settle_tied_head(report["config"], report["weights"])  # the table says what the findings do
     findings = rank_findings(report["config"], report["weights"], report["activations"], known)
     counts = None if report["weights"] is None else dict(Counter(r.kind for r in report["weights"]))
     return DiagnoseReport(candidate=str(candidate), reference=str(reference), adapter=str(adapter) if adapter else None,

@@ -45,12 +45,14 @@ class TransformersEngine:
     ) -> TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from adapters.model_dir import exact_attention
         from shadow.remote_code import remote_code_allowed, remote_code_explained
 
         trust = remote_code_allowed(model_dir, trust_remote_code)
         torch_dtype = _DTYPES.get(dtype, "auto")
         with remote_code_explained(model_dir, trust):
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust,
+                                                         **exact_attention(model_dir))
             tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
         limit = max_model_len or model.config.max_position_embeddings
         return cls(model, tokenizer, limit)

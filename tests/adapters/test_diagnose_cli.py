@@ -52,6 +52,33 @@ def test_a_precision_control_exits_0_with_json(demo_model, tmp_path):
     assert report["weight_counts"] == {"rounding": 272} and report["activations"] is None
 
 
+def test_an_untied_head_equal_to_the_embedding_is_information_not_a_finding(demo_model, tmp_path):
+    """Issue 35: `tie_word_embeddings: false` with lm_head.weight = the embedding in bf16 (a
+    common, correct export) against the tied demo model exits 0; the difference is listed."""
+    untied = candidates.untied_head(demo_model, tmp_path / "untied")
+    run = diagnose(untied, demo_model, "--only", "config,weights")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert "nothing departs beyond dtype rounding and the noise envelope (exit 0)" in lines
+    assert ("  tie_word_embeddings (info): candidate False vs reference True — the candidate writes its output head "
+            "out as its own tensor (lm_head.weight), equal to the reference's tied embedding up to one bfloat16 "
+            "rounding: the same output head") in lines
+    assert "Weights: 273 reference tensors: identical 272, rounding 1" in lines
+
+
+def test_a_cast_through_float16_is_named_as_one(demo_model, tmp_path):
+    twice = candidates.cast_twice(demo_model, tmp_path / "twice")
+    run = diagnose(twice, demo_model, "--only", "config,weights")
+    assert run.returncode == 1, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    first = lines[lines.index("Findings, most likely cause first:") + 1]
+    assert first.startswith("  1. [weights] embed_tokens and q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                            "down_proj in all 30 layers: cast through float16, then bfloat16: ")
+    assert first.endswith("each the bfloat16 rounding of its float16 rounding: a double cast (precision only; no "
+                          "arithmetic in low precision)") and "merge" not in run.stdout
+    assert "Weights: 272 reference tensors: cast_twice 211, rounding 61" in lines
+
+
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/absent", "{demo}"], "not a Hugging Face model directory"),
     (["{demo}", "{demo}", "--mapping", "internlm2"], "the reference's model_type is 'llama', not 'internlm2'"),

@@ -6,7 +6,7 @@ import copy
 
 from adapters.diagnose.activations import ActivationReport, LogitSummary, SiteError
 from adapters.diagnose.configs import diff_configs
-from adapters.diagnose.findings import Facts, rank_findings, weight_findings
+from adapters.diagnose.findings import Facts, rank_findings, settle_tied_head, tensor_groups, weight_findings
 from adapters.diagnose.forensics import TensorResult
 from adapters.internlm2 import llama_config
 
@@ -95,3 +95,52 @@ def test_ranking_and_the_activation_join():
                                       "MLP input also off")
     alone = rank_findings([], [], acts, FACTS)
     assert [f.kind for f in alone] == ["departure"] and "config and weights agree" in alone[0].summary
+
+
+def head(kind: str, **fields) -> TensorResult:
+    return TensorResult(name="lm_head.weight", kind=kind, shape=[49152, 576], **fields)
+
+
+def test_an_untied_head_equal_to_the_embedding_is_informational():
+    """tie_word_embeddings differs, but the weight pass finds the head that runs on each side
+    the same (bitwise, one bf16 rounding, a cast through fp16): no finding, the difference
+    kept as information; a head that differs, or no weight pass, leaves the finding."""
+    untied = diff_configs(changed(LLAMA, tie_word_embeddings=False), LLAMA)
+    assert [(d.field, d.forward) for d in untied] == [("tie_word_embeddings", True)]
+    for same, how in ((head("identical"), "bitwise"), (head("rounding", compared_in="bfloat16"),
+                                                        "up to one bfloat16 rounding"),
+                      (head("cast_twice", compared_in="bfloat16", through="float16", off_fraction=0.05),
+                       "up to a cast through float16, then bfloat16")):
+        assert [f.kind for f in rank_findings(untied, [same], None, FACTS)] == ([] if same.kind in ("identical", "rounding")
+                                                                               else ["cast_twice"])
+        (info,) = settle_tied_head(untied, [same])
+        assert not info.forward and info.consequence == (
+            "the candidate writes its output head out as its own tensor (lm_head.weight), equal to the reference's "
+            f"tied embedding {how}: the same output head")
+    tied = diff_configs(LLAMA, changed(LLAMA, tie_word_embeddings=False))  # the converse: the candidate ties
+    (info,) = settle_tied_head(tied, [head("rounding", compared_in="bfloat16")])
+    assert not info.forward and info.consequence.startswith("the candidate ties its output head to its embedding, "
+                                                            "equal to the reference's own lm_head.weight")
+    for differs in (head("differing", rel_error=0.5), head("rows_moved", detail="2 rows moved: 1 ↔ 2", moves=[[1, 2], [2, 1]], moved=2),
+                    head("rounding_beyond", compared_in="bfloat16", off_fraction=0.2)):
+        for diffs in (untied, tied):
+            ranked = rank_findings(diffs, [differs], None, FACTS)
+            assert "tie_word_embeddings" in [f.kind for f in ranked]
+    assert [f.kind for f in rank_findings(untied, None, None, FACTS)] == ["tie_word_embeddings"]  # --only config
+
+
+def test_a_cast_through_float16_is_its_own_finding_not_a_merge():
+    twice = [result(f"model.layers.{i}.mlp.up_proj.weight", "cast_twice", compared_in="bfloat16", through="float16",
+                    off_fraction=0.03, flushed=i) for i in range(30)]
+    merge = [result(f"model.layers.{i}.self_attn.q_proj.weight", "rounding_beyond", compared_in="bfloat16",
+                    off_fraction=0.2) for i in range(30)]
+    found = weight_findings(twice + merge, FACTS)
+    assert [f.kind for f in found] == ["rounding_beyond", "cast_twice"]
+    assert found[1].summary == (
+        "up_proj in all 30 layers: cast through float16, then bfloat16: 3.0% of elements off the single bfloat16 "
+        "rounding of the reference, each the bfloat16 rounding of its float16 rounding (435 element(s) under "
+        "float16's range flushed to 0): a double cast (precision only; no arithmetic in low precision)")
+    assert "merge in low precision" in found[0].summary and "merge" not in found[1].summary
+    (row,) = tensor_groups(twice, FACTS)
+    assert row[:2] == ("layers.*.mlp.up_proj in all 30 layers", "cast_twice")
+    assert row[2].startswith("cast through float16, then bfloat16; relative error")

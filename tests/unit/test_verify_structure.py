@@ -66,7 +66,7 @@ def test_findings_are_numbered_under_the_verdict():
 
 
 def test_rounding_beyond_alone_is_listed_but_not_a_named_departure():
-    """A candidate cast twice, or merged in bf16: precision, which the drift verdict judges;
+    """A candidate merged in bf16: precision, which the drift verdict judges;
     `--strict` does not fail on it, and the lines do not call it nothing."""
     check = StructureCheck(ran=True, tensors=272, weight_counts={"rounding": 61, "rounding_beyond": 211}, seconds=2.0,
                            findings=[Finding(source="weights", kind="rounding_beyond", summary="q_proj …: rounding beyond")])
@@ -75,3 +75,9 @@ def test_rounding_beyond_alone_is_listed_but_not_a_named_departure():
     lines = structure_lines(check)
     assert lines[0].startswith("Config and weights (diagnose): rounding beyond the dtype's own only (precision")
     assert lines[1] == "  1. [weights] q_proj …: rounding beyond"
+
+
+def test_a_cast_through_float16_alone_is_not_a_named_departure():
+    check = StructureCheck(ran=True, tensors=272, weight_counts={"rounding": 61, "cast_twice": 211}, seconds=2.0,
+                           findings=[Finding(source="weights", kind="cast_twice", summary="… cast through float16, …")])
+    assert not check.departs and check.strict_findings == []
