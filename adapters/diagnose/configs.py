@@ -55,9 +55,10 @@ def normalise(config: dict) -> dict[str, object]:
         "num_hidden_layers": config["num_hidden_layers"],
         "sliding_window": config.get("sliding_window") if config.get("use_sliding_window", True) else None,
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "attention_bias": bool(config.get("bias", False) if internlm2 else config.get("attention_bias", False)),
+        "attention_bias": bool(config.get("bias", False) if internlm2 else
+                               config.get("attention_bias", config.get("model_type") == "qwen2")),  # Qwen2's are built in
         "mlp_bias": bool(config.get("mlp_bias", False)),
-        "hidden_act": config.get("hidden_act", "silu"),
+        "hidden_act": config.get("hidden_act") or config.get("hidden_activation") or "silu",  # Gemma's name
         "vocab_size": config["vocab_size"],
         "bos_token_id": _ids(config.get("bos_token_id")),
         "eos_token_id": _ids(config.get("eos_token_id")),

@@ -23,7 +23,7 @@ from adapters.diagnose.forensics import CLEAN, TensorResult, head_dim_ratio
 
 PRECISION = ("rounding_beyond", "cast_twice")  # beyond one rounding, by precision alone: the drift judges it
 
-STRUCTURAL = ("shape", "non_finite", "missing", "extra", "swapped", "other_layer", "rotary", "rows_moved", "permuted",
+STRUCTURAL = ("shape", "non_finite", "missing", "extra", "zeroed", "swapped", "other_layer", "rotary", "rows_moved", "permuted",
               "scaled", "offset", "low_rank")
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
 

@@ -9,6 +9,8 @@ The ladder, first match wins:
   identical        bitwise equal
   rounding         equal after rounding both to the coarser dtype (the cast a conversion
                    does once); fp32 pairs may differ by a few ulp of summation order
+  zeroed           C is all zeros where R is not (a bias the conversion dropped, materialised
+                   as zeros by a load and save)
   scaled           C = c·R within rounding (c reported, and the head-dim ratio it matches)
   offset           C = R + c within rounding (c reported; for a norm weight, c = −1 is the
                    RMSNorm (1 + w) convention: Gemma's stored weight in a Llama model)
@@ -251,6 +253,9 @@ def classify(name: str, c: torch.Tensor, r: torch.Tensor, pair: Pair | None = No
     single_cast = s.off <= ROUNDING_OFF_FRACTION * s.n and local
     if s.rel <= tol and (single_cast or MANTISSA[dtype] >= 23):
         return TensorResult(kind="rounding", detail=f"equal up to {_dtype(dtype)} rounding", **result)
+    if s.cc == 0 and s.rr > 0:
+        return TensorResult(kind="zeroed", detail="all zeros where the reference is not (a tensor the conversion "
+                            "dropped, then initialised to zeros and saved?)", **result)
 
     if s.rr > 0 and s.cc > 0 and 1 - s.cr**2 / (s.cc * s.rr) < 1e-4:
         k = s.cr / s.rr

@@ -144,3 +144,15 @@ def test_a_cast_through_float16_is_its_own_finding_not_a_merge():
     (row,) = tensor_groups(twice, FACTS)
     assert row[:2] == ("layers.*.mlp.up_proj in all 30 layers", "cast_twice")
     assert row[2].startswith("cast through float16, then bfloat16; relative error")
+
+
+def test_gemma_and_qwen2_names_are_read_as_what_they_mean():
+    """Gemma-2 names its activation `hidden_activation`; Qwen2's q/k/v biases are built in,
+    with no `attention_bias` field: a Qwen2 converted to Llama with `attention_bias: true`
+    is the same model, one converted without them is not."""
+    gemma = changed(LLAMA, model_type="gemma2", hidden_act=None, hidden_activation="gelu_pytorch_tanh")
+    assert [d.field for d in diff_configs(gemma, changed(gemma, hidden_activation="silu"))] == ["hidden_act"]
+    qwen2 = changed(LLAMA, model_type="qwen2")
+    del qwen2["attention_bias"]
+    assert diff_configs(changed(LLAMA, attention_bias=True), qwen2) == []
+    assert [d.field for d in diff_configs(LLAMA, qwen2)] == ["attention_bias"]

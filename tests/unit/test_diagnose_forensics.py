@@ -250,3 +250,15 @@ def test_a_layer_near_its_own_reference_is_not_blamed_on_a_duplicate():
     twice = w.to(torch.float16).to(torch.bfloat16)
     pair = Pair(other_layers={"model.layers.0.mlp.up_proj.weight": lambda: w}, norm_of=lambda name: float(w.norm()))
     assert classify("model.layers.1.mlp.up_proj.weight", twice, w.clone(), pair).kind == "cast_twice"
+
+
+def test_a_tensor_written_as_zeros_is_named_zeroed(ref):
+    """Qwen2's q/k/v biases dropped by a converter that writes only `.weight` tensors, then
+    materialised as zeros by from_pretrained/save_pretrained: it read "differ without a
+    named cause"; a tensor the reference holds below the dtype's range stays rounding."""
+    bias = ref[0]
+    for dtype in (torch.float32, torch.bfloat16):
+        result = classify("model.layers.0.self_attn.q_proj.bias", torch.zeros_like(bias, dtype=dtype), bias)
+        assert result.kind == "zeroed" and "all zeros where the reference is not" in result.detail
+    tiny = torch.full((8,), 1e-42)  # an fp32 subnormal: bf16 keeps it, fp16 flushes it to 0
+    assert classify("b", torch.zeros(8, dtype=torch.float16), tiny).kind == "rounding"
