@@ -37,10 +37,11 @@ class TokenizeHandler:
 
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self._check(request)
-        if len(request.tokens) > self.ctx.limits.max_message_chars:
+        # A token count is capped by the context it could come from, not by a character limit.
+        if len(request.tokens) > (limit := self.ctx.engine.max_model_len):
             raise InvalidRequestError(
-                f"tokens: {len(request.tokens)} ids; the limit is {self.ctx.limits.max_message_chars} "
-                "(--max-message-chars)", param="tokens")
+                f"tokens: {len(request.tokens)} ids; the limit is the model's context, {limit} tokens "
+                "(--max-model-len)", param="tokens")
         ids = self.ctx.renderer.check_ids(request.tokens, param="tokens")
         text = await asyncio.to_thread(self.ctx.renderer.tokenizer.decode, ids)
         return DetokenizeResponse(prompt=text)
