@@ -140,3 +140,16 @@ def internevo_sets(demo_model, smol_weights, smol_config, tmp_path_factory):
         return cache[case]
 
     return build
+
+
+def padded(prompts: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor, list[slice]]:
+    """A batch of prompts padded with id 0 (left or right), its attention mask, and each row's real span."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    spans = []
+    for row, p in enumerate(prompts):
+        span = slice(width - len(p), width) if left else slice(0, len(p))
+        ids[row, span], mask[row, span] = torch.tensor(p), 1
+        spans.append(span)
+    return ids, mask, spans

@@ -19,6 +19,7 @@ from adapters.native.internlm2 import load_internlm2
 from shadow.local_scorer import LocalScorer
 from shadow.scoring import ShadowReferenceError, vocab_fingerprint
 from tests import candidates
+from tests.adapters.conftest import padded
 from tests.verify_cli import CORPUS, FAST, run_verify
 
 PROMPTS = [
@@ -42,18 +43,6 @@ def native(internlm2_dir):
 def llama_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0]
-
-
-def padded(prompts: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor, list[slice]]:
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    spans = []
-    for row, p in enumerate(prompts):
-        span = slice(width - len(p), width) if left else slice(0, len(p))
-        ids[row, span], mask[row, span] = torch.tensor(p), 1
-        spans.append(span)
-    return ids, mask, spans
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])

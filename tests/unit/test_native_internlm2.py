@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.native.internlm2 import InternLM2Config, InternLM2ForCausalLM
-from tests.adapters.conftest import pack_wqkv
+from tests.adapters.conftest import pack_wqkv, padded
 
 CONFIG = {
     "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": 64, "hidden_size": 32,
@@ -146,14 +146,7 @@ def setup():
 
 def batched(model: InternLM2ForCausalLM, prompts: list[list[int]], left: bool) -> list[torch.Tensor]:
     """Each row's logits at its real positions, from one padded forward (pad id 0)."""
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    spans = []
-    for row, p in enumerate(prompts):
-        span = slice(width - len(p), width) if left else slice(0, len(p))
-        ids[row, span], mask[row, span] = torch.tensor(p), 1
-        spans.append(span)
+    ids, mask, spans = padded(prompts, left)
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask).logits
     return [logits[row, span] for row, span in enumerate(spans)]
