@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from shadow.verdict import (CHECKS, GUARDS, PairedSequences, VerdictPolicy, _columns, _combine, _limits,  # noqa: E402
-                            _sticky, judge, ratio_sequence)
+from shadow.verdict import CHECKS, GUARDS, PairedSequences, VerdictPolicy, _columns, _combine, _limits, _sticky, judge, ratio_sequence  # noqa: E402
 
 NOISE_KL_PER_TOKEN = 8e-4
 NOISE_TOP1 = 0.02
