@@ -17,7 +17,7 @@ it answers, with capped exponential backoff while it does not. `reachable` is wh
   never mixes two references.
 - A score call that fails for a reason outside the request (unreachable, timed out, 429,
   502-504, a busy 503) raises ReferenceUnavailableError: the shadow path keeps the
-  samples and retries (shadow/path.py). A 404/409 about a mounted adapter raises
+  samples and retries (shadow/worker.py). A 404/409 about a mounted adapter raises
   AdapterUnavailableError; any other answer ShadowReferenceError (not retried).
 
 Mounted adapters agree by content hash (shadow/remote_adapters.py).

@@ -4,7 +4,7 @@ side, the paired verdict, and the reasons. One schema for both."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from pydantic import BaseModel
@@ -13,7 +13,7 @@ from shadow.calibration import Calibration
 from shadow.compare import SequenceComparison
 from shadow.history import ComparedSequence
 from shadow.reference_check import ReferenceCheck
-from shadow.verdict import Interval, PairedSequences, Status, VerdictPolicy, judge
+from shadow.verdict import Interval, PairedSequences, Status, Verdict, VerdictPolicy, judge
 
 # llama.cpp's percentile rows, highest first.
 PERCENTILES = (100.0, 99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1, 0.0)
@@ -122,34 +122,16 @@ def build_report(
 ) -> ShadowReport:
     """`unshadowed`: why the reference cannot score this candidate (a mounted adapter it
     does not hold): nothing is judged."""
+    judgement = verdict_of(records, noise_dtype=noise_dtype, policy=policy, reference_check=reference_check,
+                           calibration=calibration, unshadowed=unshadowed)
     candidate = [r.candidate for r in records]
     noise = [r.noise for r in records if r.noise is not None]
     trajectory = None
-    if unshadowed is not None:
-        verdict = VerdictBody(
-            status="inconclusive",
-            reasons=[f"not shadowed: the reference cannot score this adapter, so its requests are not sampled: "
-                     f"{unshadowed}"],
-            policy=asdict(policy),
-        )
-    elif reference_check is not None and not reference_check.trusted:
-        verdict = VerdictBody(
-            status="inconclusive",
-            reasons=["refused to judge: the reference failed its self-check, so a difference could be the "
-                     "reference's fault, not the candidate's", *reference_check.reasons, reference_check.summary()],
-            policy=asdict(policy),
-        )
-    elif noise_dtype is None or len(noise) != len(records):
-        verdict = VerdictBody(
-            status="inconclusive",
-            reasons=["the noise floor is off (--shadow-noise-floor off): there is nothing to judge the drift against; "
-                     "the candidate's statistics are reported as they are"],
-            policy=asdict(policy),
-        )
+    if judgement.floor is None:
+        verdict = VerdictBody(status=judgement.verdict.status, reasons=judgement.verdict.reasons, policy=asdict(policy))
     else:
-        judged = judge(paired(records, calibration), policy)
-        verdict = _verdict_body(judged, policy, floor_body(noise_dtype, calibration))
-        trajectory = trajectory_points(judged.trajectory) if with_trajectory else None
+        verdict = _verdict_body(judgement.verdict, policy, judgement.floor)
+        trajectory = trajectory_points(judgement.verdict.trajectory) if with_trajectory else None
     return ShadowReport(
         model=model,
         reference=reference,
@@ -166,6 +148,47 @@ def build_report(
         trajectory=trajectory,
         reference_check=reference_check,
     )
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The verdict over some records before it is written out (the report's body, or the
+    gauges): `verdict` is judge's, or an inconclusive one saying why nothing was judged;
+    `floor` the noise floor it was judged against (None: nothing was judged)."""
+
+    verdict: Verdict
+    floor: FloorBody | None
+
+    @property
+    def kl_scale(self) -> float:
+        """The floor's KL scale (the shadow_verdict_floor_kl_scale gauge): 1 when uncalibrated or not judged."""
+        return self.floor.kl_scale if self.floor is not None else 1.0
+
+
+def verdict_of(
+    records: list[ComparedSequence],
+    *,
+    noise_dtype: str | None,
+    policy: VerdictPolicy,
+    reference_check: ReferenceCheck | None = None,
+    calibration: Calibration | None = None,
+    unshadowed: str | None = None,
+) -> Judgement:
+    """The verdict alone, without the statistics' percentiles: what `build_report` says
+    and what the shadow path publishes after every batch (shadow/recording.py)."""
+    if unshadowed is not None:
+        return Judgement(Verdict("inconclusive", [
+            f"not shadowed: the reference cannot score this adapter, so its requests are not sampled: {unshadowed}"]),
+            None)
+    if reference_check is not None and not reference_check.trusted:
+        return Judgement(Verdict("inconclusive", [
+            "refused to judge: the reference failed its self-check, so a difference could be the reference's fault, "
+            "not the candidate's", *reference_check.reasons, reference_check.summary()]), None)
+    if noise_dtype is None or any(r.noise is None for r in records):
+        return Judgement(Verdict("inconclusive", [
+            "the noise floor is off (--shadow-noise-floor off): there is nothing to judge the drift against; the "
+            "candidate's statistics are reported as they are"]), None)
+    return Judgement(judge(paired(records, calibration), policy), floor_body(noise_dtype, calibration))
 
 
 def paired(records: list[ComparedSequence], calibration: Calibration | None = None) -> PairedSequences:

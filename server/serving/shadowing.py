@@ -11,7 +11,8 @@ from server.engines import EngineChunk, LoraAdapter
 from server.errors import InvalidRequestError
 from server.serving.generation import Choice, Job
 from shadow.candidate import CandidateLogprobs
-from shadow.path import ShadowHeaderError, ShadowPath, ShadowSample, ShadowSequence
+from shadow.path import ShadowHeaderError, ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from server.verify.structure import StructureCheck
 from shadow.calibration import EngineFacts, load_calibration
 from shadow.factory import build_shadow_path, load_reference
 from shadow.history import ComparedSequence
-from shadow.path import ShadowPath, ShadowSample, ShadowSequence
+from shadow.path import ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.reference_check import ReferenceUntrustedError
 from shadow.report import ShadowReport
 from shadow.settings import ShadowSettings, VerdictSettings

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from shadow.capture import DivergenceCapture
 from shadow.factory import build_shadow_path
 from shadow.metrics import ShadowMetrics
-from shadow.path import ShadowPath, ShadowSample, ShadowSequence
+from shadow.path import ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.settings import ShadowSettings
 from tests.scorers import LP, EchoScorer
 

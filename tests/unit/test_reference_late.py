@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 import shadow.remote_scorer as remote
 from shadow.factory import build_shadow_path, load_reference
-from shadow.path import ShadowSample, ShadowSequence
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.remote_scorer import ReferenceUnavailableError
 from shadow.scoring import ReferenceInfo, ShadowReferenceError, vocab_fingerprint
 from shadow.settings import ShadowSettings

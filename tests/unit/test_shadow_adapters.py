@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from shadow.lanes import Lanes
 from shadow.metrics import NOISE_FLOOR, ShadowMetrics
-from shadow.path import ShadowPath, ShadowSample, ShadowSequence
+from shadow.path import ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.settings import ShadowSettings
 from tests.scorers import LP, EchoScorer, settle
 

@@ -23,9 +23,11 @@ from server.serving.shadowing import ShadowTap
 from shadow.candidate import CandidateLogprobs
 from shadow.local_scorer import LocalScorer
 from shadow.metrics import ShadowMetrics
-from shadow.path import ShadowPath, ShadowSample, ShadowSequence, duty_idle_s
+from shadow.path import ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.scoring import ScoreItem
 from shadow.settings import ShadowSettings
+from shadow.throttle import duty_idle_s
 from tests.scorers import LP, EchoScorer, settle, tiny_local_scorer
 
 

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 
 from shadow.local_scorer import LocalScorer
 from shadow.metrics import ShadowMetrics
-from shadow.path import ShadowPath, ShadowSample, ShadowSequence
+from shadow.path import ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.scoring import ScoreItem
 from shadow.settings import ShadowSettings
 from tests.scorers import LP, EchoScorer, settle, tiny_local_scorer

@@ -1,4 +1,4 @@
-"""An outage of the reference loses no sample (shadow/path.py, shadow/retry.py): a batch
+"""An outage of the reference loses no sample (shadow/worker.py, shadow/retry.py): a batch
 the reference could not score for a reason outside the request stays queued and is
 retried with backoff; only samples older than --shadow-max-sample-age-s become errors,
 a full queue still drops, and an error about the request itself is not retried. The
@@ -14,7 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from shadow.metrics import ShadowMetrics
-from shadow.path import ShadowPath, ShadowSample, ShadowSequence
+from shadow.path import ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.retry import MAX_ASKED_S, Backoff
 from shadow.scoring import AdapterUnavailableError, ReferenceUnavailableError, ShadowReferenceError
 from shadow.settings import ShadowSettings

@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from shadow.capture import DivergenceCapture
 from shadow.metrics import ShadowMetrics
-from shadow.path import ShadowHeaderError, ShadowPath, ShadowSample, ShadowSequence
+from shadow.path import ShadowHeaderError, ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.settings import ShadowSettings
 from tests.scorers import LP, EchoScorer, HangingScorer, NanScorer, RaisingScorer
 
