@@ -73,6 +73,22 @@ class _SequenceSeries:
         return self._first_divergence
 
 
+class _Declare:
+    """Collectors on one registry, each labelled by the common names (+ its own)."""
+
+    def __init__(self, registry: CollectorRegistry, names: list[str]):
+        self.registry, self.names = registry, names
+
+    def counter(self, name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, [*self.names, *extra], registry=self.registry)
+
+    def histogram(self, name: str, doc: str, buckets, extra: tuple[str, ...] = ()) -> Histogram:
+        return Histogram(name, doc, [*self.names, *extra], buckets=buckets, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(name, doc, [*self.names, *extra], registry=self.registry)
+
+
 class ShadowMetrics:
     def __init__(
         self,
@@ -84,84 +100,10 @@ class ShadowMetrics:
         adapter: str = "",
     ):
         common = {"model": model, "reference": reference, **(const_labels or {})}
-        names = [*common, "adapter"]
-
-        def counter(name, doc, extra=()):
-            return Counter(name, doc, [*names, *extra], registry=registry)
-
-        def histogram(name, doc, buckets, extra=()):
-            return Histogram(name, doc, [*names, *extra], buckets=buckets, registry=registry)
-
-        cmp = ("comparison",)
-        self._samples = counter(
-            "shadow_samples", "Shadow samples by outcome: compared, dropped (queue full), skipped, error.", ("outcome",))
-        self._sampled = counter(
-            "shadow_sampled", "Requests admitted to the shadow path; each ends as exactly one shadow_samples_total outcome.")
-        self._sequences = counter("shadow_sequences", "Compared sequences by result: identical, near_tie, hard.", (*cmp, "result"))
-        self._first_divergence = histogram(
-            "shadow_first_divergence_position_tokens", "First divergence position of diverged sequences.", _POSITIONS, cmp)
-        self._compared_len = histogram(
-            "shadow_compared_sequence_tokens", "Compared length of every sequence.", _POSITIONS, cmp)
-        self._tokens = counter("shadow_tokens", "Compared positions by top-1 agreement (same/different).", (*cmp, "top1"))
-        self._kl = histogram(
-            "shadow_token_kl_divergence",
-            "Per token KL(ref||cand) over the candidate's top-k + rest (a lower bound of the full KL), nats.", _NATS, cmp)
-        self._delta_p = histogram(
-            "shadow_token_delta_p", "Per token p_cand - p_ref of the emitted token.", _DELTA_P, cmp)
-        # prometheus_client omits _sum for a histogram with negative buckets, so the mean
-        # and RMS of Δp (llama.cpp's statistics) come from these counters instead:
-        # mean = (gain - loss) / count, RMS = sqrt(squares / count); restart-safe as counters.
-        self._delta_p_gain = counter("shadow_token_delta_p_gain", "Sum over tokens of max(delta_p, 0).", cmp)
-        self._delta_p_loss = counter("shadow_token_delta_p_loss", "Sum over tokens of max(-delta_p, 0).", cmp)
-        self._delta_p_squares = counter("shadow_token_delta_p_squares", "Sum over tokens of delta_p squared.", cmp)
-        self._drift = histogram(
-            "shadow_token_logprob_drift", "Per token max |logprob_cand - logprob_ref| over the candidate's top-k, nats.", _NATS, cmp)
-        self._oversize = counter(
-            "shadow_oversize_sequences",
-            "Sequences longer than the reference's sequence budget: truncated to it, or skipped (no output token fits).",
-            ("action",))
-        self._queue_depth = Gauge("shadow_queue_depth", "Samples waiting for the reference.", names, registry=registry)
-        self._queue_tokens = Gauge(
-            "shadow_queue_tokens", "Prompt + output tokens waiting for the reference.", names, registry=registry)
-        self._reference_seconds = histogram("shadow_reference_seconds", "Reference scoring latency per batch.", _SECONDS)
-        # Coverage and lag: how long samples wait, and whether the reference is held back.
-        self._sample_age = histogram(
-            "shadow_sample_age_seconds", "Time from a sampled request's end to its comparison, per compared sample.", _AGE)
-        self._oldest_age = Gauge(
-            "shadow_queue_oldest_age_seconds", "Age of the oldest sample waiting for the reference (0: none waits).",
-            names, registry=registry)
-        self._reference_up = Gauge(
-            "shadow_reference_up",
-            "1 while the reference can be reached, 0 while it cannot (a remote one refusing connections, not answering its "
-            "probe, a proxy answering 502-504, or back and not yet re-checked): sampled requests then wait in the queue and "
-            "are retried. A slow or busy reference reads 1; its retries count.", names, registry=registry)
-        self._retries = counter(
-            "shadow_reference_retries",
-            "Reference calls tried again because the reference could not answer (unreachable, timed out, 429, 502-504, "
-            "busy); their samples stay queued until --shadow-max-sample-age-s.")
-        self._throttled = Gauge(
-            "shadow_reference_throttled",
-            "1 while the engine holds requests and the reference is held back (its duty cap; a local one's confined "
-            "thread); 0 while the engine is idle and it runs free.", names, registry=registry)
-        # The verdict itself (shadow/verdict.py), over everything the server keeps: what the
-        # endpoint says, so alerts and canary gates decide on the same judgement.
-        self._verdict_state = Gauge(
-            "shadow_verdict_state", "The verdict: 1 pass, 0 inconclusive, -1 fail (anytime-valid; GET /v1/shadow/verdict).",
-            names, registry=registry)
-        self._verdict_different = Gauge(
-            "shadow_verdict_different",
-            "1 when the candidate is detectably different from the noise floor (an interval excludes it), else 0.",
-            names, registry=registry)
-        self._verdict_bound = Gauge(
-            "shadow_verdict_interval",
-            "The verdict's statistics with their confidence-sequence bounds (+-Inf: not bounded yet; NaN: no verdict).",
-            [*names, "statistic", "bound"], registry=registry)
-        self._verdict_sequences = Gauge(
-            "shadow_verdict_sequences", "Compared sequences the verdict is computed over.", names, registry=registry)
-        self._verdict_floor_scale = Gauge(
-            "shadow_verdict_floor_kl_scale", "The noise floor's KL scale: 1 uncalibrated, else the engine calibration's ratio.",
-            names, registry=registry)
-
+        make = _Declare(registry, [*common, "adapter"])
+        self._declare_comparisons(make)
+        self._declare_reference(make)
+        self._declare_verdict(make)
         self._common = common
         self._comparisons = comparisons
         self._registry = registry
@@ -169,6 +111,79 @@ class ShadowMetrics:
         # dict shared by every adapter's view (copy.copy keeps it), as the collectors are.
         self._sequence_series: dict[tuple[str, ...], _SequenceSeries] = {}
         self._bind(adapter)
+
+    def _declare_comparisons(self, make: _Declare) -> None:
+        """Samples by outcome; per compared sequence and token, by comparison (the candidate, the noise floor)."""
+        cmp = ("comparison",)
+        self._samples = make.counter(
+            "shadow_samples", "Shadow samples by outcome: compared, dropped (queue full), skipped, error.", ("outcome",))
+        self._sampled = make.counter(
+            "shadow_sampled", "Requests admitted to the shadow path; each ends as exactly one shadow_samples_total outcome.")
+        self._sequences = make.counter("shadow_sequences", "Compared sequences by result: identical, near_tie, hard.", (*cmp, "result"))
+        self._first_divergence = make.histogram(
+            "shadow_first_divergence_position_tokens", "First divergence position of diverged sequences.", _POSITIONS, cmp)
+        self._compared_len = make.histogram(
+            "shadow_compared_sequence_tokens", "Compared length of every sequence.", _POSITIONS, cmp)
+        self._tokens = make.counter("shadow_tokens", "Compared positions by top-1 agreement (same/different).", (*cmp, "top1"))
+        self._kl = make.histogram(
+            "shadow_token_kl_divergence",
+            "Per token KL(ref||cand) over the candidate's top-k + rest (a lower bound of the full KL), nats.", _NATS, cmp)
+        self._delta_p = make.histogram(
+            "shadow_token_delta_p", "Per token p_cand - p_ref of the emitted token.", _DELTA_P, cmp)
+        # prometheus_client omits _sum for a histogram with negative buckets, so the mean
+        # and RMS of Δp (llama.cpp's statistics) come from these counters instead:
+        # mean = (gain - loss) / count, RMS = sqrt(squares / count); restart-safe as counters.
+        self._delta_p_gain = make.counter("shadow_token_delta_p_gain", "Sum over tokens of max(delta_p, 0).", cmp)
+        self._delta_p_loss = make.counter("shadow_token_delta_p_loss", "Sum over tokens of max(-delta_p, 0).", cmp)
+        self._delta_p_squares = make.counter("shadow_token_delta_p_squares", "Sum over tokens of delta_p squared.", cmp)
+        self._drift = make.histogram(
+            "shadow_token_logprob_drift", "Per token max |logprob_cand - logprob_ref| over the candidate's top-k, nats.", _NATS, cmp)
+
+    def _declare_reference(self, make: _Declare) -> None:
+        """Samples, the queue, the reference's latency, reachability and throttle."""
+        self._oversize = make.counter(
+            "shadow_oversize_sequences",
+            "Sequences longer than the reference's sequence budget: truncated to it, or skipped (no output token fits).",
+            ("action",))
+        self._queue_depth = make.gauge("shadow_queue_depth", "Samples waiting for the reference.")
+        self._queue_tokens = make.gauge(
+            "shadow_queue_tokens", "Prompt + output tokens waiting for the reference.")
+        self._reference_seconds = make.histogram("shadow_reference_seconds", "Reference scoring latency per batch.", _SECONDS)
+        # Coverage and lag: how long samples wait, and whether the reference is held back.
+        self._sample_age = make.histogram(
+            "shadow_sample_age_seconds", "Time from a sampled request's end to its comparison, per compared sample.", _AGE)
+        self._oldest_age = make.gauge(
+            "shadow_queue_oldest_age_seconds", "Age of the oldest sample waiting for the reference (0: none waits).")
+        self._reference_up = make.gauge(
+            "shadow_reference_up",
+            "1 while the reference can be reached, 0 while it cannot (a remote one refusing connections, not answering its "
+            "probe, a proxy answering 502-504, or back and not yet re-checked): sampled requests then wait in the queue and "
+            "are retried. A slow or busy reference reads 1; its retries count.")
+        self._retries = make.counter(
+            "shadow_reference_retries",
+            "Reference calls tried again because the reference could not answer (unreachable, timed out, 429, 502-504, "
+            "busy); their samples stay queued until --shadow-max-sample-age-s.")
+        self._throttled = make.gauge(
+            "shadow_reference_throttled",
+            "1 while the engine holds requests and the reference is held back (its duty cap; a local one's confined "
+            "thread); 0 while the engine is idle and it runs free.")
+
+    def _declare_verdict(self, make: _Declare) -> None:
+        """The verdict itself (shadow/verdict.py), over everything the server keeps: what the
+        endpoint says, so alerts and canary gates decide on the same judgement."""
+        self._verdict_state = make.gauge(
+            "shadow_verdict_state", "The verdict: 1 pass, 0 inconclusive, -1 fail (anytime-valid; GET /v1/shadow/verdict).")
+        self._verdict_different = make.gauge(
+            "shadow_verdict_different",
+            "1 when the candidate is detectably different from the noise floor (a contrast at the floor itself is proven above 0), else 0.")
+        self._verdict_bound = make.gauge(
+            "shadow_verdict_interval",
+            "The verdict's statistics with their confidence-sequence bounds (+-Inf: not bounded yet; NaN: no verdict).",
+            extra=("statistic", "bound"))
+        self._verdict_sequences = make.gauge(
+            "shadow_verdict_sequences", "Compared sequences the verdict is computed over.")
+        self._verdict_floor_scale = make.gauge(
+            "shadow_verdict_floor_kl_scale", "The noise floor's KL scale: 1 uncalibrated, else the engine calibration's ratio.")
 
     def for_adapter(self, adapter: str) -> ShadowMetrics:
         """The series of requests on mounted adapter `adapter` (same collectors, its own children)."""

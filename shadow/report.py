@@ -73,7 +73,7 @@ class VerdictBody(BaseModel):
     # Each check's decision is taken on the contrast x - limit·d per sequence (shadow/verdict.py)
     contrasts: dict[str, IntervalBody] = {}
     # The converter's question: is the candidate detectably different from the noise floor
-    # (an interval excludes it)? None: too little data to say.
+    # (a contrast at the floor itself is proven above 0)? None: too little data to say.
     different: bool | None = None
     decided_at: int | None = None  # sequences after which the current status was first taken
     floor: FloorBody | None = None
