@@ -105,8 +105,8 @@ PANELS = [
         title="Verdict: token KL, candidate over noise floor",
         description=(
             "Mean token KL of the candidate divided by the noise floor's (the reference in the serving dtype vs itself in "
-            "fp32, on the same positions). About 1 for precision noise; the verdict fails when its lower bound is "
-            "above the limit (2x by default). A point estimate, without an interval. Paired: both sides cover the "
+            "fp32, on the same positions). About 1 for precision noise; the verdict fails once the candidate's KL is "
+            "proven above the limit times the noise floor's (2x by default). A point estimate, without an interval. Paired: both sides cover the "
             "same tokens."),
         unit="short", w=8,
         targets=[target(ratio_to_noise("shadow_token_kl_divergence_sum"), f"{V} KL ratio")],
