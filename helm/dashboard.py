@@ -106,8 +106,8 @@ PANELS = [
         description=(
             "Mean token KL of the candidate divided by the noise floor's (the reference in the serving dtype vs itself in "
             "fp32, on the same positions). About 1 for precision noise; the verdict fails once the candidate's KL is "
-            "proven above the limit times the noise floor's (2x by default). A point estimate, without an interval. Paired: both sides cover the "
-            "same tokens."),
+            "proven above the limit times the noise floor's (2x by default). A point estimate, without an interval. "
+            "Paired: both sides cover the same tokens."),
         unit="short", w=8,
         targets=[target(ratio_to_noise("shadow_token_kl_divergence_sum"), f"{V} KL ratio")],
     ),
