@@ -7,9 +7,7 @@ answer 503 while weights load (Kubernetes readiness), then 200.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import threading
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,11 +17,11 @@ from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from server.assembly import ExitCode, StartFailed, bring_up
 from server.auth import require_bearer
 from server.body_limit import BodySizeLimit
 from server.engines import Engine, EngineDeadError
 from server.errors import (
-    APIError,
     InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
@@ -47,13 +45,11 @@ from server.protocol import (
 )
 from server.serving.chat import ChatHandler
 from server.serving.completion import CompletionHandler
-from server.serving.context import ReferenceRefusedError, ServingContext
+from server.serving.context import ServingContext
 from server.serving.tokenize import TokenizeHandler
+from server.serving.validation import RequestValidator
 from server.settings import ServeSettings
-from shadow.calibration import CalibrationError
-from shadow.path import ShadowPath
 from shadow.report import ShadowReport
-from shadow.scoring import ReferenceLoadError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +60,6 @@ PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 # `X-Shadow: always|never`, honoured only when the operator allows it (shadow settings).
 ShadowHeader = Annotated[str | None, Header(alias="X-Shadow")]
 
-REFERENCE_EXIT = 2  # a reference that cannot be used is a configuration error (as verify's exit 2)
-REFERENCE_CHECK_AT_START_S = 120.0  # one probe forward per side; a slower one goes on in the background
 HEALTH_INTERVAL_S = 0.5  # how often the engine's health is read (vLLM notices a dead core at once)
 FATAL_LINGER_S = 2.0  # a dead engine's server answers 503 this long before it exits
 
@@ -95,71 +89,6 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def in_daemon_thread(fn: Callable[[], object]) -> asyncio.Future:
-    """`fn()` on a thread of its own, awaitable. Not the loop's default executor: a start
-    that hangs inside the engine would hold asyncio.run's exit (it joins that executor),
-    while a daemon thread is simply left behind."""
-    done: concurrent.futures.Future = concurrent.futures.Future()
-
-    def run() -> None:
-        if not done.set_running_or_notify_cancel():  # given up on before it began
-            return
-        try:
-            done.set_result(fn())
-        except BaseException as exc:  # noqa: BLE001 (a library's SystemExit too: handed to the awaiting task)
-            done.set_exception(exc)
-
-    threading.Thread(target=run, name="engine-load", daemon=True).start()
-    return asyncio.wrap_future(done)
-
-
-async def check_reference_first(shadow: ShadowPath) -> None:
-    """The reference's self-check before the server reports ready, so its figures are in
-    the start-up log and its probe is not mixed with client traffic. A check that cannot
-    run yet (a remote reference not reachable, a failed call, too slow) is left to the
-    shadow's worker, which retries it before scoring anything."""
-    if not shadow.scorer.ready:
-        return
-    try:
-        await asyncio.wait_for(shadow.run_reference_check(retry=False), REFERENCE_CHECK_AT_START_S)
-    except Exception as exc:  # noqa: BLE001 (the worker retries; serving goes on)
-        log.warning("shadow: the reference self-check did not finish at start (%s); retried in the background",
-                    str(exc) or type(exc).__name__)
-
-
-async def shut_down(ctx: ServingContext) -> None:
-    """What a start that failed after the engine started leaves: the engine (its processes)
-    and the shadow's reference client. Errors are logged: the refusal is what matters."""
-    try:
-        await ctx.engine.shutdown()
-    except Exception:
-        log.exception("the engine could not be shut down")
-    if ctx.shadow is not None:
-        try:
-            await ctx.shadow.scorer.close()
-        except Exception:
-            log.exception("the reference client could not be closed")
-
-
-def start_failure(exc: BaseException) -> tuple[str, int]:
-    """What a failed start prints and exits with: the reference's side (exit 2, named as
-    the reference's) or the engine's (exit 1). "engine failed to load" is only the engine's."""
-    if isinstance(exc, CalibrationError):  # asked for, and not valid for this engine: never judge by a wrong floor
-        log.error("%s", exc)
-        return str(exc), REFERENCE_EXIT
-    if isinstance(exc, ReferenceRefusedError):  # it loaded, but does not fit this server
-        log.error("the reference was refused: %s", exc)
-        return f"the reference was refused: {exc}", REFERENCE_EXIT
-    if isinstance(exc, ReferenceLoadError):  # the engine was not even started: the reference is at fault
-        log.error("the reference failed to load: %s", exc)
-        return f"the reference failed to load: {exc}", REFERENCE_EXIT
-    if isinstance(exc, APIError):  # a --lora-modules adapter the engine or the reference refused
-        log.error("--lora-modules: %s", exc.message)
-        return f"--lora-modules: {exc.message}", REFERENCE_EXIT
-    log.exception("engine failed to load", exc_info=exc)
-    return (f"engine failed to load: {exc!r}" if isinstance(exc, SystemExit) else f"engine failed to load: {exc}"), 1
-
-
 class ServerState:
     """Readiness: `ctx` appears once the engine is up; `error` if loading failed or the
     engine died; `draining` from SIGTERM on. Only a ready, live, undrained server admits."""
@@ -167,13 +96,16 @@ class ServerState:
     def __init__(self) -> None:
         self.ctx: ServingContext | None = None
         self.error: str | None = None
-        self.exit_code = 1  # the process's status when `error` ends it
+        self.exit_code = ExitCode.FAILED  # the process's status when `error` ends it
         self.loading = False  # the engine's load thread is running (it may hang inside the engine)
         self.draining = False
         self.in_flight = InFlight()
         self.chat: ChatHandler | None = None
         self.completion: CompletionHandler | None = None
         self.tokens: TokenizeHandler | None = None
+
+    def loaded(self) -> None:
+        self.loading = False
 
     def ready(self, ctx: ServingContext) -> None:
         self.ctx, self.chat, self.completion = ctx, ChatHandler(ctx), CompletionHandler(ctx)
@@ -233,40 +165,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        def load_in_thread() -> ServingContext:
-            try:
-                return load_context(settings, registry)
-            finally:
-                state.loading = False
-
         async def load() -> None:
-            limit = settings.start_timeout_s or None
-            ctx = None
+            state.loading = True
             try:
-                state.loading = True
-                ctx = await asyncio.wait_for(in_daemon_thread(load_in_thread), limit)
-                if ctx.adapters is not None:
-                    await ctx.mount(settings.lora_mounts(), settings.reference_lora_paths())
-                if ctx.shadow is not None:
-                    await check_reference_first(ctx.shadow)
-                    ctx.shadow.start()
-                state.ready(ctx)
-                log.info("model %s ready (%s engine)", settings.model_name, settings.engine)
-            except TimeoutError:  # the thread is left behind; the caller ends the process
-                state.error = f"engine did not start within {limit:.0f}s (--start-timeout-s)"
-                log.error("%s", state.error)
-            except (Exception, SystemExit) as exc:  # a library's SystemExit in the load thread too
-                state.error, state.exit_code = start_failure(exc)
-            except asyncio.CancelledError:  # SIGTERM while the adapters mounted: the engine runs already
-                if ctx is not None and state.ctx is None:
-                    await asyncio.shield(shut_down(ctx))
-                raise
-            if state.error:
-                if ctx is not None:  # refused after the engine started (an adapter): nothing is left behind
-                    await shut_down(ctx)
+                ctx = await bring_up(settings, load_context, registry, loaded=state.loaded)
+            except StartFailed as failed:
+                state.error, state.exit_code = failed.message, failed.code
                 if on_fatal:
                     on_fatal()
                 return
+            state.ready(ctx)
+            log.info("model %s ready (%s engine)", settings.model_name, settings.engine)
             await state.watch(ctx.engine, on_fatal)
 
         loader = asyncio.create_task(load())
@@ -282,14 +191,24 @@ def create_app(
     app.state.server = state
     app.state.drain = lambda: state.drain(settings.shutdown_grace_s)
     install_error_handlers(app)
-    install_openapi(app, protected_prefix=PROTECTED, auth=bool(settings.api_keys), max_n=settings.max_n,
-                    max_logprobs=settings.max_logprobs)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    validator = RequestValidator.from_settings(settings)
+    install_openapi(app, protected_prefix=PROTECTED, auth=bool(settings.api_keys), validator=validator)
+    app.add_middleware(BodySizeLimit, max_bytes=validator.max_request_bytes)
     app.add_middleware(InFlightMiddleware, in_flight=state.in_flight)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
 
     require_bearer(app, settings.api_keys, PROTECTED)
 
+    _probe_routes(app, state, (registry, *extra_registries))
+    _model_routes(app, state)
+    if settings.allow_runtime_lora_updating:
+        _lora_routes(app, state)
+    _generation_routes(app, state)
+    return app
+
+
+def _probe_routes(app: FastAPI, state: ServerState, registries: tuple[CollectorRegistry, ...]) -> None:
+    """Kubernetes' readiness probe and Prometheus' scrape: open, also behind --api-keys."""
     @app.get("/health")
     async def health() -> Response:
         status = state.status
@@ -297,8 +216,12 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(exposition((registry, *extra_registries)), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(registries), media_type=CONTENT_TYPE_LATEST)
 
+
+
+def _model_routes(app: FastAPI, state: ServerState) -> None:
+    """What is served: the models (the base and its mounted adapters) and their verdicts."""
     def model_cards(ctx: ServingContext) -> list[ModelCard]:
         """The base, then each mounted adapter with its directory and parent (vLLM's cards)."""
         cards = [ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)]
@@ -335,25 +258,30 @@ def create_app(
             raise NotFoundError(f"no mounted adapter '{adapter}' is shadowed here; mounted: "
                                 f"{', '.join(ctx.shadow.adapters) or 'none'}", param="adapter") from None
 
-    if settings.allow_runtime_lora_updating:
-        @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
-        async def load_lora_adapter(request: LoadLoraAdapterRequest) -> str:
-            """vLLM's: mount a LoRA adapter at run time; it is shadowed from its first request."""
-            ctx = state.require()
-            if request.load_inplace:
-                raise InvalidRequestError("load_inplace is not supported: unload the adapter, then load it again "
-                                          "(its verdict starts over)", param="load_inplace")
-            reference = Path(request.reference_path) if request.reference_path else None
-            await ctx.adapters.load(request.lora_name, Path(request.lora_path), reference)
-            return f"Success: LoRA adapter '{request.lora_name}' added successfully."
 
-        @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
-        async def unload_lora_adapter(request: UnloadLoraAdapterRequest) -> str:
-            """vLLM's: unmount an adapter; its queued shadow samples count as skipped."""
-            ctx = state.require()
-            await ctx.adapters.unload(request.lora_name)
-            return f"Success: LoRA adapter '{request.lora_name}' removed successfully."
+def _lora_routes(app: FastAPI, state: ServerState) -> None:
+    """--allow-runtime-lora-updating: vLLM's routes to mount and unmount adapters."""
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(request: LoadLoraAdapterRequest) -> str:
+        """vLLM's: mount a LoRA adapter at run time; it is shadowed from its first request."""
+        ctx = state.require()
+        if request.load_inplace:
+            raise InvalidRequestError("load_inplace is not supported: unload the adapter, then load it again "
+                                      "(its verdict starts over)", param="load_inplace")
+        reference = Path(request.reference_path) if request.reference_path else None
+        await ctx.adapters.load(request.lora_name, Path(request.lora_path), reference)
+        return f"Success: LoRA adapter '{request.lora_name}' added successfully."
 
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(request: UnloadLoraAdapterRequest) -> str:
+        """vLLM's: unmount an adapter; its queued shadow samples count as skipped."""
+        ctx = state.require()
+        await ctx.adapters.unload(request.lora_name)
+        return f"Success: LoRA adapter '{request.lora_name}' removed successfully."
+
+
+def _generation_routes(app: FastAPI, state: ServerState) -> None:
+    """The OpenAI API's generation routes, and vLLM's tokenizer routes."""
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, http: Request, x_shadow: ShadowHeader = None):
         state.require()
@@ -376,4 +304,3 @@ def create_app(
         state.require()
         return await state.tokens.detokenize(request)
 
-    return app

@@ -266,6 +266,7 @@ def run_server(settings: ServeSettings) -> None:
     import uvicorn
     from prometheus_client import REGISTRY, CollectorRegistry
 
+    from server import assembly
     from server.app import create_app
     from server.lifecycle import GracefulServer, abandon_load
     from server.serving.context import ServingContext
@@ -281,7 +282,7 @@ def run_server(settings: ServeSettings) -> None:
     def load(settings: ServeSettings, registry: CollectorRegistry) -> ServingContext:
         from server.verify.calibrate import calibrate_before_serving  # --verdict-calibrate, before the engine
 
-        return ServingContext.load(calibrate_before_serving(settings), registry)
+        return assembly.assemble_serving(calibrate_before_serving(settings), registry)
 
     app = create_app(settings, load, CollectorRegistry(), extra, on_fatal=stop)
     # After the drain, connections still open (idle keep-alives, stragglers) get a few seconds.
@@ -303,14 +304,14 @@ def run_reference(settings: ReferenceSettings) -> None:
     from prometheus_client import CollectorRegistry
 
     from server.reference_app import create_reference_app
+    from server.serving.validation import ScoringValidator
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def serve(scorer, adapters=None) -> None:
         app = create_reference_app(
             scorer, settings.tokens, CollectorRegistry(), adapters=adapters, docs=settings.docs,
-            max_item_tokens=settings.max_item_tokens, max_request_tokens=settings.max_request_tokens,
-            max_body_bytes=settings.max_body_bytes,
+            validator=ScoringValidator.from_settings(settings),
         )
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
@@ -319,31 +320,10 @@ def run_reference(settings: ReferenceSettings) -> None:
 
         run_ranks(settings, serve)
         return
-    scorer, adapters = _load_reference(settings)
+    from server.assembly import assemble_reference
+
+    scorer, adapters = assemble_reference(settings)
     serve(scorer, adapters)
-
-
-def _load_reference(settings: ReferenceSettings):
-    from server.reference_adapters import ReferenceAdapters
-    from server.reference_app import refusals_exit
-    from shadow.local_scorer import LocalScorer
-    from shadow.placement import parse_max_memory
-
-    with refusals_exit():
-        scorer = LocalScorer.load(
-            settings.model, settings.adapter, settings.device, settings.name, trust_remote_code=settings.trust_remote_code,
-            max_memory=parse_max_memory(settings.max_memory) if settings.max_memory else None,
-        )
-        if settings.noise_dtype != "none":
-            scorer.enable_noise_floor(settings.noise_dtype)
-        adapters = ReferenceAdapters(scorer, settings.model, runtime_updating=settings.allow_runtime_lora_updating,
-                                     capacity=settings.max_adapters)
-        adapters.mount_at_start(settings.lora_mounts())
-    return scorer, adapters
-
-
-VERDICT_EXIT = {"pass": 0, "fail": 1, "inconclusive": 3}
-USAGE_EXIT = 2  # argparse's code for bad flags; also verify's "could not judge"
 
 
 def run_verify(settings: VerifySettings) -> None:
@@ -361,6 +341,7 @@ def run_verify(settings: VerifySettings) -> None:
     # front end to serve, so the engine gets every core (decode ~1.7x faster on 2 cores).
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from server.assembly import VERDICT_EXIT, ExitCode
     from server.verify.calibrate import CalibrationUnavailable, calibrate
     from server.verify.run import verify
     from server.verify.structure import structure_check, structure_lines
@@ -388,7 +369,7 @@ def run_verify(settings: VerifySettings) -> None:
     except Exception as exc:  # anything that stops the run is a usage/load error, not a verdict
         logging.getLogger("shadowserve.verify").debug("verify failed", exc_info=True)
         print(f"shadowserve verify: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
+        sys.exit(ExitCode.REFUSED)
     report, structure = result.report, result.structure
     if settings.json_report:  # the verdict endpoint's schema, and what the config and weight passes found
         document = {**json.loads(report.model_dump_json()), "diagnosis": json.loads(structure.model_dump_json())}
@@ -417,6 +398,7 @@ def run_diagnose(args: Diagnose) -> None:
     """Exit 0 nothing departs, 1 something does, 2 when the run itself failed."""
     from adapters.diagnose.run import PASSES, diagnose
     from adapters.errors import AdapterError
+    from server.assembly import ExitCode
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -428,14 +410,14 @@ def run_diagnose(args: Diagnose) -> None:
             args.html.write_text(render_html(report), encoding="utf-8")
     except (AdapterError, OSError, KeyError) as exc:
         print(f"shadowserve diagnose: {exc}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
+        sys.exit(ExitCode.REFUSED)
     if args.json_report:
         print(report.model_dump_json(indent=2))
     else:
         from adapters.diagnose.render import render_text
 
         print(render_text(report))
-    sys.exit(1 if report.departs else 0)
+    sys.exit(ExitCode.FAILED if report.departs else ExitCode.OK)
 
 
 def cli_source(**options) -> CliSettingsSource:
@@ -451,7 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"shadowserve: invalid settings: {problems}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
+        from server.assembly import ExitCode
+
+        sys.exit(ExitCode.REFUSED)
 
 
 if __name__ == "__main__":

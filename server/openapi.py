@@ -10,6 +10,7 @@ two completion routes answer JSON or, with `"stream": true`, server-sent events.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from server.protocol import ChatCompletionResponse, CompletionResponse
+from server.serving.validation import RequestValidator
 
 REF = "#/components/schemas/{model}"
 
@@ -71,9 +73,9 @@ STREAMING: dict[str, type[BaseModel]] = {
 }
 
 
-def _error(status: str) -> dict:
+def _error(status: str, descriptions: dict[str, str]) -> dict:
     return {
-        "description": ERROR_DESCRIPTIONS[status],
+        "description": descriptions[status],
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
     }
 
@@ -86,20 +88,46 @@ def _takes_model(op: dict, schemas: dict) -> bool:
     return any("model" in schemas.get(ref.rsplit("/", 1)[-1], {}).get("properties", {}) for ref in refs)
 
 
-def _set_maximum(node: dict, maximum: int) -> None:
-    """On the integer branch(es) of a property schema."""
-    if node.get("type") == "integer":
-        node["maximum"] = maximum
+def _bound(node: dict, keyword: str, value: int) -> None:
+    """`keyword: value` wherever it applies in a property's schema (its anyOf branches):
+    `maximum` on integers, `maxLength` on strings (an array's items too), `maxItems` on a
+    batch (an array of prompts, not one prompt's token ids)."""
+    kind = node.get("type")
+    if (keyword, kind) in (("maximum", "integer"), ("maxLength", "string")):
+        node[keyword] = value
+    if keyword == "maxItems" and kind == "array" and node.get("items", {}).get("type") in ("string", "array"):
+        node[keyword] = value
+    if keyword == "maxLength" and kind == "array":
+        _bound(node.get("items", {}), keyword, value)
     for branch in node.get("anyOf", []):
-        _set_maximum(branch, maximum)
+        _bound(branch, keyword, value)
 
 
-# Request fields whose upper bound is a server setting: (schema, property) per setting.
-LIMITED = {
-    "max_n": [("ChatCompletionRequest", "n"), ("CompletionRequest", "n")],
-    "max_logprobs": [("ChatCompletionRequest", "top_logprobs"), ("CompletionRequest", "logprobs"),
-                     ("CompletionRequest", "prompt_logprobs")],
+# Request fields bounded by one of the validator's limits (server/serving/validation.py):
+# per limit, the JSON Schema keyword and its (schema, property) pairs. Only bounds the
+# schema states exactly: a chat message's character count is its text parts' joined, so
+# only a string `content` gets a maxLength.
+LIMITED: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "max_n": ("maximum", [("ChatCompletionRequest", "n"), ("CompletionRequest", "n")]),
+    "max_logprobs": ("maximum", [("ChatCompletionRequest", "top_logprobs"), ("CompletionRequest", "logprobs"),
+                                 ("CompletionRequest", "prompt_logprobs")]),
+    "max_message_chars": ("maxLength", [("ChatMessage", "content"), ("CompletionRequest", "prompt"),
+                                        ("TokenizeRequest", "prompt")]),
+    "max_prompts": ("maxItems", [("CompletionRequest", "prompt")]),
+    "max_stop_chars": ("maxLength", [("ChatCompletionRequest", "stop"), ("CompletionRequest", "stop")]),
 }
+
+
+def _document_limits(schemas: dict, validator: RequestValidator) -> dict[str, str]:
+    """The validator's limits as the request schemas' bounds; the error descriptions, the body's limit in the 413's."""
+    for limit, (keyword, fields) in LIMITED.items():
+        for schema_name, prop in fields:
+            properties = schemas.get(schema_name, {}).get("properties", {})
+            if prop in properties:
+                properties[prop] = copy.deepcopy(properties[prop])  # never a schema object shared with another
+                _bound(properties[prop], keyword, getattr(validator, limit))
+    return {**ERROR_DESCRIPTIONS,
+            "413": f"Request body over {validator.max_request_bytes} bytes (--max-request-bytes)"}
 
 
 def rewrite(
@@ -107,8 +135,7 @@ def rewrite(
     *,
     protected_prefix: str | tuple[str, ...] = "/v1/",
     auth: bool = False,
-    max_n: int | None = None,
-    max_logprobs: int | None = None,
+    validator: RequestValidator | None = None,
     always_up: tuple[str, ...] = ("/health", "/metrics"),
     not_found_paths: tuple[str, ...] = ("/v1/shadow/verdict",),
     streaming: dict[str, type[BaseModel]] | None = None,
@@ -123,10 +150,7 @@ def rewrite(
     if streaming:
         _, defs = models_json_schema([(m, "serialization") for m in streaming.values()], ref_template=REF)
         schemas.update(defs.get("$defs", {}))
-    for setting, value in (("max_n", max_n), ("max_logprobs", max_logprobs)):
-        for schema_name, prop in LIMITED[setting] if value is not None else ():
-            if prop in schemas.get(schema_name, {}).get("properties", {}):
-                _set_maximum(schemas[schema_name]["properties"][prop], value)
+    descriptions = ERROR_DESCRIPTIONS if validator is None else _document_limits(schemas, validator)
     if auth:
         components.setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer", "description": "one of the server's --api-keys",
@@ -171,7 +195,7 @@ def rewrite(
             if path not in always_up:
                 statuses.append("503")
             for status in statuses:
-                responses[status] = _error(status)
+                responses[status] = _error(status, descriptions)
     return doc
 
 
@@ -180,7 +204,8 @@ def install_openapi(
 ) -> None:
     """Serve the rewritten document from `app.openapi()` (and so /openapi.json and /docs).
     `auth`: API keys are configured, so routes under `protected_prefix` may answer 401;
-    `max_n`, `max_logprobs` (options): the server's limits, documented as maxima."""
+    `validator` (an option): the server's request limits, documented as the request
+    schemas' bounds (server/serving/validation.py)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:

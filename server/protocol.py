@@ -1,9 +1,10 @@
 """OpenAI wire models: what clients send and what they get back.
 
 Validation lives here (ranges, types, unsupported features), so handlers receive only
-well-formed requests; limits that depend on settings (n, logprobs) are checked by the
-handlers. Unknown fields are ignored, like vLLM; fields that would change the meaning
-of a request and that we do not implement (tools, logit_bias, ...) are refused.
+well-formed requests; limits that depend on settings (n, logprobs, lengths) are the
+request validator's (server/serving/validation.py). Unknown fields are ignored, like
+vLLM; fields that would change the meaning of a request and that we do not implement
+(tools, logit_bias, ...) are refused, and documented in the schema as what passes.
 """
 
 from __future__ import annotations
@@ -51,9 +52,29 @@ def _is_off(name: str, value: Any) -> bool:
     return isinstance(value, bool) == isinstance(off, bool) and value == off
 
 
-def _document_vllm_off(schema: dict) -> None:
-    """The vLLM extensions a request type does not implement, documented as what passes:
-    their off value or null (anything else is a 400), so /openapi.json tells the truth."""
+# What passes of each refused OpenAI field (`_is_default`), as its documented schema.
+_EMPTY_ONLY = {"anyOf": [{"enum": [False, [], {}, ""]}, {"type": "null"}]}
+_UNSUPPORTED_ACCEPTED: dict[str, tuple[dict, str]] = {
+    "best_of": ({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+                "only null or the value of `n` (one sample per choice) is accepted"),
+    "tool_choice": ({"anyOf": [{"const": "none"}, {"type": "null"}]}, 'only "none" (or null) is accepted'),
+    "response_format": ({"anyOf": [{"const": {"type": "text"}}, {"type": "null"}]},
+                        'only {"type": "text"} (or null) is accepted'),
+}
+
+
+def _document_refused(schema: dict) -> None:
+    """What a request type refuses, documented as what passes (anything else is a 400
+    naming the field), so /openapi.json tells the truth: OpenAI's fields this server does
+    not implement (`_UNSUPPORTED`: null or their default), and vLLM's extensions it does not
+    implement (their off value or null)."""
+    schema["description"] = (
+        "OpenAI's " + ", ".join(f"`{name}`" for name in _UNSUPPORTED) + " are not supported: each is refused "
+        "(400) unless absent, null or at its default, as its property says; so are vLLM's extensions this "
+        "server does not implement, unless at their off value. Other unknown fields are ignored.")
+    for name in _UNSUPPORTED:
+        accepted, which = _UNSUPPORTED_ACCEPTED.get(name, (_EMPTY_ONLY, "only null, false or an empty value is accepted"))
+        schema["properties"][name] = {**accepted, "description": f"OpenAI field not supported here: {which}"}
     for name, off in _VLLM_OFF.items():
         # Plain `null` where null is the off value: schemathesis (4.32) reads `{"const": null}`
         # as no constraint at all and generates anything for it.
@@ -64,8 +85,8 @@ def _document_vllm_off(schema: dict) -> None:
 
 
 def _is_default(name: str, value: Any, n: int) -> bool:
-    if name == "best_of":
-        return value is None or value == n
+    if name == "best_of":  # a number, as `n` is: `true` is not 1 (Python's True == 1 would let it through)
+        return value is None or (not isinstance(value, bool) and value == n)
     if name == "tool_choice":
         return value is None or value == "none"
     if name == "response_format":
@@ -107,7 +128,7 @@ class StreamOptions(BaseModel):
 
 class _Request(BaseModel):
     # strict: JSON carries exact types, so `"n": true` or `"temperature": "0.5"` are errors.
-    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_document_vllm_off)
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_document_refused)
 
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)

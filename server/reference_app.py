@@ -4,9 +4,6 @@ service listens only once it can answer."""
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -21,11 +18,11 @@ from server.body_limit import BodySizeLimit
 from server.errors import (
     InvalidRequestError,
     NotFoundError,
-    PayloadTooLargeError,
     ServiceUnavailableError,
     install_error_handlers,
 )
 from server.metrics import HttpMetrics, HttpMetricsMiddleware, exposition
+from server.serving.validation import MAX_BODY_BYTES, MAX_ITEM_TOKENS, MAX_SCORE_TOKENS, ScoringValidator
 from shadow.placement import MaxMemory
 from shadow.scoring import (
     ADAPTER_NOT_LOADED,
@@ -48,28 +45,8 @@ if TYPE_CHECKING:  # torch stays out of the CLI's import path
     from shadow.local_scorer import LocalScorer
 
 
-USAGE_EXIT = 2  # a reference that cannot be served as configured
-
-
-@contextlib.contextmanager
-def refusals_exit() -> Iterator[None]:
-    """Loading the reference (one process or a rank): its own refusals (its model, its code,
-    an adapter that does not mount) exit 2 naming what, never a traceback."""
-    from adapters.errors import AdapterError
-    from shadow.remote_code import RemoteCodeError
-    from shadow.scoring import ShadowReferenceError
-
-    try:
-        yield
-    except (ShadowReferenceError, RemoteCodeError, AdapterError) as exc:
-        print(f"shadowserve reference: {exc}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
-
-
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})
-MAX_ITEM_TOKENS = 8192
-MAX_REQUEST_TOKENS = 32768
-MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_LIMITS = ScoringValidator()  # the flags' defaults
 
 
 class ReferenceSettings(BaseSettings):
@@ -114,7 +91,7 @@ class ReferenceSettings(BaseSettings):
         default=MAX_ITEM_TOKENS, ge=1, description="most prompt + output ids in one item of a score request (else 413)"
     )
     max_request_tokens: int = Field(
-        default=MAX_REQUEST_TOKENS, ge=1,
+        default=MAX_SCORE_TOKENS, ge=1,
         description="most tokens in a score request, its items padded to the longest (what a forward costs; else 413)"
     )
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1, description="largest score request body, in bytes (else 413)")
@@ -194,19 +171,16 @@ def create_reference_app(
     *,
     adapters: ReferenceAdapters | None = None,
     docs: bool = False,
-    max_item_tokens: int = MAX_ITEM_TOKENS,
-    max_request_tokens: int = MAX_REQUEST_TOKENS,
-    max_body_bytes: int = MAX_BODY_BYTES,
+    validator: ScoringValidator = DEFAULT_LIMITS,
 ) -> FastAPI:
     """`adapters`: the LoRA adapters it holds (server/reference_adapters.py; None: none,
     and none can be loaded). `docs`: serve /docs, /redoc and /openapi.json (off: the
-    service describes itself to nobody)."""
-    if docs:
-        app = FastAPI(title="shadowserve reference")
-    else:
-        app = FastAPI(title="shadowserve reference", docs_url=None, redoc_url=None, openapi_url=None)
+    service describes itself to nobody). `validator`: the score requests' limits."""
+    app = FastAPI(title="shadowserve reference", docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, setting="--max-body-bytes")  # innermost: after the bearer check
+    # Innermost: after the bearer check.
+    app.add_middleware(BodySizeLimit, max_bytes=validator.max_body_bytes, setting="--max-body-bytes")
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
     require_bearer(app, tokens)
     vocab_size = scorer.vocab.size
@@ -214,7 +188,8 @@ def create_reference_app(
     def info() -> ReferenceInfo:
         return ReferenceInfo(
             name=scorer.name, vocab_size=vocab_size, vocab_sha256=scorer.vocab.sha256, dtype="float32",
-            noise_dtype=scorer.noise_dtype, max_item_tokens=max_item_tokens, max_request_tokens=max_request_tokens,
+            noise_dtype=scorer.noise_dtype, max_item_tokens=validator.max_item_tokens,
+            max_request_tokens=validator.max_request_tokens,
             loaded_as=scorer.loaded_as, integrity_problems=scorer.integrity_problems,
             adapters=adapters.infos() if adapters else [], max_adapters=adapters.capacity if adapters else 0,
             runtime_lora_updating=bool(adapters and adapters.runtime_updating),
@@ -235,7 +210,7 @@ def create_reference_app(
     @app.post(SCORE_PATH)
     async def score(body: ScoreRequestBody) -> Response:
         items = [ScoreItem(i.prompt_ids, i.output_ids, i.candidate_ids) for i in body.items]
-        check_within_caps(items, vocab_size, max_item_tokens, max_request_tokens)
+        validator.check_items(items, vocab_size)
         if body.noise_top_k is not None and scorer.noise_dtype is None:
             raise InvalidRequestError("this reference computes no noise floor (started with --noise-dtype none)",
                                       param="noise_top_k")
@@ -268,27 +243,3 @@ def create_reference_app(
             return {"unloaded": body.lora_name}
 
     return app
-
-
-def check_within_caps(items: list[ScoreItem], vocab_size: int, max_item_tokens: int, max_request_tokens: int) -> None:
-    """413 past the caps (one item's tokens, the batch padded to its longest), 400 for an id
-    outside the vocabulary."""
-    sizes = [len(item.prompt_ids) + len(item.output_ids) for item in items]
-    for n, size in enumerate(sizes):
-        if size > max_item_tokens:
-            raise PayloadTooLargeError(
-                f"items.{n}: {size} prompt + output tokens is over --max-item-tokens {max_item_tokens}",
-                param=f"items.{n}",
-            )
-    # The batch is padded to its longest item: that, not the sum, is what a forward costs.
-    padded = len(sizes) * max(sizes, default=0)
-    if padded > max_request_tokens:
-        raise PayloadTooLargeError(
-            f"{len(items)} items padded to the longest ({max(sizes)} tokens) make {padded} tokens, over "
-            f"--max-request-tokens {max_request_tokens}",
-            param="items",
-        )
-    for n, item in enumerate(items):
-        ids = [*item.prompt_ids, *item.output_ids, *(t for pos in item.candidate_ids for t in pos)]
-        if any(not 0 <= t < vocab_size for t in ids):
-            raise InvalidRequestError(f"items.{n}: token id outside the vocabulary", param=f"items.{n}")

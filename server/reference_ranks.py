@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from server.reference_app import USAGE_EXIT, ReferenceSettings, refusals_exit
+from server.assembly import ExitCode, refusals_exit
+from server.reference_app import ReferenceSettings
 
 
 def run_ranks(settings: ReferenceSettings, serve) -> None:
@@ -22,7 +23,7 @@ def run_ranks(settings: ReferenceSettings, serve) -> None:
     if tp.world_size() != size:
         print(f"shadowserve reference: torchrun started {tp.world_size()} ranks, but --tensor-parallel-size is {size}: "
               "give torchrun --nnodes x --nproc-per-node = the tensor-parallel size", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
+        sys.exit(ExitCode.REFUSED)
     with refusals_exit():
         ranks = tp.join(settings.device, settings.collective_timeout_s)
     if not ranks.leader:

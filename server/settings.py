@@ -13,13 +13,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from adapters.model_dir import check_model_dir, read_config
 from shadow.settings import ShadowSettings
 
-# Per-request limits' defaults, the flags' below and server.serving.limits.RequestLimits' own
+# Per-request limits' defaults, the flags' below and server.serving.validation.RequestValidator's own
 # (docs/limits-and-security.md, "Request limits", says why each is what it is). Kept here, not in the
-# limits module, so that the settings import no serving code.
+# validation module, so that the settings import no serving code.
 MAX_MESSAGE_CHARS = 1_000_000
 MAX_PROMPTS = 64
 MAX_STOP_CHARS = 256
 MAX_REQUEST_TOKENS = 262_144
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_REQUEST_BYTES = 8 * 2**20
 
 EngineName = Literal["vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -157,7 +160,7 @@ class EngineSettings(VllmOptions, LoraOptions):
     max_model_len: int | None = Field(
         default=None, ge=16, description="context length, prompt + completion (default: the model's)"
     )
-    max_logprobs: int = Field(default=20, ge=0, description="largest top_logprobs/logprobs a client may ask for")
+    max_logprobs: int = Field(default=MAX_LOGPROBS, ge=0, description="largest top_logprobs/logprobs a client may ask for")
     enforce_eager: bool = Field(default=False, description="vLLM: skip graph compilation (faster start, slower decode)")
     kv_cache_gib: float | None = Field(
         default=None, gt=0, description="vLLM: KV-cache size in GiB (default: vLLM's share of memory; set it on CPU)"
@@ -223,8 +226,8 @@ class ServeSettings(BaseSettings, EngineSettings, ShadowSettings):
         default_factory=list,
         description="accepted bearer keys for /v1/*, /tokenize and /detokenize (env: comma-separated); none = no auth",
     )
-    max_n: int = Field(default=16, ge=1, description="largest `n` (choices per request)")
-    max_request_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest request body (413 above)")
+    max_n: int = Field(default=MAX_N, ge=1, description="largest `n` (choices per request)")
+    max_request_bytes: int = Field(default=MAX_REQUEST_BYTES, ge=1024, description="largest request body (413 above)")
     max_message_chars: int = Field(
         default=MAX_MESSAGE_CHARS, ge=1, description="largest chat message or completions prompt, in characters"
     )

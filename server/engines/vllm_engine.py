@@ -7,6 +7,7 @@ process; the app exposes that registry on /metrics beside ours.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from server.engines.base import EngineChunk, EngineDeadError, EngineInputError, LoraAdapter, SamplingOptions
 from server.settings import EngineSettings
@@ -92,9 +93,11 @@ class VllmEngine:
             )
             stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
                                         lora_request=_lora_request(adapter))
-            # Closing this generator (client gone) closes vLLM's, which aborts the request.
-            async for out in stream:
-                yield _chunk(out.outputs[0], out.finished)
+            # Closing this generator (client gone) closes vLLM's now, not when it is collected:
+            # that aborts the request.
+            async with aclosing(stream):
+                async for out in stream:
+                    yield _chunk(out.outputs[0], out.finished)
         except VLLMValidationError as exc:
             raise EngineInputError(str(exc)) from exc
         except VllmEngineDeadError as exc:
@@ -109,9 +112,10 @@ class VllmEngine:
         # Prompt log-probs skip the sampler's processors: raw, like the sampled ones.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
-                                            lora_request=_lora_request(adapter)):
-            final = out
+        async with aclosing(self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                                               lora_request=_lora_request(adapter))) as stream:
+            async for out in stream:
+                final = out
         if final is None or final.prompt_logprobs is None:
             raise RuntimeError("vLLM returned no prompt log-probs")
         return [{tid: lp.logprob for tid, lp in pos.items()} for pos in final.prompt_logprobs[1:]]

@@ -28,9 +28,7 @@ class CompletionHandler(EndpointHandler[CompletionRequest]):
         k = request.prompt_k
         if k is None:
             return None
-        if k > self.ctx.max_logprobs:
-            param = "prompt_logprobs" if request.prompt_logprobs == k else "logprobs"
-            raise InvalidRequestError(f"{param} must be at most {self.ctx.max_logprobs}", param=param)
+        self.ctx.validator.check_prompt_logprobs(request)
         engine = self.ctx.engine
         return list(await asyncio.gather(*(
             engine.prompt_logprobs(ids, k, f"{request_id}-prompt-{p}", adapter) for p, ids in enumerate(prompts))))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from server.engines import Engine, EngineChunk, EngineDeadError, EngineInputError, LoraAdapter, SamplingOptions
-from server.errors import ContextLengthError, InvalidRequestError, ServiceUnavailableError
+from server.errors import InvalidRequestError, ServiceUnavailableError
 from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
+from server.serving.validation import RequestValidator
 
 _DONE = object()
 
@@ -48,29 +50,24 @@ def plan_jobs(
     prompts: Sequence[list[int]],
     engine: Engine,
     *,
-    max_n: int,
-    max_logprobs: int,
+    validator: RequestValidator,
     shadow_k: int | None = None,
 ) -> list[Job]:
-    """Check the request against the engine's limits and make one job per choice.
+    """Check the request against the validator's limits (choices, log-probs, each prompt's
+    room in the engine's context) and make one job per choice.
 
     Choices are numbered prompt-major (prompt p, sample i -> p * n + i), as OpenAI does.
     Seeds follow vLLM: choice i of a seeded request uses seed + i. A shadow-sampled
     request (`shadow_k`) asks the engine for max(client k, shadow k) log-probs.
     """
-    if request.n > max_n:
-        raise InvalidRequestError(f"n must be at most {max_n}", param="n")
+    validator.check_choices(request)
     k = request.logprobs_k
-    if k is not None and k > max_logprobs:
-        param = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
-        raise InvalidRequestError(f"{param} must be at most {max_logprobs}", param=param)
     engine_k = k if shadow_k is None else max(k or 0, shadow_k)
     prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     jobs = []
     for p, prompt_ids in enumerate(prompts):
-        max_tokens = _completion_budget(
-            len(prompt_ids), request.completion_limit, engine.max_model_len, prompt_param
-        )
+        max_tokens = validator.completion_budget(len(prompt_ids), request.completion_limit, engine.max_model_len,
+                                                 prompt_param)
         for i in range(request.n):
             options = SamplingOptions(
                 max_tokens=max_tokens,
@@ -89,24 +86,6 @@ def plan_jobs(
             )
             jobs.append(Job(p * request.n + i, prompt_ids, options))
     return jobs
-
-
-def _completion_budget(prompt_len: int, asked: int | None, max_model_len: int, prompt_param: str) -> int:
-    if prompt_len >= max_model_len:
-        raise ContextLengthError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
-            f"has {prompt_len} tokens, which leaves no room for a completion. Please shorten it.",
-            param=prompt_param,
-        )
-    room = max_model_len - prompt_len
-    if asked is not None and asked > room:
-        raise ContextLengthError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
-            "Please reduce the prompt or the completion length.",
-            param="max_tokens",
-        )
-    return asked if asked is not None else room
 
 
 async def run_jobs(engine: Engine, jobs: list[Job], request_id: str,
@@ -133,8 +112,10 @@ async def run_jobs(engine: Engine, jobs: list[Job], request_id: str,
 
     async def pump(job: Job) -> None:
         try:
-            async for chunk in engine.generate(job.prompt_ids, job.options, f"{request_id}-{job.index}", adapter):
-                await queue.put((job.index, chunk))
+            # Closed here on every exit (a cancelled pump included): the engine request aborts now, not at GC.
+            async with aclosing(engine.generate(job.prompt_ids, job.options, f"{request_id}-{job.index}", adapter)) as chunks:
+                async for chunk in chunks:
+                    await queue.put((job.index, chunk))
         except Exception as exc:
             await queue.put((job.index, exc))
         finally:
@@ -167,11 +148,24 @@ def _served_error(exc: EngineInputError | EngineDeadError) -> Exception:
     return ServiceUnavailableError(f"{exc}; this server is restarting")
 
 
-async def collect(jobs: list[Job], stream: AsyncIterator[tuple[int, EngineChunk]]) -> list[Choice]:
-    choices = {job.index: Choice(job.index, job.prompt_ids) for job in jobs}
-    async for index, chunk in stream:
-        choices[index].add(chunk)
+def new_choices(jobs: list[Job]) -> dict[int, Choice]:
+    """One empty choice per job, by index, for the one step that accumulates a request's
+    stream: `collect` for a whole response, the shadow's tee for a sampled stream."""
+    return {job.index: Choice(job.index, job.prompt_ids) for job in jobs}
+
+
+def in_order(choices: dict[int, Choice]) -> list[Choice]:
     return [choices[i] for i in sorted(choices)]
+
+
+async def collect(jobs: list[Job], stream: AsyncIterator[tuple[int, EngineChunk]]) -> list[Choice]:
+    """A whole response's choices, accumulated once (a sampled request's tap is handed these:
+    serving/shadowing.py `collected`). The stream is closed here however this ends."""
+    choices = new_choices(jobs)
+    async with aclosing(stream):
+        async for index, chunk in stream:
+            choices[index].add(chunk)
+    return in_order(choices)
 
 
 def usage(prompts: Sequence[list[int]], completion_tokens: int) -> Usage:

@@ -1,5 +1,9 @@
 """The handlers' side of the shadow path: decide at admission, then hand over a finished
-sample. Unsampled requests get no tap and pay nothing."""
+sample. Unsampled requests get no tap and pay nothing.
+
+A sampled request's choices are accumulated once, by the step that accumulates them anyway:
+a whole response's by generation.collect (`collected` hands them to the tap), a stream's by
+the tee (`tapped`: the events only forward pieces, so the tee is the one accumulation)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from contextlib import aclosing
 
 from server.engines import EngineChunk, LoraAdapter
 from server.errors import InvalidRequestError
-from server.serving.generation import Choice, Job
+from server.serving.generation import Choice, Job, collect, in_order, new_choices
 from shadow.candidate import CandidateLogprobs
 from shadow.path import ShadowHeaderError, ShadowPath
 from shadow.queue import ShadowSample, ShadowSequence
@@ -73,14 +77,30 @@ class ShadowTap:
 Chunks = AsyncIterator[tuple[int, EngineChunk]]
 
 
+async def collected(jobs: list[Job], stream: Chunks, tap: ShadowTap | None) -> list[Choice]:
+    """A whole response's choices (generation.collect, which closes the stream); a sampled
+    request hands those same choices to the tap when the stream ended normally (aborted or
+    failed: counted as skipped, once)."""
+    if tap is None:
+        return await collect(jobs, stream)
+    try:
+        choices = await collect(jobs, stream)
+    except BaseException:  # client gone (cancelled) or engine failure
+        tap.abandon()
+        raise
+    tap.finish(choices)
+    return choices
+
+
 def tapped(stream: Chunks, jobs: list[Job], tap: ShadowTap | None) -> Chunks:
-    """The engine stream, unchanged for the client; a sampled request's copy goes to the
-    tap when the stream ends normally (aborted or failed: counted as skipped)."""
+    """A streamed response's engine stream, unchanged for the client; a sampled request's
+    choices are accumulated here and go to the tap when the stream ends normally (aborted
+    or failed: counted as skipped, once). Unsampled: the stream itself, no layer added."""
     if tap is None:
         return stream
 
     async def tee() -> Chunks:
-        choices = {job.index: Choice(job.index, job.prompt_ids) for job in jobs}
+        choices = new_choices(jobs)
         try:
             async with aclosing(stream):  # closing this closes the engine stream (aborts) now, not at GC
                 async for index, chunk in stream:
@@ -89,6 +109,6 @@ def tapped(stream: Chunks, jobs: list[Job], tap: ShadowTap | None) -> Chunks:
         except BaseException:  # client gone (GeneratorExit/cancel) or engine failure
             tap.abandon()
             raise
-        tap.finish([choices[i] for i in sorted(choices)])
+        tap.finish(in_order(choices))
 
     return tee()

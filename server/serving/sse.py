@@ -4,8 +4,9 @@ per event, a final `data: [DONE]`, no comments, no keep-alive pings.
 A plain Starlette StreamingResponse, as vLLM's own server uses: one ASGI send per event
 and nothing else per token. (sse-starlette, used before, opened an anyio cancel scope
 around every send and ran two watcher tasks per stream.) Starlette cancels the stream
-when the client disconnects; the event iterator is then closed under a shield, so
-its cleanup (aborting the engine requests) runs at once, not when it is collected.
+when the client disconnects; the event iterator (and what it reads from) is then closed
+under a shield, so its cleanup (aborting the engine requests) runs at once, not when it
+is collected: on every exit, a response whose first send failed included.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def frame(payload: str) -> bytes:
 class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[BaseModel]):
+    def __init__(self, events: AsyncIterator[BaseModel], upstream: AsyncIterator | None = None):
+        """`upstream`: what `events` reads from, closed too: an events generator that never
+        ran (the client gone before the first send) runs none of its own cleanup."""
+        self._closing = [it for it in (events, upstream) if hasattr(it, "aclose")]
         # no-cache: proxies must not store it; X-Accel-Buffering: nginx (ingress) must
         # pass each event through at once instead of buffering the response.
         super().__init__(_frames(events), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -45,6 +49,8 @@ class EventStream(StreamingResponse):
         except BaseException:  # client gone (cancelled, OSError) or a send that failed
             with anyio.move_on_after(CLEANUP_S, shield=True):
                 await self.body_iterator.aclose()
+                for iterator in self._closing:  # closed by the frames' own cleanup if they ran; else here
+                    await iterator.aclose()
             raise
 
 

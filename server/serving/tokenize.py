@@ -1,15 +1,14 @@
 """vLLM's POST /tokenize and /detokenize: the served model's own tokenizer and chat
 template, as the engine sees them (vLLM's `bench serve` and drift tools use them to
-align prompts). Same limits, checks and error shapes as the completion routes."""
+align prompts). Same limits (the context's validator), checks and error shapes as the completion routes."""
 
 from __future__ import annotations
 
 import asyncio
 
-from server.errors import InvalidRequestError
 from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.serving.context import ServingContext
-from server.serving.limits import check_encodable
+from server.serving.validation import check_encodable
 
 
 class TokenizeHandler:
@@ -18,12 +17,7 @@ class TokenizeHandler:
 
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self._check(request)
-        limits = self.ctx.limits
-        if request.messages is not None:
-            for i, message in enumerate(request.messages):
-                limits.check_chars(message.text(), f"messages.{i}.content")
-        else:
-            limits.check_chars(request.prompt, "prompt")
+        self.ctx.validator.check_tokenize(request)
         return await asyncio.to_thread(self._tokenize, request)
 
     def _tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
@@ -37,11 +31,7 @@ class TokenizeHandler:
 
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self._check(request)
-        # A token count is capped by the context it could come from, not by a character limit.
-        if len(request.tokens) > (limit := self.ctx.engine.max_model_len):
-            raise InvalidRequestError(
-                f"tokens: {len(request.tokens)} ids; the limit is the model's context, {limit} tokens "
-                "(--max-model-len)", param="tokens")
+        self.ctx.validator.check_detokenize(request, self.ctx.engine.max_model_len)
         ids = self.ctx.renderer.check_ids(request.tokens, param="tokens")
         text = await asyncio.to_thread(self.ctx.renderer.tokenizer.decode, ids)
         return DetokenizeResponse(prompt=text)

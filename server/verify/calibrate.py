@@ -18,6 +18,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from server.assembly import CALIBRATION_UNAVAILABLE, ExitCode
 from server.settings import ServeSettings, VllmOptions
 from server.verify.run import EngineLoadError, verify
 from server.verify.settings import VerifySettings
@@ -25,7 +26,6 @@ from shadow.calibration import Calibration, CalibrationError
 from shadow.settings import VerdictSettings
 
 log = logging.getLogger("server.verify.calibrate")  # also when run as __main__ (the child)
-UNAVAILABLE_EXIT = 4  # the child's "no engine serves this reference as it is"
 
 
 class CalibrationUnavailable(RuntimeError):
@@ -114,7 +114,7 @@ def calibrate_before_serving(settings: ServeSettings, run=subprocess.run) -> Ser
     said = (child.stdout or "").strip()
     if child.returncode == 0 and path.exists():
         return settings
-    if child.returncode == UNAVAILABLE_EXIT:
+    if child.returncode == CALIBRATION_UNAVAILABLE:
         log.warning("not calibrated: %s; judging against the transformers noise floor", said)
         return uncalibrated
     raise CalibrationError(f"--verdict-calibrate: measuring the engine's noise into {path} failed (exit "
@@ -132,16 +132,16 @@ def main() -> None:
         settings = VerifySettings.model_validate_json(sys.stdin.read())
     except ValueError as exc:
         print(f"bad calibration settings: {exc}")
-        sys.exit(2)
+        sys.exit(ExitCode.REFUSED)
     try:
         calibration = asyncio.run(calibrate(settings))
     except CalibrationUnavailable as exc:
         print(exc)
-        sys.exit(UNAVAILABLE_EXIT)
+        sys.exit(CALIBRATION_UNAVAILABLE)
     except Exception as exc:  # the measurement broke: one line for the server, the traceback in the log
         log.exception("the calibration failed")
         print(f"{type(exc).__name__}: {exc}")
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
     print(calibration.describe())
 
 

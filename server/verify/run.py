@@ -15,18 +15,18 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
+from server.assembly import shadow_for
 from server.engines import load_engine
-from server.engines.facts import engine_facts
 from server.protocol import ChatCompletionRequest
 from server.serving.chat import ChatHandler
 from server.serving.context import ServingContext
 from server.serving.prompts import PromptRenderer
-from server.serving.reference_probe import reference_self_check
+from server.serving.validation import RequestValidator
 from server.verify.inputs import corpus_windows, load_prompts
 from server.verify.settings import VerifySettings
 from server.verify.structure import StructureCheck
-from shadow.calibration import EngineFacts, load_calibration
-from shadow.factory import build_shadow_path, load_reference
+from shadow.calibration import EngineFacts
+from shadow.factory import load_reference
 from shadow.history import ComparedSequence
 from shadow.path import ShadowPath
 from shadow.queue import ShadowSample, ShadowSequence
@@ -95,26 +95,20 @@ async def verify(settings: VerifySettings) -> VerifyResult:
     except Exception as exc:
         raise EngineLoadError(f"{settings.engine} could not load {settings.candidate}: {type(exc).__name__}: {exc}") from exc
     try:
-        facts = engine_facts(settings.engine_settings(CANDIDATE_NAME), engine, scorer.name)
-        calibration = None if settings.verdict_calibration is None or settings.calibrate else \
-            load_calibration(settings.verdict_calibration, facts)
-        check = None
-        if settings.verdict_reference_check:
-            # llama.cpp's mode: the corpus is natural text too, so its first window joins the probe.
-            extra = [] if settings.corpus is None else [work[0][0] + work[0][1]]
-            check = reference_self_check(engine, renderer, scorer, settings.verdict_reference_max_excess_nats, extra)
-        shadow = await asyncio.to_thread(
-            build_shadow_path, config, scorer, model_name=CANDIDATE_NAME, serving_dtype=engine.dtype,
-            candidate_tokenizer=renderer.tokenizer, registry=CollectorRegistry(), self_check=check,
-            calibration=calibration,
-        )
+        # llama.cpp's mode: the corpus is natural text too, so its first window joins the probe.
+        extra = [] if settings.corpus is None else [work[0][0] + work[0][1]]
+        calibration = None if settings.calibrate else settings.verdict_calibration
+        shadow, facts = await asyncio.to_thread(
+            shadow_for, config, settings.engine_settings(CANDIDATE_NAME), scorer, engine, renderer, CollectorRegistry(),
+            model_name=CANDIDATE_NAME, calibration_path=calibration, extra_probes=extra)
         reference_check = await shadow.run_reference_check(retry=False)
         if reference_check is not None and not reference_check.trusted:
             await shadow.stop()
             raise ReferenceUntrustedError(
                 f"refusing to judge the candidate against {settings.reference}: {'; '.join(reference_check.reasons)}. "
                 f"{reference_check.summary()}. Check the reference first (--verdict-reference-check false skips this)")
-        ctx = ServingContext(engine, renderer, CANDIDATE_NAME, max_n=1, max_logprobs=settings.top_k, shadow=shadow)
+        ctx = ServingContext(engine, renderer, CANDIDATE_NAME, RequestValidator(max_n=1, max_logprobs=settings.top_k),
+                             shadow=shadow)
         lane = ""
         if settings.candidate_adapter is not None:  # the candidate is the adapter, mounted; the base is not judged
             ctx, lane = await _mounted(ctx, settings), CANDIDATE_NAME

@@ -1,4 +1,6 @@
-"""Render the chart with the Helm SDK (no helm binary) and collect its PromQL."""
+"""Render the chart with the Helm SDK (no helm binary), pick out its objects (typed as the
+Kubernetes client's models where they are core kinds) and collect its PromQL. Shared by the
+chart tests (tests/helm/test_chart_*.py) and tests/integration/test_prometheus_queries.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import yaml
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "shadowserve"
 CANARY_VALUES = yaml.safe_load((CHART / "values-canary.yaml").read_text())
+# The core kinds the chart renders, by the Kubernetes client's model for each.
+CORE = {"Deployment": "V1Deployment", "Service": "V1Service", "Secret": "V1Secret", "ConfigMap": "V1ConfigMap",
+        "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler", "NetworkPolicy": "V1NetworkPolicy"}
 
 
 def render(values: dict | None = None, name: str = "shadowserve-stable") -> list[dict]:
@@ -24,6 +29,18 @@ def render(values: dict | None = None, name: str = "shadowserve-stable") -> list
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def deployment(docs: list[dict], component: str) -> dict:
+    """The Deployment of one component (`candidate`, `reference`)."""
+    return next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith(f"-{component}"))
+
+
+def as_k8s(doc: dict):
+    """Deserialize into the Kubernetes client's typed model (validates required fields)."""
+    from kubernetes.client import ApiClient
+
+    return ApiClient().deserialize(json.dumps(doc), CORE[doc["kind"]], "application/json")
 
 
 def dashboard(docs: list[dict]) -> dict:

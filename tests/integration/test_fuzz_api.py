@@ -77,12 +77,10 @@ KNOWN_FINDINGS = (
     # X-Shadow's values are checked only where the operator honours the header
     # (--shadow-allow-header); elsewhere any value is ignored, so the document cannot enum them.
     "X-Shadow must be one of",
-    # Fields OpenAI defines that change what a request means (tools, best_of other than n,
-    # ...) are refused by name unless at their default; the document leaves a request's extra
-    # fields open, so the fuzzer may send one (seen once, hash-seed dependent: a chat request
-    # with "best_of": [699, ...]). Documenting each in the schema belongs with one request
-    # validator read by the OpenAPI description (issue 36).
-    "' is not supported by this server",
+    # OpenAI's fields this server refuses (tools, ...) are documented as exactly what passes
+    # (server/protocol.py), except best_of: it passes only equal to n, which a schema
+    # cannot say, so it is documented as any integer (or null).
+    "'best_of' is not supported by this server",
 )
 
 def _docs_flag() -> list[str]:

@@ -1,7 +1,7 @@
 """The shadow path on SmolLM2 with the real vLLM engine, read back from /metrics:
 fp32 candidate vs fp32 reference, the pipeline itself is exact (and so is its noise
 floor), and shadowing changes nothing a client receives. Precision noise and real bugs,
-judged against the noise floor, are in test_verdict.py."""
+judged against the noise floor, are in test_verify_verdicts.py."""
 
 from __future__ import annotations
 

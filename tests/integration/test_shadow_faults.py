@@ -15,6 +15,7 @@ from server.app import create_app
 from server.engines.transformers_engine import TransformersEngine
 from server.serving.context import ServingContext
 from server.serving.prompts import PromptRenderer
+from server.serving.validation import RequestValidator
 from server.settings import ServeSettings
 from shadow.metrics import ShadowMetrics
 from shadow.path import ShadowPath
@@ -38,7 +39,7 @@ def app_with(demo_model, scorer, **shadow):
         metrics = ShadowMetrics(registry, settings.model_name, scorer.name)
         return ServingContext(
             engine=TransformersEngine.load(settings.model, "float32"), renderer=renderer, model_name=settings.model_name,
-            max_n=4, max_logprobs=20, shadow=ShadowPath(settings, scorer, metrics),
+            validator=RequestValidator(max_n=4, max_logprobs=20), shadow=ShadowPath(settings, scorer, metrics),
         )
 
     return create_app(settings, load, CollectorRegistry())

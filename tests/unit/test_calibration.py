@@ -6,19 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shadow.calibration import Calibration, CalibrationError, EngineFacts, load_calibration
+from shadow.calibration import CalibrationError, load_calibration
 from shadow.report import build_report, paired
 from shadow.verdict import VerdictPolicy
-from tests.unit.test_verdict import records
-
-FACTS = EngineFacts(engine="vllm", engine_version="0.20.0", dtype="bfloat16", compile_mode="compiled", device="cpu",
-                    reference="SmolLM2-135M-Instruct")
-
-
-def calibration(**overrides) -> Calibration:
-    values = dict(facts=FACTS, kl_ratio=0.58, kl_ratio_low=0.54, kl_ratio_high=0.62, top1_ratio=0.8, sequences=40,
-                  tokens=2560, measured_at="2026-12-02T07:00:00+00:00")
-    return Calibration(**{**values, **overrides})
+from tests.verdict_streams import FACTS, calibration, records
 
 
 def test_a_calibration_round_trips_and_matches_its_own_setup(tmp_path):

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 import server.auth as auth
 from server.reference_app import ReferenceSettings, create_reference_app
+from server.serving.validation import ScoringValidator
 from tests.scorers import EchoScorer
 
 TOKEN = "s3cret-token"
@@ -31,8 +32,9 @@ def item(prompt: int, output: int) -> dict:
     return {"prompt_ids": [1] * prompt, "output_ids": [2] * output, "candidate_ids": [[1, 2]] * output}
 
 
-def client(tokens: list[str] | None = None, **kwargs) -> TestClient:
-    return TestClient(create_reference_app(EchoScorer(), tokens or [], CollectorRegistry(), **kwargs))
+def client(tokens: list[str] | None = None, docs: bool = False, **limits: int) -> TestClient:
+    return TestClient(create_reference_app(EchoScorer(), tokens or [], CollectorRegistry(), docs=docs,
+                                           validator=ScoringValidator(**limits)))
 
 
 def assert_openai_error(reply: httpx.Response, status: int, code: str | None) -> dict:
@@ -148,10 +150,10 @@ def _post_streamed(app: FastAPI, body: bytes, headers: dict | None = None) -> ht
 
 def test_a_streamed_body_over_the_byte_cap_is_413():
     body = json.dumps({"items": [item(50, 50)]}).encode()
-    app = create_reference_app(EchoScorer(), [], CollectorRegistry(), max_body_bytes=len(body) - 1)
+    app = create_reference_app(EchoScorer(), [], CollectorRegistry(), validator=ScoringValidator(max_body_bytes=len(body) - 1))
     error = assert_openai_error(_post_streamed(app, body), 413, "payload_too_large")
     assert "--max-body-bytes" in error["message"]
-    app = create_reference_app(EchoScorer(), [], CollectorRegistry(), max_body_bytes=len(body))
+    app = create_reference_app(EchoScorer(), [], CollectorRegistry(), validator=ScoringValidator(max_body_bytes=len(body)))
     reply = _post_streamed(app, body)
     assert reply.status_code == 200 and len(reply.json()["items"][0]) == 50
 

@@ -1,6 +1,6 @@
 """`serve --verdict-calibrate` (server/verify/calibrate.py): the settings it needs, what it
 asks the child to measure, and what the server does with each answer. The child process
-is replaced here (a narrow fake of `subprocess.run`); tests/integration/test_verdict.py
+is replaced here (a narrow fake of `subprocess.run`); tests/integration/test_verify_verdicts.py
 runs the real one on vLLM."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from server.assembly import CALIBRATION_UNAVAILABLE
 from server.settings import ServeSettings
-from server.verify.calibrate import UNAVAILABLE_EXIT, calibrate_before_serving, serve_calibration
+from server.verify.calibrate import calibrate_before_serving, serve_calibration
 from server.verify.settings import VerifySettings
 from shadow.calibration import CalibrationError
 
@@ -87,7 +88,7 @@ def test_an_existing_file_is_not_measured_again(demo_model, tmp_path):
 
 def test_a_reference_the_engine_cannot_serve_keeps_the_transformers_floor(demo_model, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    child = FakeChild(UNAVAILABLE_EXIT, "vllm could not serve the reference: ValueError: unknown architecture")
+    child = FakeChild(CALIBRATION_UNAVAILABLE, "vllm could not serve the reference: ValueError: unknown architecture")
     served = calibrate_before_serving(settings(demo_model, tmp_path), run=child)
     assert served.verdict_calibration is None and served.verdict_calibrate is True
     assert "not calibrated: vllm could not serve the reference: ValueError: unknown architecture" in caplog.text
@@ -116,7 +117,7 @@ def test_the_child_answers_on_stdout_with_its_exit_code(demo_model, tmp_path):
                          verdict_calibration=tmp_path / "cal.json")
     cmd = [sys.executable, "-m", "server.verify.calibrate"]
     child = subprocess.run(cmd, input=job.model_dump_json(by_alias=True), capture_output=True, text=True, timeout=300)
-    assert child.returncode == UNAVAILABLE_EXIT and "unmerged adapter" in child.stdout, child.stderr[-2000:]
+    assert child.returncode == CALIBRATION_UNAVAILABLE and "unmerged adapter" in child.stdout, child.stderr[-2000:]
     assert not (tmp_path / "cal.json").exists()
     child = subprocess.run(cmd, input="{not json", capture_output=True, text=True, timeout=300)
     assert child.returncode == 2 and child.stdout.startswith("bad calibration settings:"), child.stderr[-2000:]

@@ -22,8 +22,7 @@ from shadow.report import ShadowReport, _interval, build_report, verdict_of
 from shadow.settings import ShadowSettings
 from shadow.verdict import CHECKS, Interval, Verdict, VerdictPolicy
 from tests.scorers import EchoScorer
-from tests.unit.test_calibration import calibration
-from tests.unit.test_verdict import TOKENS, comparison, records
+from tests.verdict_streams import TOKENS, calibration, comparison, records
 
 POLICY = VerdictPolicy()
 REFUSED = ReferenceCheck(trusted=False, reasons=["the reference's log-probs on the probe are not finite"], tokens=12,

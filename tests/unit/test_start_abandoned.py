@@ -25,7 +25,7 @@ from tests.servers import free_port
 DRIVER = """
 import subprocess, sys, threading
 from server.cli import run_server
-from server.serving.context import ServingContext
+from server import assembly
 from server.settings import ServeSettings
 
 def load(settings, registry):
@@ -35,7 +35,7 @@ def load(settings, registry):
         raise SystemExit(3)
     threading.Event().wait()
 
-ServingContext.load = staticmethod(load)
+assembly.assemble_serving = load
 run_server(ServeSettings(model={model!r}, engine="transformers", port={port}, start_timeout_s={timeout}))
 """
 

@@ -9,12 +9,7 @@ import shutil
 
 import pytest
 
-from tests.helm.chart import CANARY_VALUES, CHART, by_kind, render
-from tests.helm.test_chart import as_k8s
-
-
-def deployment(docs: list[dict], component: str) -> dict:
-    return next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith(f"-{component}"))
+from tests.helm.chart import CANARY_VALUES, CHART, as_k8s, by_kind, deployment, render
 
 
 def env(docs: list[dict], component: str) -> dict[str, dict]:

@@ -6,20 +6,12 @@ import json
 import re
 
 import pytest
-from kubernetes.client import ApiClient
 
 from shadow.calibration import load_calibration
-from tests.helm.chart import CANARY_VALUES, CHART, by_kind, dashboard, render
+from tests.helm.chart import CANARY_VALUES, CHART, CORE, as_k8s, by_kind, dashboard, deployment, render
 from tests.helm.crd_models import RelabelConfig, ScaledObject
 
-CORE = {"Deployment": "V1Deployment", "Service": "V1Service", "Secret": "V1Secret", "ConfigMap": "V1ConfigMap",
-        "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler", "NetworkPolicy": "V1NetworkPolicy"}
 CUSTOM = {"ServiceMonitor", "PrometheusRule", "AnalysisTemplate", "MetricTemplate", "ScaledObject"}
-
-
-def as_k8s(doc: dict):
-    """Deserialize into the Kubernetes client's typed model (validates required fields)."""
-    return ApiClient().deserialize(json.dumps(doc), CORE[doc["kind"]], "application/json")
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +48,16 @@ def test_default_release_has_every_piece(stable):
 
 
 def test_candidate_deployment(stable):
-    deployment = as_k8s(next(d for d in by_kind(stable, "Deployment") if d["metadata"]["name"].endswith("-candidate")))
-    container = deployment.spec.template.spec.containers[0]
+    candidate = as_k8s(deployment(stable, "candidate"))
+    container = candidate.spec.template.spec.containers[0]
     assert container.resources.limits["nvidia.com/gpu"] == "1"
     assert container.readiness_probe.http_get.path == "/health"
     assert container.startup_probe.http_get.path == "/health"
     assert container.startup_probe.period_seconds * container.startup_probe.failure_threshold >= 600
-    assert deployment.spec.template.spec.volumes[0].persistent_volume_claim.claim_name == "models"
+    assert candidate.spec.template.spec.volumes[0].persistent_volume_claim.claim_name == "models"
     # vLLM's engine processes talk through /dev/shm: a container's 64 MiB default stopped
     # the engine in the CPU image ("160 MiB required, 62 MiB free").
-    shm = next(v for v in deployment.spec.template.spec.volumes if v.name == "shm")
+    shm = next(v for v in candidate.spec.template.spec.volumes if v.name == "shm")
     assert (shm.empty_dir.medium, shm.empty_dir.size_limit) == ("Memory", "1Gi")
     assert any(m.name == "shm" and m.mount_path == "/dev/shm" for m in container.volume_mounts)
     args = container.args
@@ -79,8 +71,7 @@ REFERENCE_TOKEN = "SHADOWSERVE_SHADOW_REFERENCE_TOKEN"
 
 
 def candidate_container(docs: list[dict]) -> dict:
-    return next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-candidate"))[
-        "spec"]["template"]["spec"]["containers"][0]
+    return deployment(docs, "candidate")["spec"]["template"]["spec"]["containers"][0]
 
 
 @pytest.mark.parametrize("shadow, on", [
@@ -115,7 +106,7 @@ def test_reference_flags_only_while_the_shadow_is_on(shadow, on):
 
 
 def test_reference_runs_in_its_own_deployment_scaled_by_keda_on_shadow_load(stable):
-    reference = as_k8s(next(d for d in by_kind(stable, "Deployment") if d["metadata"]["name"].endswith("-reference")))
+    reference = as_k8s(deployment(stable, "reference"))
     assert reference.spec.template.spec.containers[0].args[0] == "reference"
     assert reference.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
     assert reference.spec.replicas is None  # the autoscaler owns it
@@ -321,10 +312,10 @@ def test_the_absolute_gates_are_only_a_fallback():
 
 
 def test_the_reference_computes_the_noise_floor_in_the_serving_dtype(stable):
-    reference = next(d for d in by_kind(stable, "Deployment") if d["metadata"]["name"].endswith("-reference"))
+    reference = deployment(stable, "reference")
     assert "--noise-dtype=bfloat16" in reference["spec"]["template"]["spec"]["containers"][0]["args"]
     fp16 = render({"candidate": {"dtype": "float16"}})
-    reference = next(d for d in by_kind(fp16, "Deployment") if d["metadata"]["name"].endswith("-reference"))
+    reference = deployment(fp16, "reference")
     assert "--noise-dtype=float16" in reference["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
@@ -372,13 +363,13 @@ def test_disabling_the_reference_requires_an_external_url():
 
 
 def test_an_engine_calibration_is_mounted_and_read_by_the_candidate(tmp_path):
-    from tests.unit.test_calibration import FACTS, calibration
+    from tests.verdict_streams import FACTS, calibration
 
     written = tmp_path / "written.json"
     calibration().save(written)  # as `verify --calibrate` writes it
     docs = render({"verdict": {"calibration": written.read_text()}})
     (config_map,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-calibration")]
-    candidate = as_k8s(next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-candidate")))
+    candidate = as_k8s(deployment(docs, "candidate"))
     container, pod = candidate.spec.template.spec.containers[0], candidate.spec.template.spec
     (arg,) = [a for a in container.args if a.startswith("--verdict-calibration=")]
     path = arg.split("=", 1)[1]
@@ -386,7 +377,7 @@ def test_an_engine_calibration_is_mounted_and_read_by_the_candidate(tmp_path):
     (volume,) = [v for v in pod.volumes if v.name == "calibration"]
     assert path == f"{mount.mount_path}/calibration.json" and mount.read_only
     # the reference's name as its service reports it (its directory), even before it answers
-    reference = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-reference"))
+    reference = deployment(docs, "reference")
     model = next(a for a in reference["spec"]["template"]["spec"]["containers"][0]["args"] if a.startswith("--model="))
     assert f"--shadow-reference-name={model.rsplit('/', 1)[1]}" in container.args
     assert volume.config_map.name == config_map["metadata"]["name"]
@@ -399,8 +390,7 @@ def test_an_engine_calibration_is_mounted_and_read_by_the_candidate(tmp_path):
     calibration(kl_ratio=0.9).save(other)
     rolled = render({"verdict": {"calibration": other.read_text()}})
     annotation = "checksum/calibration"
-    pods = [next(d for d in by_kind(r, "Deployment") if d["metadata"]["name"].endswith("-candidate"))["spec"]["template"]
-            for r in (docs, rolled, render())]
+    pods = [deployment(r, "candidate")["spec"]["template"] for r in (docs, rolled, render())]
     assert pods[0]["metadata"]["annotations"][annotation] != pods[1]["metadata"]["annotations"][annotation]
     assert "annotations" not in pods[2]["metadata"]
     assert not any(a.startswith("--verdict-calibration") for a in pods[2]["spec"]["containers"][0]["args"])

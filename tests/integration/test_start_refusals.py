@@ -1,11 +1,17 @@
-"""A candidate whose remote reference does not fit it refuses to start: exit 2, a message
-that names the reference (never "engine failed to load"), and no process left behind,
-also when the refusal comes after vLLM's engine-core process started (checked with
-psutil: every process that inherited this run's marker is gone).
+"""The refusal matrix: each kind of refusal at start, for every command the assembly
+builds (server/assembly.py), exits 2 with a message that names what was refused (never
+"engine failed to load"), and leaves no process behind, also when the refusal comes after
+vLLM's engine-core process started (checked with psutil: every process that inherited
+this run's marker is gone).
 
-The matrix, on a real `shadowserve reference` holding adapter `a` whose noise floor runs
-in float16: its noise dtype (found before the engine when --dtype says it, after it when
---dtype auto resolves), another vocabulary, an adapter it does not hold (and may not
+Local refusals: `serve` (a reference that does not load, a calibration measured on another
+engine, a flag out of range), `reference` (a model that does not load, an adapter that
+does not mount), `verify` (a reference that does not load) and the calibration child
+(settings it cannot read).
+
+Remote refusals, on a real `shadowserve reference` holding adapter `a` whose noise floor
+runs in float16: its noise dtype (found before the engine when --dtype says it, after it
+when --dtype auto resolves), another vocabulary, an adapter it does not hold (and may not
 load), and an adapter it holds other weights of (both hashes named)."""
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -125,3 +132,73 @@ def test_a_refusal_after_vllm_started_shuts_the_engine_down_first(demo_model, fp
     logged = run.stdout + run.stderr  # vLLM logs to stdout
     assert "(EngineCore pid=" in logged and "[shutdown] MPClient: complete" in logged  # started, then ended
     assert not left, [(p.pid, p.name()) for p in left]
+
+
+def run_marked(args: list[str], stdin: str | None = None, module: str = "server.cli",
+               timeout: float = 300) -> tuple[subprocess.CompletedProcess, list]:
+    """`python -m MODULE ARGS` until it exits, and the processes it left behind."""
+    mark = uuid.uuid4().hex
+    run = subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, MARK: mark})
+    return run, left_behind(mark)
+
+
+@pytest.fixture(scope="module")
+def foreign_calibration(demo_model, tmp_path_factory) -> Path:
+    """A calibration measured on vLLM: refused by a server whose engine is transformers."""
+    from shadow.calibration import Calibration, EngineFacts
+
+    facts = EngineFacts(engine="vllm", engine_version="0.0.1", dtype="bfloat16", compile_mode="eager", device="cpu",
+                        reference="SmolLM2-135M-Instruct")
+    root = tmp_path_factory.mktemp("calibration")
+    path = root / "vllm.json"
+    (root / "no-weights").mkdir()  # a model directory without its weights, beside it (verify's case)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model / name, root / "no-weights" / name)
+    Calibration(facts=facts, kl_ratio=1.0, kl_ratio_low=0.9, kl_ratio_high=1.1, top1_ratio=1.0, sequences=8, tokens=256,
+                measured_at="2026-12-06T00:00:00Z").save(path)
+    return path
+
+
+MISSING = "/nonexistent/shadowserve-model"
+LOCAL = {  # name: (the command's arguments, what it must say)
+    "serve: a reference that does not load": (
+        lambda m, cal: ["serve", "--model", str(m), "--engine", "transformers", "--port", str(free_port()),
+                        "--shadow-rate", "1", "--shadow-reference-model", MISSING],
+        ["shadowserve serve: the reference failed to load: ", MISSING]),
+    "serve: a calibration measured on another engine": (
+        lambda m, cal: ["serve", "--model", str(m), "--engine", "transformers", "--dtype", "bfloat16",
+                        "--port", str(free_port()), "--shadow-rate", "1", "--verdict-calibration", str(cal)],
+        ["shadowserve serve: ", "vllm.json", "'vllm'"]),
+    "serve: a flag out of range": (
+        lambda m, cal: ["serve", "--model", str(m), "--shadow-rate", "2"],
+        ["shadowserve: invalid settings: ", "shadow_rate"]),
+    "reference: a model that does not load": (
+        lambda m, cal: ["reference", "--model", MISSING, "--port", str(free_port()), "--tokens", REFERENCE_TOKEN],
+        ["shadowserve reference: ", MISSING]),
+    "reference: an adapter that is not there": (  # refused as its flag is read
+        lambda m, cal: ["reference", "--model", str(m), "--port", str(free_port()), "--tokens", REFERENCE_TOKEN,
+                        "--lora-modules", f"x={MISSING}"],
+        ["shadowserve: invalid settings: ", MISSING, "no LoRA adapter there"]),
+    "verify: a reference without weights": (
+        lambda m, cal: ["verify", str(m), str(cal.parent / "no-weights"), "--engine", "transformers"],
+        ["shadowserve verify: ", "no-weights"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LOCAL))
+def test_each_refusal_at_start_exits_2_naming_what(case, demo_model, foreign_calibration):
+    args, words = LOCAL[case]
+    run, left = run_marked(args(demo_model, foreign_calibration))
+    assert run.returncode == 2, run.stderr[-3000:]
+    for word in words:
+        assert word in run.stderr, run.stderr[-3000:]
+    assert "engine failed to load" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert not left, [(p.pid, p.name()) for p in left]
+
+
+def test_the_calibration_child_refuses_settings_it_cannot_read():
+    run, left = run_marked([], stdin="{not json", module="server.verify.calibrate")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "bad calibration settings" in run.stdout, run.stdout[-3000:]  # one line on stdout, for the server
+    assert not left

@@ -15,10 +15,8 @@ import re
 import pytest
 from kubernetes.client import ApiClient
 
-from tests.helm.chart import CANARY_VALUES, CHART, by_kind, render
+from tests.helm.chart import CANARY_VALUES, CHART, as_k8s, by_kind, deployment, render
 from tests.helm.crd_models import ScaledObject, leaderworkerset_errors, lws_crd
-from tests.helm.test_chart import as_k8s
-from tests.helm.test_hardening import deployment
 
 # The names LWS gives its pods' label and env (api/leaderworkerset/v1/leaderworkerset_types.go:
 # WorkerIndexLabelKey, LwsWorkerIndex, LwsLeaderAddress, LwsGroupSize).

@@ -18,6 +18,7 @@ of 32 tokens is reached on either.)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ from tests.servers import RunningServer, start_server
 pytestmark = pytest.mark.integration
 
 VLLM = ["--enforce-eager", "true", "--max-model-len", "2048", "--kv-cache-gib", "1"]
+# verify runs vLLM's engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the
+# same kernels and figures (tests/integration/test_architectures.py), one process start less.
+IN_PROCESS = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 SIZE = {"bug": (10, 48), "control": (16, 64), "mild": (16, 48)}  # prompts, tokens
 # The rotary-layout bug ends its answers after a few tokens, how few depends on the CPU's
 # kernels: ~6 per answer on an AMD EPYC, 2.5 on an Intel Xeon (both AVX512-BF16), where 10
@@ -108,7 +112,7 @@ def test_verify(name, demo_model, candidates_root, tmp_path):
     c = build(name, demo_model, candidates_root)
     strict = ["--strict"] if c.kind == "control" else []  # a control is not detectably different either
     run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c), *strict],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, env=IN_PROCESS)
     (tmp_path / "verify.err").write_text(run.stderr)
     assert run.returncode in (0, 1, 3), run.stderr[-3000:]
     report = json.loads(run.stdout)
@@ -135,7 +139,8 @@ def mild_run(demo_model, candidates_root, tmp_path_factory):
     c = build("attention_scale_mild", demo_model, candidates_root)
     calibration = tmp_path_factory.mktemp("calibration") / "vllm-bf16-eager.json"
     run = subprocess.run([sys.executable, "-m", "server.cli", "verify", *verify_args(c), "--strict", "--calibrate",
-                          "--verdict-calibration", str(calibration)], capture_output=True, text=True, timeout=900)
+                          "--verdict-calibration", str(calibration)], capture_output=True, text=True, timeout=900,
+                         env=IN_PROCESS)
     return c, calibration, run
 
 
@@ -167,7 +172,8 @@ def test_a_calibration_from_another_setup_is_refused(mild_run, demo_model):
     c, calibration, _ = mild_run
     run = subprocess.run([sys.executable, "-m", "server.cli", "verify", str(demo_model), str(demo_model), "--dtype", "float16",
                           "--samples", "8", "--max-tokens", "8", "--kv-cache-gib", "1", "--max-model-len", "2048",
-                          "--verdict-calibration", str(calibration)], capture_output=True, text=True, timeout=900)
+                          "--verdict-calibration", str(calibration)], capture_output=True, text=True, timeout=900,
+                         env=IN_PROCESS)
     assert run.returncode == 2, run.stderr[-3000:]
     assert "CalibrationError" in run.stderr and "this run has dtype 'float16' (the calibration's: 'bfloat16')" in run.stderr
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shadow.compare import SequenceComparison, TokenDrift
 from shadow.history import ComparedSequence
 from shadow.report import build_report, paired, trajectory_points
 from shadow.verdict import CHECKS, PairedSequences, VerdictPolicy, boundary, contrast_sequence, judge, ratio_sequence
-
-TOKENS = 64
+from tests.verdict_streams import TOKENS, records
 
 
 def noise_like(n: int, seed: int, scale: float = 1.0) -> np.ndarray:
@@ -256,27 +254,6 @@ def test_non_finite_statistics_are_refused():
 
 
 # --- the report -------------------------------------------------------------------------
-
-
-def comparison(kl: np.ndarray, delta_p: np.ndarray, top1_same: np.ndarray, first: int | None, result: str,
-               margin: float | None = None) -> SequenceComparison:
-    return SequenceComparison(len(kl), first, result, margin, TokenDrift(kl, delta_p, np.sqrt(kl), np.sqrt(kl), top1_same))
-
-
-def records(n: int, scale: float, seed: int = 0) -> list[ComparedSequence]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        noise_kl, cand_kl = rng.exponential(8e-4, TOKENS), scale * rng.exponential(8e-4, TOKENS)
-        same = np.ones(TOKENS, dtype=bool)
-        first = int(rng.integers(0, TOKENS)) if i % 2 else None
-        if first is not None:
-            same[first] = False
-        cand = comparison(cand_kl, rng.normal(0, 0.01, TOKENS), same, first, "near_tie" if first is not None else "identical",
-                          0.05 if first is not None else None)
-        noise = comparison(noise_kl, rng.normal(0, 0.01, TOKENS), np.ones(TOKENS, dtype=bool), None, "identical")
-        out.append(ComparedSequence(1000.0 + i, f"r{i}", cand, noise))
-    return out
 
 
 def test_report_statistics_match_a_direct_computation():

@@ -11,9 +11,7 @@ import re
 import pytest
 import yaml
 
-from tests.helm.chart import CANARY_VALUES, CHART, by_kind, render
-from tests.helm.test_chart import as_k8s
-from tests.helm.test_hardening import deployment
+from tests.helm.chart import CANARY_VALUES, CHART, as_k8s, by_kind, deployment, render
 
 MODULES = [
     {"name": "tenant-a", "path": "/adapters/tenant-a/v1"},

@@ -7,6 +7,7 @@ start an in-process app whose real engine is wrapped to be slow or to refuse."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -17,8 +18,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from server.app import create_app
+from server.assembly import assemble_serving
 from server.engines import EngineInputError
-from server.serving.context import ServingContext
 from server.settings import ServeSettings
 from tests.conftest import MODEL_NAME
 from tests.servers import start_server
@@ -214,9 +215,9 @@ def wrapped(demo_model):
     holder: dict = {}
 
     def load(settings, registry):
-        ctx = ServingContext.load(settings, registry)
+        ctx = assemble_serving(settings, registry)
         holder["engine"] = engine = WrappedEngine(ctx.engine)
-        return ServingContext(engine, ctx.renderer, ctx.model_name, ctx.max_n, ctx.max_logprobs, limits=ctx.limits)
+        return dataclasses.replace(ctx, engine=engine)
 
     with TestClient(create_app(settings, load, CollectorRegistry())) as client:
         deadline = time.monotonic() + 120
