@@ -7,6 +7,8 @@ import asyncio
 import math
 
 from shadow.compare import PositionStats
+from shadow.path import ShadowPath
+from shadow.queue import ShadowSample, ShadowSequence
 from shadow.scoring import ScoredSequence, VocabInfo
 
 LP = {1: math.log(0.6), 2: math.log(0.4)}
@@ -88,3 +90,11 @@ def tiny_local_scorer(tokenizer, seed: int):
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LocalScorer(LlamaForCausalLM(config).eval(), tokenizer, "tiny", torch.device("cpu"))
+
+
+def sample(n_tokens: int = 4, request_id: str = "r") -> ShadowSample:
+    return ShadowSample(request_id, "cand", [ShadowSequence([5, 6, 7], [1] * n_tokens, [dict(LP)] * n_tokens)])
+
+
+def outcome(path: ShadowPath, name: str) -> float:
+    return path.metrics._samples.labels(**path.metrics._base, outcome=name)._value.get()

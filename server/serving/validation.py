@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from server.engines.base import SamplingOptions
 from server.errors import ContextLengthError, InvalidRequestError, PayloadTooLargeError
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.settings import (
@@ -35,10 +36,25 @@ from server.settings import (
     ServeSettings,
 )
 
-if TYPE_CHECKING:  # for annotations only: generation would load the engines with this module
-    from server.reference_app import ReferenceSettings
-    from server.serving.generation import Job
+if TYPE_CHECKING:
     from shadow.scoring import ScoreItem
+
+
+class Planned(Protocol):
+    """What the request budget reads of a planned job (server/serving/generation.Job)."""
+
+    options: SamplingOptions
+
+
+class ScoringCaps(Protocol):
+    """What ScoringValidator reads of `shadowserve reference`'s settings (server/reference_app.ReferenceSettings)."""
+
+    max_item_tokens: int
+    max_request_tokens: int
+    max_body_bytes: int
+
+
+JobT = TypeVar("JobT", bound=Planned)
 
 # `shadowserve reference`'s defaults (its flags' and ScoringValidator's).
 MAX_ITEM_TOKENS = 8192
@@ -129,7 +145,7 @@ class RequestValidator:
             )
         return asked if asked is not None else room
 
-    def fit_budget(self, jobs: list[Job], *, explicit: bool, n: int, prompts: int) -> list[Job]:
+    def fit_budget(self, jobs: list[JobT], *, explicit: bool, n: int, prompts: int) -> list[JobT]:
         """The tokens a request may generate, summed over its jobs, within the budget: a
         client's own max_tokens past it is refused; the context's room (no max_tokens
         sent) is shared out instead, so a long-context model still answers plain requests."""
@@ -180,7 +196,7 @@ class ScoringValidator:
     max_body_bytes: int = MAX_BODY_BYTES
 
     @classmethod
-    def from_settings(cls, settings: ReferenceSettings) -> ScoringValidator:
+    def from_settings(cls, settings: ScoringCaps) -> ScoringValidator:
         return cls(settings.max_item_tokens, settings.max_request_tokens, settings.max_body_bytes)
 
     def check_items(self, items: list[ScoreItem], vocab_size: int) -> None:

@@ -11,34 +11,10 @@ from server.errors import InvalidRequestError
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving.generation import collect, plan_jobs, run_jobs
 from server.serving.validation import RequestValidator
+from tests.fakes import ScriptedEngine
 
 # The limits' own checks, and plan_jobs applying them: tests/unit/test_serving_validation.py.
 LIMITS = RequestValidator(max_n=4, max_logprobs=5)
-
-
-class ScriptedEngine:
-    """Yields a fixed script per request; records which requests were closed early."""
-
-    name = "scripted"
-    max_model_len = 100
-
-    def __init__(self, script=None, error: Exception | None = None):
-        self.script = script or [EngineChunk([5], "x"), EngineChunk([6], "y", finish_reason="length")]
-        self.error = error
-        self.closed: list[str] = []
-
-    async def generate(self, prompt_ids, options, request_id, adapter=None):
-        try:
-            for chunk in self.script:
-                await asyncio.sleep(0)
-                yield chunk
-            if self.error:
-                raise self.error
-        finally:
-            self.closed.append(request_id)
-
-    async def shutdown(self):
-        pass
 
 
 def chat(**fields):

@@ -26,8 +26,6 @@ COVERED_ELSEWHERE: dict[str, str] = {
                                 "--json, the HTML page in headless chromium) in tests/adapters/test_diagnose_cli.py",
     "server.verify.html": "verify's HTML page (matplotlib figures): opened in headless chromium by "
                           "tests/integration/test_verify_report.py; its tables come from server/verify/text.py, unit-tested",
-    "server.serving.handler": "the flow chat and completions share: an abstract base, tested through its subclass "
-                              "ChatHandler in tests/unit/test_serving_handler.py",
     "server.serving.completion": "the /v1/completions handler: its flow is the shared handler's (unit-tested on ChatHandler); "
                                  "its own parts (prompt batches, echo, prompt log-probs) run over HTTP on real engines in "
                                  "tests/integration/test_prompt_scoring.py, test_openai_conformance.py, test_openai_client.py",
@@ -116,6 +114,19 @@ def test_no_two_test_files_share_a_name():
             by_name[path.name].append(str(path.relative_to(ROOT)))
     shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
     assert not shared, f"test files that share a name (name each after what it tests): {shared}"
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in helper modules (tests/fakes.py, tests/scorers.py, tests/helm/chart.py, ...):
+    a test module is found by its name, and running one never runs another's imports."""
+    importing = {}
+    for path in files_under_tests():
+        tests = {name for name in imported_names(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+                 if name.startswith("tests.") and name.split(".")[-1].startswith("test_") and name.count(".") >= 2
+                 and (ROOT / Path(*name.split("."))).with_suffix(".py").exists()}
+        if tests:
+            importing[str(path.relative_to(ROOT))] = sorted(tests)
+    assert not importing, f"move what these share into a helper module: {importing}"
 
 
 def test_the_checks_see_what_they_should():

@@ -142,8 +142,7 @@ def test_the_shadow_path_judges_nothing_against_a_refused_reference():
     from shadow.metrics import ShadowMetrics
     from shadow.path import ShadowPath
     from shadow.settings import ShadowSettings
-    from tests.scorers import EchoScorer
-    from tests.unit.test_shadow_path import outcome, sample
+    from tests.scorers import EchoScorer, outcome, sample
 
     bad = judge_reference(np.full(50, -6.0), np.full(50, -2.0), MAX_EXCESS_NATS)
     calls = []

@@ -14,16 +14,17 @@ import json
 
 import pytest
 
-from server.engines import EngineChunk, EngineDeadError, EngineInputError
+from server.engines import EngineChunk, EngineDeadError, EngineInputError, SamplingOptions
 from server.errors import ContextLengthError, InvalidRequestError, ServiceUnavailableError
 from server.protocol import ChatCompletionRequest
 from server.serving.chat import ChatHandler
 from server.serving.context import ServingContext
-from server.serving.generation import Choice, plan_jobs, run_jobs
+from server.serving.generation import Choice, Job, plan_jobs, run_jobs
+from server.serving.handler import started
 from server.serving.shadowing import ShadowTap, collected, tapped
 from server.serving.sse import EventStream
 from server.serving.validation import RequestValidator
-from tests.unit.test_generation_plan import ScriptedEngine
+from tests.fakes import ScriptedEngine
 
 PROMPT = [1, 2, 3]
 SCRIPT = [
@@ -279,3 +280,35 @@ def test_a_tap_hands_over_only_finished_choices():
     finished = Choice(0, PROMPT, [5], logprobs=[{5: -0.1}], finish_reason="stop")
     ShadowTap(shadow, "r", "m").finish([finished, Choice(1, PROMPT, [6], logprobs=[{6: -0.2}])])
     assert [s.output_ids for s in shadow.samples[0].sequences] == [[5]]
+
+
+def job() -> Job:
+    return Job(0, [1, 2], SamplingOptions(max_tokens=2))
+
+
+def test_a_started_stream_gives_its_first_item_then_the_rest_and_closing_it_closes_the_engine_stream():
+    async def main() -> tuple[list, list, list]:
+        engine = ScriptedEngine()
+        whole = [item async for item in await started(run_jobs(engine, [job()], "whole"))]
+        unread = await started(run_jobs(engine, [job()], "unread"))
+        await unread.aclose()  # the client left after the first item was read, before the rest
+        return whole, engine.closed, [item async for item in unread]
+
+    whole, closed, after = asyncio.run(main())
+    assert [chunk.text for _, chunk in whole] == ["x", "y"]
+    assert closed == ["whole-0", "unread-0"] and after == []
+
+
+def test_an_error_before_the_first_item_is_raised_by_started_and_the_stream_is_closed():
+    class Refusing(ScriptedEngine):  # refuses before its first output
+        async def generate(self, prompt_ids, options, request_id, adapter=None):
+            try:
+                raise EngineInputError("bad seed")
+                yield
+            finally:
+                self.closed.append(request_id)
+
+    engine = Refusing()
+    with pytest.raises(InvalidRequestError, match="bad seed"):
+        asyncio.run(started(run_jobs(engine, [job()], "refused")))
+    assert engine.closed == ["refused-0"]

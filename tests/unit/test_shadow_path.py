@@ -15,21 +15,13 @@ from shadow.metrics import ShadowMetrics
 from shadow.path import ShadowHeaderError, ShadowPath
 from shadow.queue import ShadowSample, ShadowSequence
 from shadow.settings import ShadowSettings
-from tests.scorers import LP, EchoScorer, HangingScorer, NanScorer, RaisingScorer
-
-
-def sample(n_tokens: int = 4, request_id: str = "r") -> ShadowSample:
-    return ShadowSample(request_id, "cand", [ShadowSequence([5, 6, 7], [1] * n_tokens, [dict(LP)] * n_tokens)])
+from tests.scorers import LP, EchoScorer, HangingScorer, NanScorer, RaisingScorer, outcome, sample
 
 
 def make(scorer, registry=None, capture=None, **overrides):
     settings = ShadowSettings(**{"shadow_rate": 1.0, "shadow_timeout_s": 5.0, **overrides})
     metrics = ShadowMetrics(registry or CollectorRegistry(), "cand", scorer.name)
     return ShadowPath(settings, scorer, metrics, capture, rng=random.Random(0))
-
-
-def outcome(path: ShadowPath, name: str) -> float:
-    return path.metrics._samples.labels(**path.metrics._base, outcome=name)._value.get()
 
 
 def result(path: ShadowPath, name: str) -> float:
