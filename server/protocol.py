@@ -84,6 +84,11 @@ def _document_refused(schema: dict) -> None:
         })
 
 
+# The largest count an engine takes: vLLM sends its requests to the engine core as msgpack
+# and samples with int32 kernels, so a larger top_k was a 500 (OverflowError), not a 400.
+ENGINE_INT_MAX = 2**31 - 1
+
+
 def _is_default(name: str, value: Any, n: int) -> bool:
     if name == "best_of":  # a number, as `n` is: `true` is not 1 (Python's True == 1 would let it through)
         return value is None or (not isinstance(value, bool) and value == n)
@@ -143,8 +148,10 @@ class _Request(BaseModel):
     user: str | None = None
     # vLLM's sampling extensions, with its semantics (its benchmark client sends ignore_eos).
     ignore_eos: bool = Field(default=False, description="vLLM: generate past end-of-sequence")
-    min_tokens: int = Field(default=0, ge=0, description="vLLM: no end-of-sequence or stop string before this many")
-    top_k: int | None = Field(default=None, ge=-1, description="vLLM: sample among the k likeliest (0 or -1: all)")
+    min_tokens: int = Field(default=0, ge=0, le=ENGINE_INT_MAX,
+                            description="vLLM: no end-of-sequence or stop string before this many")
+    top_k: int | None = Field(default=None, ge=-1, le=ENGINE_INT_MAX,
+                              description="vLLM: sample among the k likeliest (0 or -1: all)")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0,
                                 description="vLLM: drop tokens below min_p x the likeliest token's probability")
     # vLLM takes any positive value; past these bounds float32 logits overflow (inf, then NaN).

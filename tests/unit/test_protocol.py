@@ -104,6 +104,9 @@ def test_vllm_sampling_extensions_are_honoured_fields():
     assert (request.min_tokens, request.top_k, request.min_p, request.repetition_penalty) == (3, 40, 0.05, 1.1)
     assert chat(top_k=-1).top_k == -1 and chat(top_k=2.0).top_k == 2  # -1: vLLM's old "all"
     for bad in ({"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0}, {"repetition_penalty": 5e-324},
-                {"min_tokens": -1}, {"min_tokens": 1.5}):
+                {"min_tokens": -1}, {"min_tokens": 1.5},
+                # past what the engine takes: vLLM's msgpack could not send 1788961433890813116416 (a fuzzer's 500)
+                {"top_k": 1788961433890813116416}, {"top_k": 2**31}, {"min_tokens": 2**64}):
         with pytest.raises(ValidationError):
             chat(**bad)
+    assert chat(top_k=2**31 - 1).top_k == 2**31 - 1  # as many as there are tokens, and more: all of them
